@@ -1,0 +1,362 @@
+"""The speed benchmark (paper Tables 6 and 8, done with a fast dense baseline): time to first token, pre-fill +
+generation, routing, block swaps and peak memory, dense against pruned, both run by the same engine.
+
+GPU figures are timed with CUDA events after warm-up and reported as medians. Each decode figure is also put against
+the memory-bandwidth ceiling: the HBM bandwidth measured in the same run (a device-to-device copy, bytes read plus
+written) over the bytes of weights read per generated token (the blocks that run, the final norm, the LM head).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .omission import OmissionSet
+from .runtime import Engine
+
+
+class Clock:
+    """Wall time of a region; on GPUs with CUDA events on the current stream."""
+
+    def __init__(self, device) -> None:
+        self.cuda = torch.device(device).type == "cuda"
+
+    def time(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        started = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - started)
+
+    def median(self, fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+        for _ in range(warmup):
+            self.time(fn)
+        return statistics.median(self.time(fn) for _ in range(repeats))
+
+
+def measure_bandwidth(device, gigabytes: float = 2.0) -> float:
+    """Device memory bandwidth in bytes/s: a large copy, counting bytes read plus written."""
+    numel = int(gigabytes * 1e9 / 2)
+    a = torch.empty(numel, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    ms = Clock(device).median(lambda: b.copy_(a), repeats=10, warmup=3)
+    del a, b
+    return 2 * numel * 2 / (ms / 1000)
+
+
+def weight_bytes_per_token(engine: Engine, kept: int) -> int:
+    """Weights decode reads per generated token: the blocks that run, the final norm and the LM head."""
+    size = engine.embed.element_size()
+    return kept * engine.layout.numel * size + engine.final_norm.numel() * size + engine.head.numel() * size
+
+
+def prefill_flops(engine: Engine, kept: int, prompt: int) -> float:
+    """Matrix-multiply FLOPs of a pre-fill: every block that runs on every prompt token (attention included), and
+    the LM head once (pre-fill computes only the last position's logits)."""
+    s = engine.shape
+    block = 2 * engine.layout.numel  # one multiply-add per weight
+    attention = 2 * 2 * s.heads * s.head_dim * (prompt + 1) / 2  # QK^T and PV, causal: half the square on average
+    return kept * prompt * (block + attention) + 2 * engine.head.numel()
+
+
+@dataclass
+class SetTimings:
+    label: str
+    kept: int
+    ttft_ms: dict[int, float]  # prompt length -> time to first token (pre-fill and first token)
+    generate_ms: dict[int, float]  # new tokens -> pre-fill of the base prompt + generation
+    decode_tok_s: float
+    decode_ms_per_token: float
+
+
+def _prompt(length: int, vocab: int) -> list[int]:
+    return torch.randint(10, vocab - 10, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+
+
+def time_set(engine: Engine, omit: Sequence[int], label: str, prompt_lengths: Sequence[int], base_prompt: int,
+             gen_lengths: Sequence[int], repeats: int) -> SetTimings:
+    clock = Clock(engine.device)
+    engine.use(omit)
+    ttft = {}
+    for length in prompt_lengths:
+        ids = _prompt(length, engine.shape.vocab)
+        ttft[length] = clock.median(lambda: engine.prefill(ids).argmax(-1), repeats)
+    ids = _prompt(base_prompt, engine.shape.vocab)
+
+    def run(new_tokens: int) -> None:
+        token = engine.prefill(ids).argmax(-1)
+        for i in range(new_tokens - 1):
+            token = engine.decode_step(token, base_prompt + i).argmax(-1)
+        token.item()
+
+    generate = {n: clock.median(lambda n=n: run(n), max(1, repeats // 2)) for n in gen_lengths}
+    longest = max(gen_lengths)
+    per_token = (generate[longest] - ttft.get(base_prompt, clock.median(lambda: engine.prefill(ids), repeats))) / (longest - 1)
+    return SetTimings(label, engine.shape.num_blocks - len(omit), ttft, generate, 1000 / per_token, per_token)
+
+
+def router_timing(router, prompts: Sequence[str], repeats: int = 20) -> float:
+    """Median batch-1 routing time in ms (tokenization, encoder, head, choice), after warm-up."""
+    for p in prompts[:3]:
+        router.route([p])
+    times = []
+    for _ in range(repeats):
+        for p in prompts:
+            times.append(1000 * router.route([p]).seconds)
+    return statistics.median(times)
+
+
+def swap_timing(engine: Engine, base: OmissionSet, targets: dict[int, OmissionSet], prompt: int, repeats: int) -> dict:
+    """Memory-budget mode: switching from `base` to sets that differ in n blocks. Reports the host→device copy time
+    on its own, and how much the switch adds to the time to first token when the copies overlap pre-fill."""
+    clock = Clock(engine.device)
+    ids = _prompt(prompt, engine.shape.vocab)
+    out = {}
+    for differ, target in targets.items():
+        copy_ms, ttft_switch = [], []
+        for _ in range(repeats):
+            engine.use(base)
+            engine.prefill(ids)
+            torch.cuda.synchronize()
+
+            def switch_only():
+                engine.use(target)
+                for event in engine._events:
+                    if event is not None:
+                        torch.cuda.current_stream().wait_event(event)
+
+            copy_ms.append(clock.time(switch_only))
+            engine.use(base)
+            engine.prefill(ids)
+            torch.cuda.synchronize()
+
+            def switch_and_prefill():
+                engine.use(target)
+                engine.prefill(ids).argmax(-1)
+
+            ttft_switch.append(clock.time(switch_and_prefill))
+        engine.use(target)
+        resident = clock.median(lambda: engine.prefill(ids).argmax(-1), repeats)
+        out[differ] = {"copy_ms": statistics.median(copy_ms), "ttft_with_switch_ms": statistics.median(ttft_switch),
+                       "ttft_resident_ms": resident,
+                       "exposed_ms": statistics.median(ttft_switch) - resident,
+                       "blocks_copied": differ}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The whole benchmark
+
+LLAMA_31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                   rope_theta=500000.0, tie_word_embeddings=False,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 8192})
+
+# Seven of 32 blocks, in the late-middle of the stack where depth pruning of LLaMA-3.1-8B removes them (paper Fig. 4),
+# and sets that differ from it in 2, 4 and 7 blocks for the swap figures.
+PAPER_SET = (20, 22, 24, 26, 27, 28, 30)
+SWAP_SETS = {2: (20, 22, 24, 26, 27, 29, 31), 4: (18, 19, 24, 26, 27, 29, 31), 7: (8, 9, 10, 11, 12, 13, 14)}
+
+ROUTER_PROMPTS = [
+    "Question: Which of these would help to prevent infections from spreading?\nAnswer:",
+    "A man is sitting on a roof. He",
+    "Question: How do I ready a guinea pig cage for its new occupants?\nAnswer:",
+    "Sarah was a much better surgeon than Maria so _ always got the harder cases.",
+]
+
+
+@dataclass
+class BenchSettings:
+    prompt_lengths: tuple[int, ...] = (128, 256, 512)
+    base_prompt: int = 128
+    gen_lengths: tuple[int, ...] = (128, 256, 512)
+    repeats: int = 5
+    max_len: int = 1024
+
+
+def _row(t: SetTimings) -> dict:
+    return {"label": t.label, "blocks_run": t.kept, "ttft_ms": t.ttft_ms, "generate_ms": t.generate_ms,
+            "decode_tok_s": round(t.decode_tok_s, 2), "decode_ms_per_token": round(t.decode_ms_per_token, 4)}
+
+
+def compare(engine: Engine, dense: SetTimings, pruned: SetTimings, bandwidth: float | None, router_ms: float,
+            settings: BenchSettings) -> dict:
+    """Ratios against dense and against the ceilings."""
+    bytes_dense = weight_bytes_per_token(engine, dense.kept)
+    bytes_pruned = weight_bytes_per_token(engine, pruned.kept)
+    out = {
+        "weights_read_per_token_gb": {"dense": bytes_dense / 1e9, "pruned": bytes_pruned / 1e9},
+        "decode_speedup": dense.decode_ms_per_token / pruned.decode_ms_per_token,
+        "decode_ideal_speedup": bytes_dense / bytes_pruned,
+        "prefill": {},
+        "generate_speedup_with_router": {n: dense.generate_ms[n] / (pruned.generate_ms[n] + router_ms) for n in settings.gen_lengths},
+    }
+    out["decode_speedup_vs_ideal"] = out["decode_speedup"] / out["decode_ideal_speedup"]
+    if bandwidth:
+        for name, t, b in (("dense", dense, bytes_dense), ("pruned", pruned, bytes_pruned)):
+            ceiling = bandwidth / b
+            out[f"{name}_decode_ceiling_tok_s"] = ceiling
+            out[f"{name}_decode_of_ceiling"] = t.decode_tok_s / ceiling
+    for p in settings.prompt_lengths:
+        flop_ratio = prefill_flops(engine, dense.kept, p) / prefill_flops(engine, pruned.kept, p)
+        speedup = dense.ttft_ms[p] / (pruned.ttft_ms[p] + router_ms)
+        out["prefill"][p] = {"speedup_with_router": speedup, "speedup_without_router": dense.ttft_ms[p] / pruned.ttft_ms[p],
+                             "flop_ratio": flop_ratio, "of_flop_ratio": speedup / flop_ratio}
+    return out
+
+
+def peak_memory(engine: Engine, omit: Sequence[int], prompt: int, new_tokens: int) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    engine.use(omit)
+    ids = _prompt(prompt, engine.shape.vocab)
+    token = engine.prefill(ids).argmax(-1)
+    for i in range(new_tokens):
+        token = engine.decode_step(token, prompt + i).argmax(-1)
+    torch.cuda.synchronize()
+    mem = engine.memory()
+    return {"peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "allocated_gb": torch.cuda.memory_allocated() / 1e9,
+            "engine_blocks_gb": mem["blocks"] / 1e9, "embed_head_norm_gb": mem["embed_head_norm"] / 1e9,
+            "kv_cache_gb": mem["kv_cache"] / 1e9, "block_gb": mem["block_bytes"] / 1e9}
+
+
+def benchmark_shape(config, device: str, settings: BenchSettings, router=None, log=print) -> dict:
+    """A model of this shape with random weights (speed does not depend on weight values): dense against the
+    paper-style 7-of-32 set in both residency modes, routing, swaps and memory."""
+    import gc
+
+    results: dict = {"model": "random weights, shape of " + getattr(config, "_name", config.model_type),
+                     "settings": settings.__dict__.copy()}
+    bandwidth = measure_bandwidth(device)
+    results["hbm_bandwidth_gb_s"] = bandwidth / 1e9
+    log(f"HBM bandwidth (copy, read + write): {bandwidth / 1e9:.0f} GB/s")
+    num_blocks = config.num_hidden_layers
+    pruned_set = OmissionSet(PAPER_SET, num_blocks)
+    router_ms = router_timing(router, ROUTER_PROMPTS) if router is not None else 0.0
+    results["router_ms"] = router_ms
+
+    engine = Engine.random(config, device, max_len=settings.max_len)
+    started = time.perf_counter()
+    warm = engine.warm_up([(), pruned_set] + [OmissionSet(s, num_blocks) for s in SWAP_SETS.values()])
+    results["warm_up_s"] = warm
+    log(f"warm-up (compile + capture, 5 sets): {warm:.1f} s")
+    dense = time_set(engine, (), "dense", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
+    pruned = time_set(engine, pruned_set, "pruned", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
+    results["all_resident"] = {"dense": _row(dense), "pruned": _row(pruned),
+                               "comparison": compare(engine, dense, pruned, bandwidth, router_ms, settings),
+                               "memory": {"dense": peak_memory(engine, (), 512, 512), "pruned": peak_memory(engine, pruned_set, 512, 512)}}
+    switch_clock = Clock(device)
+    results["all_resident"]["switch_ms"] = switch_clock.median(lambda: (engine.use(()), engine.use(pruned_set)), 10)
+    log(f"all resident: dense {dense.decode_tok_s:.1f} tok/s, pruned {pruned.decode_tok_s:.1f} tok/s; took {time.perf_counter() - started:.0f} s")
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    kept = num_blocks - len(PAPER_SET)
+    engine = Engine.random(config, device, max_len=settings.max_len, budget=kept)
+    engine.warm_up([pruned_set] + [OmissionSet(s, num_blocks) for s in SWAP_SETS.values()])
+    budget_pruned = time_set(engine, pruned_set, "pruned (memory budget)", settings.prompt_lengths, settings.base_prompt,
+                             settings.gen_lengths, settings.repeats)
+    swaps = swap_timing(engine, pruned_set, {n: OmissionSet(s, num_blocks) for n, s in SWAP_SETS.items()},
+                        max(settings.prompt_lengths), max(2, settings.repeats // 2))
+    memory = peak_memory(engine, pruned_set, 512, 512)
+    allowed = memory["embed_head_norm_gb"] + kept * memory["block_gb"] + memory["kv_cache_gb"] + memory["block_gb"]
+    results["memory_budget"] = {"slots": kept, "pruned": _row(budget_pruned), "swaps": swaps, "memory": memory,
+                                "allowed_gb": allowed, "within_allowed": memory["peak_allocated_gb"] <= allowed}
+    log(f"memory budget: pruned {budget_pruned.decode_tok_s:.1f} tok/s, 7-block switch {swaps[7]['copy_ms']:.1f} ms copy, "
+        f"{swaps[7]['exposed_ms']:.1f} ms exposed")
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results
+
+
+def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print) -> dict:
+    """A real packaged model with its bundle: dense against the routed sets, routing included."""
+    from .cli import open_engine
+
+    engine, ref = open_engine(bundle_dir, None, device, "auto", None, settings.max_len, warm=False)
+    sets = engine.router_sets
+    warm = engine.warm_up([OmissionSet.dense(ref.num_blocks)] + sets)
+    router_ms = router_timing(engine.router, ROUTER_PROMPTS)
+    dense = time_set(engine, (), "dense", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
+    pruned = time_set(engine, sets[0], "set 0", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
+    bandwidth = measure_bandwidth(device) if torch.device(device).type == "cuda" else None
+    result = {"model": ref.name, "fingerprint": ref.fingerprint, "bundle": str(bundle_dir), "router_ms": router_ms,
+              "warm_up_s": warm, "dense": _row(dense), "pruned": _row(pruned),
+              "comparison": compare(engine, dense, pruned, bandwidth, router_ms, settings)}
+    log(f"{ref.name}: dense {dense.decode_tok_s:.1f} tok/s, set 0 {pruned.decode_tok_s:.1f} tok/s, router {router_ms:.2f} ms")
+    return result
+
+
+def markdown(report: dict) -> str:
+    """The paper's Table 6 layout, then the ratios and targets."""
+    lines = [f"# Speed benchmark ({report['device']}, {report['date']})", "", f"Command: `{report['command']}`", ""]
+    shape = report.get("shape")
+    if shape:
+        ar = shape["all_resident"]
+        settings = shape["settings"]
+        lines += [f"## {shape['model']} (bf16, batch 1)", "",
+                  f"HBM bandwidth measured in the same run: {shape['hbm_bandwidth_gb_s']:.0f} GB/s (copy, read + write). "
+                  f"Router (batch 1, same device): {shape['router_ms']:.2f} ms. Warm-up (compile + graph capture): {shape['warm_up_s']:.1f} s.", ""]
+        lines += _table(ar["dense"], ar["pruned"], shape["router_ms"], settings)
+        c = ar["comparison"]
+        lines += ["", "| figure | measured | target | met |", "|---|---|---|---|"]
+        lines.append(f"| dense decode, of bandwidth ceiling | {100 * c['dense_decode_of_ceiling']:.1f}% ({ar['dense']['decode_tok_s']:.1f} of {c['dense_decode_ceiling_tok_s']:.1f} tok/s) | ≥ 85% | {_yes(c['dense_decode_of_ceiling'] >= 0.85)} |")
+        lines.append(f"| pruned decode, of bandwidth ceiling | {100 * c['pruned_decode_of_ceiling']:.1f}% ({ar['pruned']['decode_tok_s']:.1f} of {c['pruned_decode_ceiling_tok_s']:.1f} tok/s) | ≥ 85% | {_yes(c['pruned_decode_of_ceiling'] >= 0.85)} |")
+        lines.append(f"| decode speedup, of ideal {c['decode_ideal_speedup']:.3f}x | {c['decode_speedup']:.3f}x ({100 * c['decode_speedup_vs_ideal']:.1f}%) | ≥ 97% | {_yes(c['decode_speedup_vs_ideal'] >= 0.97)} |")
+        for p, v in c["prefill"].items():
+            lines.append(f"| pre-fill speedup at {p} tokens, routing included | {v['speedup_with_router']:.3f}x (FLOP ratio {v['flop_ratio']:.3f}x: {100 * v['of_flop_ratio']:.1f}%) | ≥ 97% of FLOP ratio | {_yes(v['of_flop_ratio'] >= 0.97)} |")
+        lines.append(f"| routing, batch 1 | {shape['router_ms']:.2f} ms | ≤ 2 ms | {_yes(shape['router_ms'] <= 2)} |")
+        mb = shape["memory_budget"]
+        s7 = mb["swaps"]["7"] if "7" in mb["swaps"] else mb["swaps"][7]
+        lines.append(f"| 7-block switch from pinned host memory | {s7['copy_ms']:.1f} ms copy; {s7['exposed_ms']:.1f} ms added to TTFT at {max(settings['prompt_lengths'])} tokens | ≤ 25 ms, hidden | {_yes(s7['copy_ms'] <= 25)} / {_yes(s7['exposed_ms'] <= 1)} |")
+        lines.append(f"| memory-budget peak | {mb['memory']['peak_allocated_gb']:.2f} GB (allowed {mb['allowed_gb']:.2f} GB: {mb['slots']} blocks + KV + 1 block + embeddings/head) | ≤ allowed | {_yes(mb['within_allowed'])} |")
+        lines += ["", "Block swaps (memory-budget mode, pruned set to a set differing in n blocks):", "",
+                  "| n | host→device copy | TTFT after switch | TTFT resident | added |", "|---|---|---|---|---|"]
+        for n, s in mb["swaps"].items():
+            lines.append(f"| {n} | {s['copy_ms']:.1f} ms | {s['ttft_with_switch_ms']:.1f} ms | {s['ttft_resident_ms']:.1f} ms | {s['exposed_ms']:.1f} ms |")
+        mem = ar["memory"]
+        lines += ["", f"Peak GPU memory during pre-fill 512 + 512 tokens: all resident {mem['dense']['peak_allocated_gb']:.2f} GB; "
+                  f"memory budget ({mb['slots']} slots + 1 spare) {mb['memory']['peak_allocated_gb']:.2f} GB. "
+                  f"Memory-budget pruned decode: {mb['pruned']['decode_tok_s']:.1f} tok/s.", ""]
+    for bundle in report.get("bundles", []):
+        lines += [f"## {bundle['model']} with its bundle", "",
+                  f"Router {bundle['router_ms']:.2f} ms; decode speedup {bundle['comparison']['decode_speedup']:.3f}x "
+                  f"(ideal {bundle['comparison']['decode_ideal_speedup']:.3f}x).", ""]
+        lines += _table(bundle["dense"], bundle["pruned"], bundle["router_ms"], report["settings"])
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def _table(dense: dict, pruned: dict, router_ms: float, settings: dict) -> list[str]:
+    prompts = settings["prompt_lengths"]
+    gens = settings["gen_lengths"]
+    key = lambda d, k: d[k] if k in d else d[str(k)]  # noqa: E731 - JSON turns int keys into strings
+    head = ["| | " + " | ".join(f"TTFT, prompt {p}" for p in prompts) + " | " +
+            " | ".join(f"prompt {settings['base_prompt']} + {g} new" for g in gens) + " | decode tok/s |",
+            "|---|" + "---|" * (len(prompts) + len(gens) + 1)]
+    rows = []
+    for row, extra in ((dense, 0.0), (pruned, router_ms)):
+        cells = [f"{key(row['ttft_ms'], p) + extra:.1f} ms" for p in prompts] + [f"{(key(row['generate_ms'], g) + extra) / 1000:.3f} s" for g in gens]
+        name = row["label"] + (" + router" if extra else "")
+        rows.append(f"| {name} ({row['blocks_run']} blocks) | " + " | ".join(cells) + f" | {row['decode_tok_s']:.1f} |")
+    speed = [f"{key(dense['ttft_ms'], p) / (key(pruned['ttft_ms'], p) + router_ms):.2f}x" for p in prompts] + [
+        f"{key(dense['generate_ms'], g) / (key(pruned['generate_ms'], g) + router_ms):.2f}x" for g in gens]
+    rows.append("| speedup | " + " | ".join(speed) + f" | {dense['decode_ms_per_token'] / pruned['decode_ms_per_token']:.2f}x |")
+    return head + rows

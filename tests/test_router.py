@@ -1,0 +1,165 @@
+"""Labels, router training and routing, routed evaluation and the oracles."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pudding.bundle import Bundle
+from pudding.errors import PuddingError
+from pudding.labels import LabelTable, label_prompts
+from pudding.omission import OmissionSet
+from pudding.router import LoadedRouter, RouterSettings, objective_loss, predicted_losses, save_router, train_router
+from pudding.scoring import Scorer
+from test_cli import assert_clean_failure, pudding
+
+SETS = [[3, 9], [11, 20], [0, 29], [3, 20]]
+
+
+@pytest.fixture(scope="module")
+def scorer(smollm2):
+    return Scorer(smollm2.decoder, smollm2.tokenizer, max_batch_tokens=1024)
+
+
+def test_labels_are_tl_under_each_set(scorer):
+    sets = [OmissionSet(s, 30) for s in SETS]
+    table = label_prompts(scorer, sets, ["piqa", "winogrande"], limit_per_task=3, seed=1)
+    assert table.labels.shape == (6, 4) and table.tasks == ["piqa"] * 3 + ["winogrande"] * 3
+    from pudding.tasks import get_task
+
+    docs = {d.index: d for d in get_task("piqa").docs("train").docs}
+    doc = docs[table.indices[0]]
+    assert table.prompts[0] == doc.prompt
+    request = scorer.encoder.pair(*doc.requests[doc.gold])
+    for j, omit in enumerate(sets):
+        expected = scorer.loglikelihoods([[request]], omit).task_likelihood()[0]
+        assert table.labels[0, j] == pytest.approx(expected, rel=1e-4)
+
+
+def test_label_table_round_trip(tmp_path):
+    table = LabelTable(["a", "b"], [4, 7], ["p one", "p two"], np.array([[1.0, 2.0], [3.0, 0.5]], np.float32),
+                       [[1], [2]], {"settings": {"x": 1}})
+    table.save(tmp_path / "labels.parquet")
+    back = LabelTable.load(tmp_path / "labels.parquet")
+    assert back.prompts == table.prompts and back.sets == [[1], [2]] and back.meta == {"settings": {"x": 1}}
+    np.testing.assert_array_equal(back.labels, table.labels)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(PuddingError, match="not a readable label table"):
+        LabelTable.load(tmp_path / "bad.parquet")
+
+
+def test_objectives_agree_on_lower_is_better():
+    import torch
+
+    labels = torch.tensor([[1.0, 3.0, 2.0]])
+    assert objective_loss(labels.clone(), labels, "mse").item() == 0
+    logits = torch.tensor([[5.0, -5.0, 0.0]])  # a CE router confident in set 0
+    assert predicted_losses(logits, "ce-soft").argmin().item() == 0
+    assert objective_loss(logits, labels, "ce-onehot").item() < objective_loss(-logits, labels, "ce-onehot").item()
+
+
+def _synthetic_table(n: int = 96) -> LabelTable:
+    """Prompts of two kinds whose best set differs: a router should learn to tell them apart."""
+    rng = np.random.default_rng(0)
+    prompts, labels = [], []
+    for i in range(n):
+        if i % 2:
+            prompts.append(f"Question: what does a {['cat', 'dog', 'bird'][i % 3]} eat?\nAnswer:")
+            labels.append([1.0, 3.0, 2.0, 2.5] + rng.normal(0, 0.05, 4))
+        else:
+            prompts.append(f"The man opened the {['door', 'box', 'jar'][i % 3]} and")
+            labels.append([3.0, 1.0, 2.0, 2.5] + rng.normal(0, 0.05, 4))
+    return LabelTable(["t"] * n, list(range(n)), prompts, np.array(labels, np.float32), SETS, {})
+
+
+def test_router_trains_saves_and_routes(tmp_path):
+    table = _synthetic_table()
+    settings = RouterSettings(epochs=4, warmup_steps=4, lr=3e-4, batch_size=16, max_length=32, val_fraction=0.25)
+    router, tokenizer, history, meta = train_router(table, settings)
+    assert [e["epoch"] for e in history.epochs] == [1, 2, 3, 4]
+    assert history.epochs[-1]["val_loss"] < history.epochs[0]["val_loss"]
+    assert meta["val_rows"] == 24
+    directory = tmp_path / "router"
+    save_router(directory, router, tokenizer, settings, table.sets, history, meta, {"fingerprint": "x"})
+    assert (directory / "head.safetensors").exists() and (directory / "training.png").stat().st_size > 1000
+    assert not list(directory.rglob("*.bin")) and not list(directory.rglob("*.pt"))  # safetensors only
+    loaded = LoadedRouter(directory)
+    result = loaded.route(["Question: what does a cow eat?\nAnswer:", "The woman opened the window and"])
+    assert result.choices == [0, 1]
+    assert result.predicted.shape == (2, 4) and result.seconds > 0
+    long = loaded.route(["word " * 200])
+    assert long.truncated == [True]
+    with pytest.raises(PuddingError, match="empty prompt"):
+        loaded.route(["   "])
+
+
+def test_router_training_is_deterministic():
+    table = _synthetic_table(32)
+    settings = RouterSettings(epochs=1, warmup_steps=1, batch_size=8, max_length=24, val_fraction=0.25)
+    first = train_router(table, settings)[2].steps
+    second = train_router(table, settings)[2].steps
+    assert first == second
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory, smollm2):
+    """A whole pipeline at toy sizes: candidates, baselines, evaluations, labels, router, routed eval, report."""
+    bundle = tmp_path_factory.mktemp("pipe") / "bundle"
+    result = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",
+                     "--epochs", "1", "--tasks", "piqa,winogrande,sciq", "--output", str(bundle), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return bundle
+
+
+def test_pipeline_writes_every_stage(small_bundle):
+    evals = {p.stem for p in (small_bundle / "evals").glob("*.json")}
+    assert {"dense", "sleb", "shortened-ppl", "shortgpt", "set0", "oracle", "oracle-tl", "pudding", "sleb-per-prompt"} <= evals
+    assert (small_bundle / "labels.parquet").exists() and (small_bundle / "router" / "router.json").exists()
+    report = (small_bundle / "report.md").read_text()
+    assert "## Commonsense tasks (Table 2)" in report and "## Unseen tasks (Table 5)" in report
+    assert (small_bundle / "omission-heatmap.png").exists() and (small_bundle / "set-usage.png").exists()
+    pudding_eval = json.loads((small_bundle / "evals" / "pudding.json").read_text())
+    for task, result in pudding_eval["tasks"].items():
+        assert sum(result["sets_used"].values()) == result["n"]  # every question routed once
+    oracle = json.loads((small_bundle / "evals" / "oracle.json").read_text())
+    for task in oracle["tasks"]:
+        best_static = max(json.loads(p.read_text())["tasks"][task]["metrics"]["acc"]
+                          for p in (small_bundle / "evals").glob("set*.json"))
+        assert oracle["tasks"][task]["metrics"]["acc"] >= best_static
+
+
+def test_pipeline_resumes_without_recomputing(small_bundle):
+    before = {p.name: p.stat().st_mtime_ns for p in small_bundle.rglob("*.json")}
+    again = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",
+                    "--epochs", "1", "--tasks", "piqa,winogrande,sciq", "--output", str(small_bundle),
+                    "--stages", "candidates,baselines,static,labels,router,routed")
+    assert again.returncode == 0, again.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in small_bundle.rglob("*.json")}
+    unchanged = [n for n in before if n in after and before[n] == after[n] and n != "candidates.json"]
+    assert len(unchanged) >= len(before) - 1
+
+
+def test_route_and_routed_eval_from_the_cli(small_bundle):
+    result = pudding("route", "--bundle", str(small_bundle), "Question: How do I boil an egg?\nAnswer:")
+    assert result.returncode == 0, result.stderr
+    assert "chosen" in result.stdout and "routing time" in result.stdout
+    routed = pudding("eval", "--bundle", str(small_bundle), "--tasks", "piqa", "--limit", "4")
+    assert routed.returncode == 0 and "routed" in routed.stdout
+    oracle = pudding("eval", "--bundle", str(small_bundle), "--oracle", "--tasks", "piqa", "--limit", "4")
+    assert oracle.returncode == 0 and "per question" in oracle.stdout
+
+
+def test_bad_bundle_input(small_bundle, tmp_path):
+    assert_clean_failure(pudding("route", "--bundle", str(small_bundle), "  "), "empty prompt")
+    bare = tmp_path / "bare"
+    Bundle.create_or_open(bare, json.loads((small_bundle / "bundle.json").read_text())["model"], 2, {})
+    (bare / "candidates.json").write_text((small_bundle / "candidates.json").read_text())
+    assert_clean_failure(pudding("eval", "--bundle", str(bare), "--tasks", "piqa"), "pudding train-router")
+    assert_clean_failure(pudding("train-router", "--bundle", str(bare)), "pudding label")
+    assert_clean_failure(pudding("route", "--bundle", str(bare), "hi"), "pudding train-router")
+    foreign = tmp_path / "foreign"
+    Bundle.create_or_open(foreign, {"name": "other", "fingerprint": "0123456789abcdef", "num_blocks": 30}, 2, {})
+    assert_clean_failure(pudding("eval", "--model", "smollm2-135m", "--bundle", str(foreign), "--set", "0"), "fingerprint")
+    assert_clean_failure(pudding("pipeline", "--output", str(tmp_path / "x"), "--stages", "magic"), "unknown stage 'magic'")
