@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: a model's PuDDing experiments as background jobs that survive between calls, each resuming
 # from what its bundle already holds. Call it again to start the jobs whose inputs are now ready; it prints progress.
-#   bash scripts/gpu/experiments.sh MODEL ROOT [ablations]
+#   [PIPELINE_ARGS="--limit 500 ..."] bash scripts/gpu/experiments.sh MODEL ROOT [ablations]
 set -u
 model=$1; root=$2; with_ablations=${3:-}
 bundle=$root/bundle; logs=$root/logs
@@ -16,7 +16,7 @@ start() {  # start job NAME (unless running or done) with pudding arguments
     echo "started $name"
 }
 
-common="--model $model --output $bundle --device cuda"
+common="--model $model --output $bundle --device cuda ${PIPELINE_ARGS:-}"
 start main pipeline $common
 if [ -n "$with_ablations" ]; then
     start sets-30 pipeline $common --stages none --ablations sets-30

@@ -499,6 +499,7 @@ def open_engine(bundle: Optional[Path], model: Optional[str], device: Optional[s
         engine.attach_router(router, sets)
         if warm:
             engine.warm_up(sets)
+            router.warm_up()
     return engine, ref
 
 
@@ -540,6 +541,38 @@ def generate_command(
           f"TTFT {t.ttft_ms:.1f} ms · {t.tokens_per_second:.1f} tok/s over {t.new_tokens} tokens]", file=sys.stderr)
 
 
+@app.command("serve")
+def serve_command(
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", "-b", help="Route every request with this bundle's router.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Without a bundle: the model (default smollm2-135m).")] = None,
+    omit: Annotated[Optional[str], typer.Option("--omit", help="Without a bundle: blocks to skip for every request, e.g. 11,17,20 (default: none).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests that may wait behind the running one; more are answered 503.")] = 16,
+    budget: Annotated[Optional[int], typer.Option("--budget", min=1, help="Memory budget in blocks: keep only this many on the device.")] = None,
+    max_len: Annotated[int, typer.Option("--max-len", min=16, help="Context the engine allocates (prompt + new tokens).")] = 2048,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming): each request is routed once."""
+    from .models import resolve_model
+    from .omission import OmissionSet
+
+    try:
+        from .serve import check_port, serve
+    except ImportError as missing:
+        raise PuddingError(f"`pudding serve` needs the serve extra ({missing.name} is missing): pip install 'pudding[serve]'") from None
+    if bundle is not None and omit is not None:
+        raise PuddingError("--omit is for a model served without a router; with --bundle every request is routed "
+                           "(a request can force a set with the `pudding` body field)")
+    fixed = None if bundle is not None else OmissionSet.parse(omit, resolve_model(model or "smollm2-135m").num_blocks)
+    check_port(host, port)
+    engine, ref = open_engine(bundle, model, device, dtype, budget, max_len)
+    if fixed is not None:
+        engine.warm_up([fixed])  # also checks that the set fits the memory budget
+    serve(engine, ref.name, fixed, host, port, queue_size)
+
+
 @app.command("bench")
 def bench_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the JSON; a Markdown table is written beside it.")],
@@ -547,6 +580,7 @@ def bench_command(
     bundle: Annotated[Optional[list[Path]], typer.Option("--bundle", "-b", help="Also benchmark a real model with its bundle (repeatable).")] = None,
     router_encoder: Annotated[str, typer.Option("--router-encoder", help="Encoder of the router timed with the random-weight model.")] = "minilm-l6",
     repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
+    compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs.")] = None,
     device: DeviceOpt = None,
 ) -> None:
     """The speed benchmark: TTFT, pre-fill + generation, routing, block swaps and memory, dense vs pruned."""
@@ -562,7 +596,7 @@ def bench_command(
     device = check_device(device or default_device())
     if not device.startswith("cuda") and shape:
         raise PuddingError("the random-weight 8B benchmark needs a GPU; use --shape '' with --bundle on CPU")
-    settings = BenchSettings(repeats=repeats)
+    settings = BenchSettings(repeats=repeats, compile_mode=compile_mode)
     report = {"command": " ".join(sys.argv), "device": __import__("torch").cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": environment(), "settings": settings.__dict__.copy()}
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -599,6 +633,7 @@ def pipeline_command(
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Evaluation tasks (default: the six of Table 2 and the five of Table 5).")] = None,
     encoder: Annotated[Optional[str], typer.Option("--encoder", help="Router encoder: minilm-l6 (default) or mpnet-base.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Router training epochs (default 10).")] = None,
+    per_prompt: Annotated[Optional[int], typer.Option("--per-prompt", min=0, help="Documents per task for the SLEB-per-prompt comparison (default 100; 0 skips it).")] = None,
     stages: Annotated[Optional[str], typer.Option("--stages", help="Comma-separated subset of: candidates, baselines, static, labels, router, routed, per-prompt, report; or none.")] = None,
     ablations: Annotated[Optional[str], typer.Option("--ablations", help="Also run ablations: all, or some of sets-5, sets-30, ppl-candidates, objectives.")] = None,
     small: Annotated[bool, typer.Option("--small", help="Small sizes that finish on 2 CPU cores in about 15 minutes.")] = False,
@@ -615,7 +650,8 @@ def pipeline_command(
     from .tasks import parse_task_list, resolve_data_dir
 
     config = PipelineConfig.small() if small else PipelineConfig()
-    for name, value in (("k", blocks), ("samples", samples), ("limit", limit), ("label_limit", label_limit)):
+    for name, value in (("k", blocks), ("samples", samples), ("limit", limit), ("label_limit", label_limit),
+                        ("per_prompt_limit", per_prompt)):
         if value is not None:
             setattr(config, name, value)
     if encoder is not None:

@@ -56,8 +56,11 @@ class Router(nn.Module):
         self.encoder = encoder
         self.head = nn.Linear(encoder.config.hidden_size, num_sets)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted per-set scores; without a mask every position is a real token (one unpadded prompt)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if attention_mask is None:
+            return self.head(hidden.mean(1))
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # mean pooling, as these encoders were trained
         return self.head(pooled)
@@ -108,8 +111,21 @@ def _routing_quality(predicted: np.ndarray, labels: np.ndarray) -> dict:
     return {"picks_best_set": float((choice == best).mean()), "mean_regret_tl": float(regret.mean())}
 
 
-def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu", log=None):
-    """Fine-tune encoder + head on the label table; returns (router, tokenizer, history, split)."""
+def labels_digest(table: LabelTable) -> str:
+    """Identity of a label table's content (prompts and labels), for checkpoints."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([table.prompts, table.sets]).encode())
+    digest.update(np.ascontiguousarray(table.labels, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu", log=None,
+                 checkpoint: Path | None = None):
+    """Fine-tune encoder + head on the label table; returns (router, tokenizer, history, split).
+
+    With `checkpoint` (a directory), the whole training state is saved at every epoch end and a rerun resumes
+    from it; the result is bit-identical to an uninterrupted run on the same machine."""
     from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup
 
     from .models import resolve_model
@@ -134,9 +150,15 @@ def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu
     val_batches = _batches(encoded, np.sort(val_rows), 128, device)
     history = TrainingHistory()
     shuffle = np.random.default_rng(settings.seed + 1)
-    started = time.perf_counter()
+    identity = {"settings": asdict(settings), "labels": labels_digest(table), "encoder": ref.fingerprint, "device": str(device)}
+    store = TrainingCheckpoint(checkpoint, identity)
+    first_epoch, spent = store.restore(router, optimizer, scheduler, shuffle, history)
+    if first_epoch and log:
+        log(f"  resuming after epoch {first_epoch} from {checkpoint}")
+    started = time.perf_counter() - spent
     with progress_bar("train router", total=total, unit="step") as advance:
-        for epoch in range(settings.epochs):
+        advance(first_epoch * steps_per_epoch)
+        for epoch in range(first_epoch, settings.epochs):
             router.train()
             losses = []
             for ids, mask, chunk in _batches(encoded, shuffle.permutation(train_rows), settings.batch_size, device):
@@ -155,10 +177,85 @@ def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu
             if log:
                 extra = f", val {record['val_loss']:.4f}, picks best {100 * record['picks_best_set']:.1f}%" if val_batches else ""
                 log(f"  epoch {epoch + 1:2d}: train {record['train_loss']:.4f}{extra}")
+            if epoch + 1 < settings.epochs:  # the last epoch's state is the router itself, saved by the caller
+                store.save(epoch + 1, router, optimizer, scheduler, shuffle, history, time.perf_counter() - started)
     router.eval()
     meta = {"seconds": round(time.perf_counter() - started, 1), "train_rows": len(train_rows), "val_rows": len(val_rows),
             "encoder_fingerprint": ref.fingerprint}
     return router, tokenizer, history, meta
+
+
+class TrainingCheckpoint:
+    """Router training state at an epoch end, as safetensors (weights, optimizer moments, torch RNG) and JSON
+    (optimizer settings, scheduler, shuffling generator, history), never pickle. Written as one directory that
+    replaces the previous one atomically."""
+
+    TENSORS, STATE = "state.safetensors", "state.json"
+
+    def __init__(self, directory: Path | None, identity: dict) -> None:
+        self.directory = directory
+        self.identity = identity
+
+    def save(self, epochs_done: int, router: Router, optimizer, scheduler, shuffle: np.random.Generator,
+             history: TrainingHistory, seconds: float) -> None:
+        from safetensors.torch import save_file
+
+        from .storage import atomic_directory, atomic_write_json
+
+        if self.directory is None:
+            return
+        tensors = {f"model.{k}": v for k, v in router.state_dict().items()}
+        optim = optimizer.state_dict()
+        for index, state in optim["state"].items():
+            tensors.update({f"optim.{index}.{k}": v for k, v in state.items()})
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        with atomic_directory(self.directory) as tmp:
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(tmp / self.TENSORS))
+            atomic_write_json(tmp / self.STATE, {
+                "identity": self.identity, "epochs_done": epochs_done, "seconds": seconds, "history": asdict(history),
+                "param_groups": optim["param_groups"], "scheduler": scheduler.state_dict(),
+                "shuffle": shuffle.bit_generator.state,
+            })
+
+    def restore(self, router: Router, optimizer, scheduler, shuffle: np.random.Generator,
+                history: TrainingHistory) -> tuple[int, float]:
+        """Load a saved state into the given objects; returns (epochs done, seconds spent), (0, 0.0) if none."""
+        if self.directory is None or not (self.directory / self.STATE).exists():
+            return 0, 0.0
+        from safetensors.torch import load_file
+
+        try:
+            state = json.loads((self.directory / self.STATE).read_text(encoding="utf-8"))
+            tensors = load_file(str(self.directory / self.TENSORS))
+        except Exception:
+            raise PuddingError(f"checkpoint {self.directory} is corrupted: delete it to train from the start") from None
+        if state.get("identity") != self.identity:
+            raise PuddingError(f"checkpoint {self.directory} belongs to a different training (other labels, encoder or "
+                               "settings): delete it to train from the start")
+        router.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        moments: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                moments.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
+        scheduler.load_state_dict(state["scheduler"])
+        shuffle.bit_generator.state = state["shuffle"]
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        history.epochs[:] = state["history"]["epochs"]
+        history.steps[:] = state["history"]["steps"]
+        return int(state["epochs_done"]), float(state["seconds"])
+
+    def remove(self) -> None:
+        import shutil
+
+        if self.directory is not None and self.directory.exists():
+            shutil.rmtree(self.directory)
 
 
 @torch.inference_mode()
@@ -242,7 +339,7 @@ class LoadedRouter:
         config = read_json(config_path, "router config")
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory / "encoder")
-            encoder = AutoModel.from_pretrained(directory / "encoder")
+            encoder = AutoModel.from_pretrained(directory / "encoder", dtype=torch.float32)
             head = load_file(str(directory / "head.safetensors"))
         except (OSError, ValueError) as err:
             raise PuddingError(f"router in {directory} is damaged ({str(err).splitlines()[0]}): retrain it") from None
@@ -260,7 +357,7 @@ class LoadedRouter:
 
         ref = resolve_model(encoder, kind="encoder")
         torch.manual_seed(0)
-        router = Router(AutoModel.from_pretrained(ref.directory), len(sets))
+        router = Router(AutoModel.from_pretrained(ref.directory, dtype=torch.float32), len(sets))
         self = cls.__new__(cls)
         self._setup(router, AutoTokenizer.from_pretrained(ref.directory), RouterSettings(encoder=encoder), sets, device)
         self.config = {"settings": asdict(self.settings), "sets": sets}
@@ -272,6 +369,21 @@ class LoadedRouter:
         self.settings = settings
         self.sets = sets
         self.device = device
+        self._graphs = _GraphedRouter(self.router, settings.objective) if str(device).startswith("cuda") else None
+
+    def _tokenize(self, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """One tokenizer pass. An over-long prompt keeps its first max_length - 1 tokens and its closing special
+        token, exactly what the tokenizer's own truncation (used in training) gives."""
+        limit = self.settings.max_length
+        encoded = self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+        return [ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:] for ids in encoded], [len(ids) > limit for ids in encoded]
+
+    def warm_up(self, lengths=range(1, 129)) -> None:
+        """Capture the batch-1 graphs ahead for prompts of these token lengths, so no request pays for it."""
+        if self._graphs is not None:
+            for length in lengths:
+                if length <= self.settings.max_length:
+                    self._graphs.scores([self.tokenizer.cls_token_id or 0] * length)
 
     @torch.inference_mode()
     def route(self, prompts: list[str], batch_size: int = 64) -> RouteResult:
@@ -280,15 +392,58 @@ class LoadedRouter:
         sync = torch.cuda.synchronize if str(self.device).startswith("cuda") else (lambda: None)
         sync()
         started = time.perf_counter()
-        full_lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
-        encoded = self.tokenizer(prompts, truncation=True, max_length=self.settings.max_length)
-        predicted = []
-        for ids, mask, _ in _batches(encoded, np.arange(len(prompts)), batch_size, self.device):
-            predicted.append(predicted_losses(self.router(ids, mask), self.settings.objective).float().cpu().numpy())
+        ids, truncated = self._tokenize(prompts)
+        scores = self._graphs.scores(ids[0])[None] if len(ids) == 1 and self._graphs is not None else None
+        if scores is None:
+            predicted = []
+            for batch, mask, _ in _batches({"input_ids": ids}, np.arange(len(prompts)), batch_size, self.device):
+                predicted.append(predicted_losses(self.router(batch, mask), self.settings.objective).float().cpu().numpy())
+            scores = np.concatenate(predicted)
         sync()
-        scores = np.concatenate(predicted)
-        return RouteResult(scores.argmin(1).tolist(), scores, [n > self.settings.max_length for n in full_lengths],
-                           time.perf_counter() - started)
+        return RouteResult(scores.argmin(1).tolist(), scores, truncated, time.perf_counter() - started)
+
+
+class _GraphedRouter:
+    """Batch-1 routing on a GPU as one CUDA-graph replay per prompt length. An encoder run eagerly at batch 1 is
+    bound by kernel launches (about 4 ms for MiniLM-L6 on an H100); the replay launches them all at once. One prompt
+    needs no padding, so no mask: the graph holds only the token ids."""
+
+    def __init__(self, router: Router, objective: str) -> None:
+        self.router = router
+        self.objective = objective
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None  # one memory pool for all lengths: graphs replay one at a time
+        self.broken = False  # an encoder whose forward cannot be captured falls back to eager routing
+
+    @torch.inference_mode()
+    def scores(self, ids: list[int]) -> np.ndarray | None:
+        if self.broken:
+            return None
+        if len(ids) not in self.graphs:
+            try:
+                self.graphs[len(ids)] = self._capture(len(ids))
+            except RuntimeError:
+                self.broken = True
+                return None
+        static_ids, out, graph = self.graphs[len(ids)]
+        static_ids.copy_(torch.tensor(ids).view(1, -1))
+        graph.replay()
+        return out.float().cpu().numpy()[0]
+
+    def _capture(self, length: int) -> tuple:
+        device = next(self.router.parameters()).device
+        static_ids = torch.zeros(1, length, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the capture: lazy initialisation, allocator
+                self.router(static_ids)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = predicted_losses(self.router(static_ids), self.objective)
+        return static_ids, out, graph
 
 
 def router_history(directory: Path) -> dict:

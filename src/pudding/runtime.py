@@ -354,7 +354,8 @@ class Engine:
 
     def __init__(self, shape: Shape, embed: torch.Tensor, final_norm: torch.Tensor, head: torch.Tensor,
                  blocks, layout: BlockLayout, rotary: dict[str, tuple[torch.Tensor, torch.Tensor]], tokenizer=None,
-                 max_len: int = 2048, compile: bool | None = None, graphs: bool | None = None, bos: bool = False) -> None:
+                 max_len: int = 2048, compile: bool | None = None, graphs: bool | None = None, bos: bool = False,
+                 compile_mode: str | None = None) -> None:
         self.shape = shape
         self.family = FAMILIES[shape.family]
         self.embed, self.final_norm, self.head = embed, final_norm, head
@@ -370,7 +371,7 @@ class Engine:
         self.bos = bos
         step = block_step
         if (on_gpu if compile is None else compile):
-            step = torch.compile(block_step, fullgraph=True, dynamic=False)
+            step = torch.compile(block_step, fullgraph=True, dynamic=False, mode=compile_mode)
         self._decode_block = step
         capacity = shape.num_blocks if blocks.mode == "all" else blocks.capacity
         cache_shape = (1, shape.kv_heads, max_len, shape.head_dim)
