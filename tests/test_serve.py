@@ -1,0 +1,280 @@
+"""The OpenAI-compatible server, run as a user runs it: `pudding serve` in its own process on a loopback port, the
+real SmolLM2-135M behind it, talked to with the openai client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from pudding.bundle import Bundle, CandidateSet, router_path
+from pudding.errors import PuddingError
+from pudding.router import RouterSettings, save_router, train_router
+from pudding.runtime import Engine
+from pudding.serve import ServerProcess, StopScanner
+from test_cli import assert_clean_failure, pudding
+from test_router import SETS, _synthetic_table
+
+MAX_LEN = 512
+MODEL = "smollm2-135m"
+
+
+class Server(ServerProcess):
+    """A real `pudding serve` process, with an openai client and a raw-HTTP helper."""
+
+    def __init__(self, log: Path, *args: str) -> None:
+        try:
+            super().__init__(list(args), log)
+        except PuddingError as failed:
+            pytest.fail(str(failed))
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def post(self, path: str, body: dict | bytes) -> httpx.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.post(f"{self.url}{path}", content=content, headers={"content-type": "application/json"}, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, smollm2):
+    """A bundle for the real model with a router trained one epoch on synthetic labels: enough to route."""
+    table = _synthetic_table(32)
+    settings = RouterSettings(epochs=1, warmup_steps=1, batch_size=16, max_length=32, val_fraction=0.25)
+    router, tokenizer, history, meta = train_router(table, settings)
+    model = {"name": smollm2.name, "fingerprint": smollm2.fingerprint, "num_blocks": smollm2.decoder.num_blocks}
+    opened = Bundle.create_or_open(tmp_path_factory.mktemp("serve") / "bundle", model, 2, {})
+    opened.write_candidates([CandidateSet(s, []) for s in SETS], {})
+    save_router(router_path(opened), router, tokenizer, settings, SETS, history, meta, model)
+    return opened.path
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    """Routed by the bundle's router; one request may wait behind the running one."""
+    running = Server(tmp_path_factory.mktemp("log") / "serve.log", "--bundle", str(bundle), "--max-len", str(MAX_LEN),
+                     "--queue-size", "1", "--device", "cpu")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2):
+    return Engine.from_model(smollm2.model, smollm2.tokenizer, max_len=MAX_LEN)
+
+
+def _streamed_completion(client, **request) -> tuple[str, list]:
+    chunks = list(client.completions.create(stream=True, **request))
+    return "".join(c.choices[0].text for c in chunks if c.choices), chunks
+
+
+def test_completions_stream_and_engine_agree(server, engine):
+    prompts = ["Question: what does a cow eat?\nAnswer:", "The woman opened the window and"]
+    for prompt in prompts:
+        whole = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=10)
+        streamed, chunks = _streamed_completion(server.client, model=MODEL, prompt=prompt, max_tokens=10,
+                                                stream_options={"include_usage": True})
+        info = whole.pudding
+        assert info["routed"] and info["set_index"] in range(len(SETS)) and info["router_ms"] > 0
+        assert info["omitted_blocks"] == SETS[info["set_index"]]
+        reference = engine.generate(prompt, info["omitted_blocks"], max_new_tokens=10)
+        assert whole.choices[0].text == streamed == reference.text and streamed
+        assert whole.usage.prompt_tokens == len(engine.encode(prompt)) == reference.prompt_tokens
+        assert whole.usage.completion_tokens == len(reference.tokens)
+        assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+        assert chunks[-1].usage == whole.usage and chunks[-1].choices == []  # include_usage: a last usage chunk
+        finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert len(finals) == 1 and finals[0].pudding["omitted_blocks"] == info["omitted_blocks"]
+        assert finals[0].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_chat_honours_a_forced_set(server, engine):
+    messages = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a colour."}]
+    forced = {"pudding": {"set": 2}}
+    whole = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, extra_body=forced)
+    stream = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, extra_body=forced,
+                                                   stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.pudding["set_index"] == 2 and whole.pudding["omitted_blocks"] == SETS[2] and not whole.pudding["routed"]
+    text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    reference = engine.generate(text, SETS[2], max_new_tokens=8)
+    assert whole.choices[0].message.content == streamed == reference.text
+    assert whole.choices[0].message.role == "assistant" and chunks[0].choices[0].delta.role == "assistant"
+    assert whole.usage.prompt_tokens == reference.prompt_tokens and chunks[-1].usage == whole.usage
+
+
+@pytest.mark.parametrize("forced, omitted, index", [
+    ({"set": "dense"}, [], None),
+    ({"omit": [17, 4]}, [4, 17], None),
+    ({"omit": [20, 11]}, [11, 20], 1),  # the same blocks as the router's set 1
+])
+def test_dense_and_explicit_blocks_can_be_forced(server, engine, forced, omitted, index):
+    prompt = "The three primary colours are"
+    response = server.post("/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 6, "pudding": forced})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["pudding"]["omitted_blocks"] == omitted and body["pudding"]["set_index"] == index
+    assert body["choices"][0]["text"] == engine.generate(prompt, omitted, max_new_tokens=6).text
+
+
+def test_stop_strings_cut_the_text_in_both_modes(server, engine):
+    prompt = "Here is a list of fruits: apple, banana,"
+    full = engine.generate(prompt, SETS[0], max_new_tokens=16).text
+    stop = full[6:9]
+    assert stop.strip(), full
+    request = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "stop": [stop, "never appears"],
+               "extra_body": {"pudding": {"set": 0}}}
+    whole = server.client.completions.create(**request)
+    streamed, chunks = _streamed_completion(server.client, **request)
+    assert whole.choices[0].text == streamed == full[: full.find(stop)]
+    assert whole.choices[0].finish_reason == "stop"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"model": "smollm2-135m", "prompt": ', 400),  # malformed JSON
+    ("/v1/completions", b'{"model": "smollm2-135m", "prompt": "caf\xe9 \xff"}', 400),  # not UTF-8
+    ("/v1/completions", b"[1, 2]", 400),
+    ("/v1/completions", {"model": MODEL}, 400),
+    ("/v1/completions", {"prompt": "hello"}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": 42}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "8"}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2.5}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400),
+    ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "   \n"}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -3}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": MAX_LEN}, 400),  # beyond the context
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10**40}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "word " * (MAX_LEN + 10)}, 400),  # prompt over the context
+    ("/v1/completions", b'{"model": "smollm2-135m", "prompt": "hi", "temperature": 1e999}', 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 3}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [""]}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "pudding": {"set": 4}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "pudding": {"set": -1}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "pudding": {"set": 10**30}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "pudding": {"set": "sparse"}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "pudding": {"set": True}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "pudding": {"omit": [30]}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "pudding": {"omit": [3, 3]}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "pudding": {"omit": list(range(30))}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "pudding": {"omit": [1], "set": 0}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "pudding": {"blocks": [1]}}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hello"}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "system", "content": "only a system turn"}]}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": " "}]}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6}, 400),
+    ("/v1/nothing", {"model": MODEL}, 404),
+]
+
+
+@pytest.mark.parametrize("path, body, status", BAD_REQUESTS, ids=range(len(BAD_REQUESTS)))
+def test_bad_input_gets_an_openai_error_and_the_server_lives_on(server, path, body, status):
+    response = server.post(path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert server.healthy()
+
+
+def test_the_openai_client_sees_the_error_message(server):
+    with pytest.raises(openai.BadRequestError, match="context is 512 tokens"):
+        server.client.completions.create(model=MODEL, prompt="hi", max_tokens=10_000)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.client.completions.create(model="gpt-9", prompt="hi")
+
+
+def test_a_full_queue_is_answered_503(server):
+    """Queue size 1: of four simultaneous slow requests one runs, one waits, the others are turned away."""
+    barrier = threading.Barrier(4)
+    responses = []
+
+    def ask():
+        barrier.wait()
+        responses.append(server.post("/v1/completions", {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24}))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(503) >= 1 and statuses.count(200) >= 1 and set(statuses) == {200, 503}, statuses
+    refused = next(r.json()["error"] for r in responses if r.status_code == 503)
+    assert refused["type"] == "server_error" and refused["code"] == "server_overloaded"
+    assert server.health()["requests"]["refused"] >= 1
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation(server):
+    before = server.health()["requests"]["cancelled"]
+    request = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": MAX_LEN - 16, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=request, timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # the first piece came; now hang up
+    deadline = time.monotonic() + 60
+    while server.health()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    health = server.health()
+    assert not health["busy"] and health["requests"]["cancelled"] == before + 1
+    after = server.client.completions.create(model=MODEL, prompt="Hello", max_tokens=3)
+    assert after.usage.completion_tokens == 3
+
+
+def test_models_and_health_describe_the_server(server):
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    info = models.data[0].pudding
+    assert info["routed"] and info["sets"] == SETS and info["context"] == MAX_LEN and "greedy" in info["decoding"]
+    health = server.health()
+    assert health["routed"] and health["queue_size"] == 1
+
+
+def test_a_model_without_router_serves_its_fixed_set(tmp_path, engine):
+    running = Server(tmp_path / "serve.log", "--model", MODEL, "--omit", "11,17,20", "--max-len", "256",
+                     "--queue-size", "0", "--device", "cpu")
+    try:
+        info = running.client.models.list().data[0].pudding
+        assert not info["routed"] and info["default_omit"] == [11, 17, 20] and info["sets"] == []
+        prompt = "The capital of France is"
+        response = running.client.completions.create(model=MODEL, prompt=prompt, max_tokens=5)
+        assert response.pudding["omitted_blocks"] == [11, 17, 20] and response.pudding["set_index"] is None
+        assert response.choices[0].text == engine.generate(prompt, [11, 17, 20], max_new_tokens=5).text
+        numbered = running.post("/v1/completions", {"model": MODEL, "prompt": prompt, "pudding": {"set": 0}})
+        assert numbered.status_code == 400 and "pudding.omit" in numbered.json()["error"]["message"]
+    finally:
+        running.stop()
+
+
+def test_serve_command_rejects_bad_options(bundle):
+    assert_clean_failure(pudding("serve", "--bundle", str(bundle), "--omit", "3"), "--omit is for a model")
+    assert_clean_failure(pudding("serve", "--omit", "30"), "out of range")
+    assert_clean_failure(pudding("serve", "--bundle", "/nonexistent"), "bundle directory not found")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert_clean_failure(pudding("serve", "--port", str(taken.getsockname()[1])), "cannot listen")
+
+
+def test_stop_scanner_holds_back_a_stop_string_split_across_pieces():
+    scanner = StopScanner(["END", "\n\n"])
+    assert scanner.feed("hello E") == ("hello ", False)  # "E" may start "END"
+    assert scanner.feed("N") == ("", False)
+    assert scanner.feed("Dless") == ("", True)
+    scanner = StopScanner(["END"])
+    assert scanner.feed("a bE") == ("a b", False)
+    assert scanner.feed("x") == ("Ex", False)  # it was not a stop after all
+    assert scanner.feed("yE") == ("y", False) and scanner.flush() == "E"
