@@ -1,13 +1,22 @@
-"""Standard checkpoints of a depth-pruned model: blocks deleted, renumbered, config sliced."""
+"""Standard checkpoints of a depth-pruned model (blocks deleted, renumbered, config sliced), and packs: a bundle with
+its model in one directory, with a model card."""
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import tarfile
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from .architectures import architecture_for, resolve
+from .errors import PuddingError
+from .omission import OmissionSet
+from .storage import atomic_write_json, atomic_write_text
 
 
 def delete_blocks(model, omit: Sequence[int]):
@@ -35,3 +44,154 @@ def delete_blocks(model, omit: Sequence[int]):
             setattr(config, key, [values[i] for i in kept])
     config.num_hidden_layers = len(kept)
     return pruned
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Writing checkpoints and packs. Both are written into a temporary sibling directory and renamed into place, so an
+# interrupted export leaves nothing that looks finished.
+
+
+def _fresh_target(output: Path) -> None:
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        raise PuddingError(f"{output} already exists: choose a new directory (nothing was overwritten)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(output.parent, os.W_OK):
+        raise PuddingError(f"cannot write to {output.parent}")
+
+
+def _write_dir_atomically(output: Path, fill) -> Path:
+    """Run fill(tmp) on a temporary sibling directory, then rename it to `output`."""
+    _fresh_target(output)
+    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        if output.exists():
+            output.rmdir()
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def export_checkpoint(model, tokenizer, omit: OmissionSet, output: Path, provenance: dict) -> Path:
+    """A standard Hugging Face checkpoint of the model without the blocks in `omit`: it loads with plain
+    `AutoModelForCausalLM.from_pretrained(output)` and computes what pudding computes with that omission set."""
+    kept = [b for b in range(omit.num_blocks) if b not in set(omit)]
+
+    def fill(tmp: Path) -> None:
+        pruned = delete_blocks(model, omit)
+        pruned.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        info = {**provenance, "omitted_blocks": list(omit), "kept_blocks": kept}
+        atomic_write_json(tmp / "pudding.json", info)
+        atomic_write_text(tmp / "README.md", _checkpoint_card(info))
+
+    return _write_dir_atomically(Path(output), fill)
+
+
+def _checkpoint_card(info: dict) -> str:
+    return (f"# {info['source_model']} without blocks {','.join(map(str, info['omitted_blocks']))}\n\n"
+            f"A depth-pruned checkpoint written by pudding (prompt-routed depth pruning, PuDDing): "
+            f"{len(info['kept_blocks'])} of {len(info['kept_blocks']) + len(info['omitted_blocks'])} transformer blocks "
+            f"of `{info['source_model']}` (fingerprint `{info['source_fingerprint']}`), renumbered 0..n-1.\n"
+            f"Kept blocks, in order: {', '.join(map(str, info['kept_blocks']))}.\n\n"
+            "Load it with plain transformers: `AutoModelForCausalLM.from_pretrained(this_directory)`.\n")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Packs: a bundle and its model in one self-contained directory (or .tar file), with a model card
+
+
+PACKED_MODEL = "model"  # the subdirectory of a pack that holds the decoder the bundle was made for
+
+
+def pack_bundle(bundle, model_dir: Path, output: Path) -> Path:
+    """Copy the bundle (minus checkpoints and scratch files) and the model's directory into one directory, with a
+    README.md model card; `output` ending in .tar gives a tar file of that directory instead."""
+    output = Path(output)
+    as_tar = output.suffix == ".tar"
+    directory = output.with_suffix("") if as_tar else output
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(bundle.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+            "*.ckpt*", "*.partial*", "*.tmp*", "checkpoints", PACKED_MODEL))
+        shutil.copytree(model_dir, tmp / PACKED_MODEL, ignore=shutil.ignore_patterns("*.partial*", "*.tmp*"))
+        atomic_write_text(tmp / "README.md", model_card(bundle))
+
+    if not as_tar:
+        return _write_dir_atomically(directory, fill)
+    _fresh_target(output)
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.staging-"))
+    try:
+        fill(staging)
+        tmp_tar = output.parent / f".{output.name}.partial-{os.getpid()}"
+        with tarfile.open(tmp_tar, "w") as tar:
+            tar.add(staging, arcname=directory.name)
+        os.replace(tmp_tar, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def unpack(archive: Path, output: Path) -> Path:
+    """Extract a packed .tar into `output` (its single top-level directory becomes `output`)."""
+    archive, output = Path(archive), Path(output)
+    if not archive.is_file():
+        raise PuddingError(f"{archive} does not exist")
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            tops = {m.name.split("/", 1)[0] for m in members}
+            if len(tops) != 1 or not any(m.name.endswith("/bundle.json") for m in members):
+                raise PuddingError(f"{archive} is not a pudding pack (one directory holding bundle.json)")
+
+            def fill(tmp: Path) -> None:
+                tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of the tree, devices
+                inner = tmp / tops.pop()
+                for item in inner.iterdir():
+                    item.rename(tmp / item.name)
+                inner.rmdir()
+
+            return _write_dir_atomically(output, fill)
+    except tarfile.TarError as err:
+        raise PuddingError(f"{archive} is not a readable tar file ({err})") from None
+
+
+def model_card(bundle) -> str:
+    """A short README for a pack: method, model, the sets, the router and the evaluation averages."""
+    from .bundle import router_path
+    from .storage import read_json
+
+    m = bundle.model
+    lines = [f"# PuDDing bundle for {m['name']}", "",
+             "Prompt-routed depth pruning (PuDDing, ICML 2025): a small router reads each prompt and picks one of the "
+             f"candidate omission sets below; the model then runs without those {bundle.k} of its {m['num_blocks']} blocks.",
+             "", f"- Model: `{m['name']}`, fingerprint `{m['fingerprint']}` (in `{PACKED_MODEL}/`)",
+             f"- Made with pudding {bundle.manifest.get('versions', {}).get('pudding', '?')}, "
+             f"{bundle.manifest.get('created', '')}", "",
+             "Use it: `pudding generate --bundle THIS_DIRECTORY \"prompt\"`, `pudding serve --bundle THIS_DIRECTORY`.", "",
+             "## Candidate omission sets", "", "| set | omitted blocks | found by |", "|---|---|---|"]
+    for i, c in enumerate(bundle.candidates()):
+        found = ", ".join(f"{s['task']}/{s['loss']}" for s in c.sources)
+        lines.append(f"| {i} | {c.label()} | {found} |")
+    router_json = router_path(bundle) / "router.json"
+    if router_json.exists():
+        router = read_json(router_json, "router config")
+        s, last = router["settings"], (router.get("history", {}).get("epochs") or [{}])[-1]
+        lines += ["", "## Router", "", f"{s['encoder']} + linear head, {s['objective']} objective, {s['epochs']} epochs"
+                  + (f"; on held-out prompts it picks the best set {100 * last['picks_best_set']:.1f}% of the time."
+                     if "picks_best_set" in last else ".")]
+    evals = sorted((bundle.path / "evals").glob("*.json")) if (bundle.path / "evals").is_dir() else []
+    rows = []
+    for path in evals:
+        result = read_json(path, "evaluation")
+        if "average" in result and "paper" in result["average"]:
+            tasks = ", ".join(result.get("tasks", {}))
+            rows.append(f"| {path.stem} | {100 * result['average']['paper']:.2f} | {tasks} |")
+    if rows:
+        lines += ["", "## Evaluations (average accuracy, %)", "", "| method | average | tasks |", "|---|---|---|", *rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,98 @@
+"""Standard checkpoints of pruned models, and packs: what pudding writes loads elsewhere and computes the same."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import build_tiny
+from pudding.bundle import Bundle, CandidateSet
+from pudding.decoder import PrunableDecoder
+from pudding.export import export_checkpoint
+from pudding.omission import OmissionSet
+from test_cli import assert_clean_failure, pudding
+
+SETS = [[3, 9], [11, 20]]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, smollm2):
+    path = tmp_path_factory.mktemp("export") / "bundle"
+    opened = Bundle.create_or_open(path, smollm2.info(), 2, {})
+    opened.write_candidates([CandidateSet(s, [{"task": "piqa", "loss": "tl"}]) for s in SETS], {})
+    return path
+
+
+def test_exported_checkpoint_loads_in_plain_transformers_with_the_same_logits(tmp_path, smollm2):
+    out = tmp_path / "pruned"
+    result = pudding("export", "--model", "smollm2-135m", "--omit", "0,17,29", "--dtype", "float32", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert plain.config.num_hidden_layers == 27
+    ids = smollm2.tokenizer("The capital of France is Paris, and the capital of Germany is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = plain(ids).logits.float()
+    ours = smollm2.decoder.full_logits(ids, OmissionSet([0, 17, 29], 30))
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    info = json.loads((out / "pudding.json").read_text())
+    assert info["omitted_blocks"] == [0, 17, 29] and info["source_fingerprint"] == smollm2.fingerprint
+    assert (out / "tokenizer.json").exists() and "AutoModelForCausalLM" in (out / "README.md").read_text()
+
+
+def test_exported_gemma3_keeps_each_block_attention_type(tmp_path):
+    model = build_tiny("gemma3", init=0.2)
+    omit = OmissionSet([1, 2], 6)  # a full and a sliding block: the kept types must stay aligned with their blocks
+    export_checkpoint(model, None, omit, tmp_path / "g", {"source_model": "tiny", "source_fingerprint": "-"})
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32, attn_implementation="sdpa")
+    kept_types = [model.config.layer_types[i] for i in (0, 3, 4, 5)]
+    assert plain.config.layer_types == kept_types
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = plain(ids).logits.float()
+    ours = PrunableDecoder(model).full_logits(ids, omit)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_export_every_set_of_a_bundle(tmp_path, bundle):
+    out = tmp_path / "all"
+    result = pudding("export", "--bundle", str(bundle), "--all", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    for i, blocks in enumerate(SETS):
+        info = json.loads((out / f"set{i}" / "pudding.json").read_text())
+        assert info["omitted_blocks"] == blocks and info["set"] == i
+        assert json.loads((out / f"set{i}" / "config.json").read_text())["num_hidden_layers"] == 28
+    again = pudding("export", "--bundle", str(bundle), "--set", "1", "--output", str(out / "set1"))
+    assert_clean_failure(again, "already exists")
+    assert json.loads((out / "set1" / "pudding.json").read_text())["set"] == 1  # nothing overwritten
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "5"], "set 5 does not exist"),
+    (["--set", "0", "--all"], "exactly one of"),
+    ([], "exactly one of"),
+    (["--set", "0", "--dtype", "int3"], "unknown --dtype"),
+])
+def test_export_rejects_bad_requests(tmp_path, bundle, args, message):
+    result = pudding("export", "--bundle", str(bundle), *args, "--output", str(tmp_path / "x"))
+    assert_clean_failure(result, message)
+    assert not (tmp_path / "x").exists()
+
+
+def test_pack_unpack_and_use_the_pack_without_the_registry(tmp_path, bundle, smollm2):
+    archive = tmp_path / "pack.tar"
+    result = pudding("pack", "--bundle", str(bundle), "--output", str(archive))
+    assert result.returncode == 0, result.stderr
+    unpacked = tmp_path / "unpacked"
+    assert pudding("unpack", str(archive), "--output", str(unpacked)).returncode == 0
+    card = (unpacked / "README.md").read_text()
+    assert "11,20" in card and smollm2.fingerprint in card
+    assert (unpacked / "model" / "config.json").exists()
+    # the pack brings its own model: no registry lookup (an empty models directory and no site-packages model)
+    result = pudding("eval", "--bundle", str(unpacked), "--set", "1", "--tasks", "piqa", "--limit", "4",
+                     "--output", str(tmp_path / "e.json"), env={"PUDDING_MODELS_DIR": str(tmp_path / "empty")})
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["model"]["fingerprint"] == smollm2.fingerprint
+    assert_clean_failure(pudding("unpack", str(tmp_path / "e.json"), "--output", str(tmp_path / "u2")), "not a")
