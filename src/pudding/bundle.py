@@ -7,19 +7,25 @@
     labels.parquet       soft labels for router training (made by `pudding label`)
     router/              the trained router (made by `pudding train-router`)
     evals/, report.md    evaluations and the report (made by `pudding eval`, `pudding pipeline`)
+    checksums.json       sha256 of every file written through the bundle, checked whenever the bundle is opened
+
+bundle.json also records the versions of the software and of the task data (a hash per task) that made it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import PuddingError
 from .omission import OmissionSet
-from .storage import atomic_write_json, read_json
+from .storage import atomic_write_json, atomic_write_text, json_text, read_json, sha256_file
 
 FORMAT = "pudding-bundle/1"
+CHECKSUMS = "checksums.json"
 
 
 @dataclass
@@ -33,7 +39,7 @@ class CandidateSet:
 
 class Bundle:
     def __init__(self, path: Path, manifest: dict) -> None:
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # absolute: files inside are named relative to it
         self.manifest = manifest
 
     # -- creating and opening -------------------------------------------------------------------------------------
@@ -59,9 +65,13 @@ class Bundle:
             "versions": environment(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path / "bundle.json", manifest)
-        return cls(path, manifest)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PuddingError(f"cannot create bundle directory {path}: {err.strerror}") from None
+        bundle = cls(path, manifest)
+        bundle.write_json("bundle.json", manifest)
+        return bundle
 
     @classmethod
     def open(cls, path: Path) -> Bundle:
@@ -73,7 +83,88 @@ class Bundle:
         manifest = read_json(path / "bundle.json", "bundle manifest")
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise PuddingError(f"{path}/bundle.json is not a {FORMAT} manifest")
-        return cls(path, manifest)
+        bundle = cls(path, manifest)
+        bundle.verify()
+        return bundle
+
+    # -- integrity: every file written through the bundle has its sha256 in checksums.json --------------------
+
+    def _checksums(self) -> dict[str, str | None]:
+        path = self.path / CHECKSUMS
+        if not path.exists():
+            return {}
+        data = read_json(path, "bundle checksums")
+        if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+            raise PuddingError(f"{path} is damaged: restore it or delete it (the bundle's files are then no longer checked)")
+        return data["files"]
+
+    def verify(self) -> None:
+        """Refuse a bundle whose files were truncated or edited after they were written. A deleted file is allowed
+        (deleting a result is how one asks for it to be made again); whatever needs it then says it is missing."""
+        for name, expected in self._checksums().items():
+            file = self.path / name
+            if expected is not None and file.is_file() and sha256_file(file) != expected:
+                raise PuddingError(f"bundle {self.path} is damaged: {name} was changed or truncated after it was written "
+                                   f"(sha256 differs from {CHECKSUMS}); restore it, or delete it and rerun the command that made it")
+
+    def _save_checksums(self, checksums: dict, before: dict) -> None:
+        if checksums != before:  # a rerun that changes nothing leaves the file alone
+            atomic_write_json(self.path / CHECKSUMS, {"algorithm": "sha256", "files": dict(sorted(checksums.items()))})
+
+    @contextlib.contextmanager
+    def writing(self, *paths: Path | str) -> Iterator[None]:
+        """Around (atomic) writes of files or directories into the bundle: they are marked as being written (None:
+        not checked) first and recorded after, so that a crash in between leaves a bundle that opens, holding the
+        old or the new version of each file, never one that looks damaged."""
+        before = self._checksums()
+        pending = dict(before)
+        for path in paths:
+            name = (self.path / path).relative_to(self.path).as_posix()
+            pending.update({n: None for n in before if n == name or n.startswith(name + "/")})
+            pending[name] = None
+        self._save_checksums(pending, before)
+        yield
+        self.track(*paths)
+
+    def track(self, *paths: Path | str) -> None:
+        """Record the sha256 of files just written into the bundle (a directory: every file under it, and files
+        that used to be under it are forgotten)."""
+        before = self._checksums()
+        checksums = dict(before)
+        for path in paths:
+            path = self.path / path
+            name = path.relative_to(self.path).as_posix()
+            if path.is_dir():
+                checksums = {n: h for n, h in checksums.items() if n != name and not n.startswith(name + "/")}
+                files = sorted(f for f in path.rglob("*") if f.is_file())
+            else:
+                files = [path]
+            for file in files:
+                checksums[file.relative_to(self.path).as_posix()] = sha256_file(file)
+        self._save_checksums(checksums, before)
+
+    def write_json(self, name: Path | str, obj) -> Path:
+        """Write a JSON file into the bundle atomically and record its checksum."""
+        path = self.path / name
+        text = json_text(obj)
+        if path.is_file() and path.read_bytes() == text.encode():  # unchanged: a resumed job rewrites nothing
+            self.track(path)
+            return path
+        with self.writing(path):
+            atomic_write_text(path, text)
+        return path
+
+    def record_data(self, versions: dict[str, str]) -> None:
+        """Remember which task data (a hash per task) the bundle's results come from; refuse data that changed."""
+        recorded = self.manifest.setdefault("data", {})
+        changed = sorted(t for t, v in versions.items() if t in recorded and recorded[t] != v)
+        if changed:
+            raise PuddingError(f"the task data of {', '.join(changed)} differs from the data bundle {self.path} was made with: "
+                               "use that data (--data-dir) or a new bundle")
+        if all(t in recorded for t in versions):
+            return
+        recorded.update(versions)
+        self.write_json("bundle.json", self.manifest)
 
     # -- what it holds ----------------------------------------------------------------------------------------
 
@@ -100,7 +191,7 @@ class Bundle:
         return self.path / "baselines" / f"{method}.json"
 
     def write_candidates(self, sets: list[CandidateSet], settings: dict) -> None:
-        atomic_write_json(self.path / "candidates.json", {
+        self.write_json("candidates.json", {
             "sets": [{"blocks": s.blocks, "sources": s.sources} for s in sets],
             "settings": settings,
         })
@@ -110,7 +201,10 @@ class Bundle:
         if not path.exists():
             raise PuddingError(f"bundle {self.path} has no candidate sets: make them with `pudding candidates`")
         data = read_json(path, "candidate sets")
-        return [CandidateSet(list(s["blocks"]), list(s["sources"])) for s in data["sets"]]
+        try:
+            return [CandidateSet(list(s["blocks"]), list(s["sources"])) for s in data["sets"]]
+        except (KeyError, TypeError):
+            raise PuddingError(f"{path} is not a valid list of candidate sets: make it again with `pudding candidates`") from None
 
     def omission_sets(self) -> list[OmissionSet]:
         return [OmissionSet(s.blocks, self.model["num_blocks"]) for s in self.candidates()]

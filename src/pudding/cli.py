@@ -228,9 +228,7 @@ def eval_command(
             result = load_search(path)
         else:
             result = run_search(SearchSpec(method, k=opened.k), scorer, loaded.info(), data_path)
-            from .storage import atomic_write_json
-
-            atomic_write_json(path, result.to_json())
+            opened.write_json(path, result.to_json())
         omission = result.omission()
         policy, omission_info = static_policy(omission), {"kind": f"baseline {method}", "blocks": list(omission), "label": omission.label()}
     else:
@@ -292,7 +290,7 @@ def search_command(
     """Find an omission set: greedy task-likelihood search (SLEB-style) or a static baseline."""
     from .models import resolve_model
     from .search import Checkpoint, SearchSpec, run_search
-    from .storage import atomic_write_json
+    from .storage import atomic_write_json, partial_path
     from .tasks import get_task, resolve_data_dir
 
     ref = resolve_model(model)
@@ -304,9 +302,9 @@ def search_command(
         get_task(spec.task).require_calibration_split()
     data_path = resolve_data_dir(data_dir)
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
-    checkpoint = output.with_name(output.name + ".partial")
+    checkpoint = partial_path(output)
     factory = _evaluator_factory(backend, model, device, dtype, batch_tokens, workers, ray_address)
-    result = run_search(spec, scorer, loaded.info(), data_path, checkpoint, factory)
+    result = run_search(spec, scorer, loaded.info(), data_path, checkpoint, factory, lambda m: out.print(m, markup=False))
     atomic_write_json(output, result.to_json())
     Checkpoint(checkpoint, {}).remove()
     out.print(f"{method} · {result.calibration['task']} · {result.calibration['loss']}: omit {result.blocks} "
@@ -334,8 +332,8 @@ def candidates_command(
     """Build the pool of candidate omission sets (tasks x losses greedy searches, duplicates dropped) in a bundle."""
     from .bundle import Bundle
     from .models import resolve_model
-    from .search import LOSSES, build_pool
-    from .tasks import parse_task_list, resolve_data_dir
+    from .search import LOSSES, SearchSpec, build_pool
+    from .tasks import data_versions, parse_task_list, resolve_data_dir
 
     task_list = [t.name for t in parse_task_list(tasks)]
     loss_list = [x.strip() for x in losses.split(",") if x.strip()]
@@ -344,11 +342,12 @@ def candidates_command(
             raise PuddingError(f"unknown loss '{name}' (use {', '.join(LOSSES)})")
     ref = resolve_model(model)
     model_info = {"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks}
-    from .search import _check_k
-
-    _check_k(blocks, ref.num_blocks)
+    for task_name in task_list:  # every search's settings, before the bundle is made
+        for loss_name in loss_list:
+            SearchSpec("greedy", task_name, loss_name, blocks, samples, seed, tld_reduce=tld_reduce).validate(ref.num_blocks)
     data_path = resolve_data_dir(data_dir)
     bundle = Bundle.create_or_open(output, model_info, blocks, {"tasks": task_list, "losses": loss_list, "samples": samples, "seed": seed})
+    bundle.record_data(data_versions(task_list, data_path))
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
     factory = _evaluator_factory(backend, model, device, dtype, batch_tokens, workers, ray_address)
 
@@ -367,8 +366,12 @@ def _open_bundle_for(bundle_dir: Path, model: Optional[str]):
     from .bundle import Bundle
     from .models import resolve_model
 
+    from .export import PACKED_MODEL
+
     opened = Bundle.open(bundle_dir)
-    ref = resolve_model(model or opened.model["name"])
+    packed = opened.path / PACKED_MODEL
+    # a pack carries its model; otherwise the model is looked up by the name the bundle recorded
+    ref = resolve_model(model or (str(packed) if (packed / "config.json").exists() else opened.model["name"]))
     opened.check_model({"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks})
     return opened, ref
 
@@ -380,6 +383,7 @@ def label_command(
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Tasks whose train prompts are labelled (default: the bundle's calibration tasks).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Prompts per task (default: the whole train split).")] = None,
     seed: SeedOpt = 0,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Prompts labelled between two checkpoints (a rerun resumes from the last).")] = 512,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
@@ -388,7 +392,8 @@ def label_command(
     """Soft labels: the tl of each training prompt's right answer under every candidate set (eq. 11)."""
     from .bundle import labels_path
     from .labels import label_prompts
-    from .tasks import get_task, parse_task_list, resolve_data_dir
+    from .storage import partial_path
+    from .tasks import data_versions, get_task, parse_task_list, resolve_data_dir
 
     opened, ref = _open_bundle_for(bundle, model)
     sets = opened.omission_sets()
@@ -400,9 +405,15 @@ def label_command(
         get_task(name).require_calibration_split()
     data_path = resolve_data_dir(data_dir)
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
-    table = label_prompts(scorer, sets, names, limit, seed, data_path, lambda m: out.print(m, markup=False))
+    opened.record_data(data_versions(names, data_path))
+    target = labels_path(opened)
+    identity = {"model": ref.fingerprint, "data": opened.manifest["data"]}
+    table = label_prompts(scorer, sets, names, limit, seed, data_path, lambda m: out.print(m, markup=False),
+                          partial_path(target), identity, checkpoint_every)
     table.meta = {"settings": {"tasks": names, "limit_per_task": limit, "seed": seed}, "model": loaded.info()}
-    table.save(labels_path(opened))
+    with opened.writing(target):
+        table.save(target)
+    partial_path(target).unlink(missing_ok=True)
     out.print(f"{len(table)} prompts x {len(sets)} sets → {labels_path(opened)}")
 
 
@@ -425,7 +436,8 @@ def train_router_command(
     from .bundle import Bundle, labels_path, router_path
     from .labels import LabelTable
     from .models import check_device, default_device, resolve_model
-    from .router import RouterSettings, save_router, train_router
+    from .router import RouterSettings, TrainingCheckpoint, save_router, train_router
+    from .storage import partial_path
 
     opened = Bundle.open(bundle)
     settings = RouterSettings(encoder, objective, lr, weight_decay, batch_size, epochs, warmup_steps, max_length, val_fraction, seed)
@@ -435,9 +447,12 @@ def train_router_command(
     if [list(s) for s in opened.omission_sets()] != table.sets:
         raise PuddingError(f"the labels in {opened.path} are for other candidate sets: rerun `pudding label`")
     device = check_device(device or default_device())
-    router, tokenizer, history, meta = train_router(table, settings, device, lambda m: out.print(m, markup=False))
     target = router_path(opened, objective)
-    save_router(target, router, tokenizer, settings, table.sets, history, meta, opened.model)
+    checkpoint = partial_path(target)
+    router, tokenizer, history, meta = train_router(table, settings, device, lambda m: out.print(m, markup=False), checkpoint)
+    with opened.writing(target):
+        save_router(target, router, tokenizer, settings, table.sets, history, meta, opened.model)
+    TrainingCheckpoint(checkpoint, {}).remove()
     out.print(f"router → {target} (training curve: {target / 'training.png'})")
 
 
@@ -480,7 +495,7 @@ def route_command(
 def open_engine(bundle: Optional[Path], model: Optional[str], device: Optional[str], dtype: str, budget: Optional[int],
                 max_len: int, warm: bool = True):
     """An engine for a bundle (router attached, every set's decode prepared ahead) or for a plain model."""
-    from .bundle import Bundle, router_path
+    from .bundle import router_path
     from .models import check_device, default_device, load_decoder, resolve_model
     from .omission import OmissionSet
     from .router import LoadedRouter
@@ -489,6 +504,9 @@ def open_engine(bundle: Optional[Path], model: Optional[str], device: Optional[s
     opened, ref = (_open_bundle_for(bundle, model) if bundle else (None, resolve_model(model or "smollm2-135m")))
     if opened is not None and not (router_path(opened) / "router.json").exists():
         raise PuddingError(f"bundle {opened.path} has no router: make one with `pudding label` then `pudding train-router`")
+    context = ref.config.get("max_position_embeddings")
+    if context and max_len > context:
+        raise PuddingError(f"--max-len {max_len} is longer than {ref.name}'s context of {context} tokens")
     device = check_device(device or default_device())
     loaded = load_decoder(ref, "cpu" if budget is not None else device, dtype)
     engine = Engine.from_model(loaded.model, loaded.tokenizer, device, budget=budget, max_len=max_len)
@@ -627,7 +645,7 @@ def pipeline_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle directory (created, or resumed if it exists).")],
     model: ModelOpt = "smollm2-135m",
     blocks: Annotated[Optional[int], typer.Option("--blocks", "-k", help="Blocks to remove (default: 20% of the model's blocks).")] = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Calibration samples per search (default 128).")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", min=1, help="Calibration samples per search (default 128).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluation documents per task (default: all).")] = None,
     label_limit: Annotated[Optional[int], typer.Option("--label-limit", min=1, help="Training prompts per task (default: the whole train split).")] = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Evaluation tasks (default: the six of Table 2 and the five of Table 5).")] = None,
@@ -672,6 +690,10 @@ def pipeline_command(
     resolve_model(config.router.encoder, kind="encoder")
     if config.k is not None:
         _check_k(config.k, ref.num_blocks)
+    if (output / "bundle.json").exists():  # resuming: the bundle must be this model's, checked before loading it
+        from .bundle import Bundle
+
+        Bundle.open(output).check_model({"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks})
     data_path = resolve_data_dir(data_dir)
     device = check_device(device or default_device())
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
@@ -683,6 +705,79 @@ def pipeline_command(
         if "report" in chosen:
             pipeline.report()
     out.print(f"bundle: {pipeline.bundle.path}" + (f" · report: {pipeline.bundle.path / 'report.md'}" if "report" in chosen else ""))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# export and packs
+
+
+@app.command("export")
+def export_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="New directory for the checkpoint (with --all: one subdirectory per set).")],
+    bundle: Annotated[Optional[Path], typer.Option("--bundle", "-b", help="Take the omission set from this bundle.")] = None,
+    set_index: Annotated[Optional[int], typer.Option("--set", help="Index of the bundle's candidate set (see `pudding route` or report.md).")] = None,
+    all_sets: Annotated[bool, typer.Option("--all", help="Export every candidate set of the bundle: OUTPUT/set0, OUTPUT/set1, ...")] = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Without a bundle: the model (default smollm2-135m).")] = None,
+    omit: Annotated[Optional[str], typer.Option("--omit", help="Without a bundle: blocks to delete, e.g. 11,17,20.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights dtype of the checkpoint: bfloat16, float16 or float32.")] = "bfloat16",
+) -> None:
+    """Write a standard Hugging Face checkpoint of the depth-pruned model (blocks deleted and renumbered, per-block
+    config sliced) that plain `AutoModelForCausalLM.from_pretrained` loads."""
+    from .export import export_checkpoint
+    from .models import load_decoder, resolve_model
+    from .omission import OmissionSet
+
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise PuddingError(f"unknown --dtype '{dtype}' (bfloat16, float16 or float32)")
+    if bundle is None:
+        if omit is None or set_index is not None or all_sets:
+            raise PuddingError("give --bundle with --set or --all, or --model with --omit")
+        ref = resolve_model(model or "smollm2-135m")
+        targets = [(OmissionSet.parse(omit, ref.num_blocks), Path(output), {})]
+    else:
+        if omit is not None or (set_index is None) == (not all_sets):
+            raise PuddingError("with --bundle, give exactly one of --set i or --all (not --omit)")
+        opened, ref = _open_bundle_for(bundle, model)
+        indices = range(len(opened.candidates())) if all_sets else [set_index]
+        targets = [(opened.omission_set(i), Path(output) / f"set{i}" if all_sets else Path(output),
+                    {"bundle": str(opened.path), "set": i}) for i in indices]
+    for _, path, _ in targets:
+        if path.exists() and any(path.iterdir()):
+            raise PuddingError(f"{path} already exists: choose a new directory (nothing was overwritten)")
+    loaded = load_decoder(ref, "cpu", dtype)
+    for blocks, path, extra in targets:
+        provenance = {"source_model": ref.name, "source_fingerprint": ref.fingerprint, **extra}
+        export_checkpoint(loaded.model, loaded.tokenizer, blocks, path, provenance)
+        out.print(f"omit {','.join(map(str, blocks))}: {ref.num_blocks - len(blocks)} blocks → {path}")
+
+
+@app.command("pack")
+def pack_command(
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="The bundle to pack.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New directory, or a file ending in .tar.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="The model, if not the one the bundle names.")] = None,
+) -> None:
+    """Pack a bundle and its model into one self-contained directory (or .tar) with a model card; use the result
+    anywhere a bundle goes (`--bundle PACK`), no model installation needed."""
+    from .export import pack_bundle
+
+    opened, ref = _open_bundle_for(bundle, model)
+    written = pack_bundle(opened, ref.directory, output)
+    out.print(f"packed {opened.path} with {ref.name} → {written}")
+
+
+@app.command("unpack")
+def unpack_command(
+    archive: Annotated[Path, typer.Argument(help="A .tar written by `pudding pack`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New directory to unpack into.")],
+) -> None:
+    """Unpack a packed bundle (.tar) into a directory."""
+    from .bundle import Bundle
+    from .export import unpack
+
+    written = unpack(archive, output)
+    Bundle.open(written)  # checks what was unpacked
+    out.print(f"unpacked → {written}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -700,6 +795,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail("interrupted", 130)
     except MemoryError:
         _fail("out of memory: try a smaller --batch-tokens")
+    except RuntimeError as problem:  # torch reports a failed allocation (CPU or GPU) as a RuntimeError
+        if "can't allocate memory" not in str(problem) and "out of memory" not in str(problem).lower():
+            raise
+        _fail("out of memory: try smaller sizes (--batch-tokens, --max-len)")
     except Exception as problem:
         # Usage errors from click (which typer may vendor under another module name).
         if not (hasattr(problem, "format_message") and hasattr(problem, "exit_code")):

@@ -72,24 +72,66 @@ class LabelTable:
                    labels, sets, meta)
 
 
+LABEL_CHUNK = 512  # prompts scored between two checkpoints
+
+
+def _training_docs(task_name: str, limit_per_task: int | None, seed: int, data_dir) -> list:
+    """The train prompts of a task: all of them, or a seeded sample."""
+    task = get_task(task_name)
+    split = task.require_calibration_split()
+    docs = task.docs(split, data_dir).docs
+    if limit_per_task is not None and limit_per_task < len(docs):
+        docs = task.sample(split, limit_per_task, seed, data_dir)[0]
+    return docs
+
+
 def label_prompts(scorer: Scorer, sets: list[OmissionSet], tasks: list[str], limit_per_task: int | None = None,
-                  seed: int = 0, data_dir=None, log=None) -> LabelTable:
-    """tl of the right answer under every set, for the train prompts of each task (all, or a seeded sample)."""
+                  seed: int = 0, data_dir=None, log=None, checkpoint: Path | None = None,
+                  identity: dict | None = None, chunk_size: int = LABEL_CHUNK) -> LabelTable:
+    """tl of the right answer under every set, for the train prompts of each task (all, or a seeded sample).
+
+    Prompts are scored in chunks of `chunk_size`, always the same chunks, so that a run resumed from `checkpoint`
+    (the finished chunks, written atomically after each one) gives exactly the labels of an uninterrupted run.
+    `identity` (model, data, settings) must match the checkpoint's for it to be resumed.
+    """
+    from .storage import Checkpoint
+
+    identity = {**(identity or {}), "sets": [list(s) for s in sets], "tasks": list(tasks),
+                "limit_per_task": limit_per_task, "seed": seed, "chunk_size": chunk_size}
+    store = Checkpoint(checkpoint, identity, what="labelling")
+    state = store.load()
+    finished: list[dict] = state["steps"] if state else []
+    if finished and log:
+        log(f"  resuming: {len(finished)} chunks already labelled in {checkpoint}")
     names, indices, prompts, rows = [], [], [], []
+    position = 0  # chunks seen so far, across tasks
     for name in tasks:
-        task = get_task(name)
-        split = task.require_calibration_split()
-        docs = task.docs(split, data_dir).docs
-        if limit_per_task is not None and limit_per_task < len(docs):
-            docs = task.sample(split, limit_per_task, seed, data_dir)[0]
-        requests = scorer.encoder.groups([[d.requests[d.gold]] for d in docs])
-        prepared = scorer.prepare(requests)
-        with progress_bar(f"label {name} x{len(sets)} sets", total=prepared.num_tokens) as advance:
-            scores = scorer.score_sets(prepared, sets, advance)
-        rows.append(np.stack([s.task_likelihood() for s in scores], axis=1))
+        docs = _training_docs(name, limit_per_task, seed, data_dir)
+        with progress_bar(f"label {name} x{len(sets)} sets", total=len(docs), unit="prompt") as advance:
+            for start in range(0, len(docs), chunk_size):
+                chunk = docs[start : start + chunk_size]
+                if position < len(finished):
+                    labels = np.array(finished[position]["labels"], dtype=np.float64)
+                else:
+                    labels = _label_chunk(scorer, sets, chunk)
+                    finished.append({"task": name, "indices": [d.index for d in chunk], "labels": labels.tolist()})
+                    store.save(finished)
+                    if log:
+                        log(f"  {name:14s} chunk {position + 1}: {len(chunk)} prompts labelled")
+                position += 1
+                rows.append(labels)
+                advance(len(chunk))
         names += [name] * len(docs)
         indices += [d.index for d in docs]
         prompts += [d.prompt for d in docs]
         if log:
             log(f"  {name:14s} {len(docs):6d} prompts labelled")
+    # the caller removes the checkpoint once the table is saved: a crash in between loses nothing
     return LabelTable(names, indices, prompts, np.concatenate(rows).astype(np.float32), [list(s) for s in sets], {})
+
+
+def _label_chunk(scorer: Scorer, sets: list[OmissionSet], docs: list) -> np.ndarray:
+    """docs x sets: tl of each document's right answer under each set, all sets in one pass."""
+    prepared = scorer.prepare(scorer.encoder.groups([[d.requests[d.gold]] for d in docs]))
+    scores = scorer.score_sets(prepared, sets)
+    return np.stack([s.task_likelihood() for s in scores], axis=1).astype(np.float64)

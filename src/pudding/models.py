@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PuddingError
-from .storage import atomic_directory, atomic_write_json, cache_dir, read_json, sha256_file, sha256_files
+from .storage import atomic_directory, atomic_write_json, cache_dir, read_json, sha256_files
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,8 @@ def model_directory(name_or_path: str, kind: str = "decoder") -> tuple[Path, str
     if name_or_path in REGISTRY:
         spec = REGISTRY[name_or_path]
         if spec.kind != kind:
-            raise PuddingError(f"'{spec.name}' is an {spec.kind}, not a {kind}")
+            raise PuddingError(f"'{spec.name}' is a router encoder, not a decoder" if spec.kind == "encoder"
+                               else f"'{spec.name}' is a decoder, not a router encoder")
         parts = require_installed(spec)
         if spec.file_format == "dir":
             return parts[0], spec.name

@@ -27,11 +27,11 @@ from .errors import PuddingError
 from .evaluate import ORACLES, evaluate_sets, evaluate_tasks, per_prompt_policy, results_document
 from .labels import LabelTable, label_prompts
 from .omission import OmissionSet
-from .router import LoadedRouter, RouterSettings, routed_policy, save_router, train_router
+from .router import LoadedRouter, RouterSettings, TrainingCheckpoint, routed_policy, save_router, train_router
 from .scoring import Scorer
-from .search import SearchSpec, build_pool, load_search, run_search
-from .storage import atomic_write_json, read_json
-from .tasks import get_task, parse_task_list
+from .search import BASELINE_CORPUS, SearchSpec, build_pool, load_search, run_search
+from .storage import partial_path, read_json
+from .tasks import data_versions, get_task, parse_task_list
 
 PAPER_TASKS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande"]  # Table 2
 UNSEEN_TASKS = ["openbookqa", "mathqa", "mmlu", "pubmedqa", "sciq"]  # Table 5
@@ -85,6 +85,8 @@ class Pipeline:
             get_task(task).require_calibration_split()
         config.router.validate()
         self.bundle = Bundle.create_or_open(bundle_dir, model_info, config.k, {"pipeline": asdict(config)})
+        used = sorted({*config.calibration_tasks, *config.eval_tasks, BASELINE_CORPUS})
+        self.bundle.record_data(data_versions(used, data_dir))
 
     # -- candidates and baselines ----------------------------------------------------------------------------
 
@@ -107,8 +109,9 @@ class Pipeline:
                               seqlen=self.config.baseline_seqlen, seed=self.config.seeds[0])
             if path.exists() and load_search(path).settings == asdict(spec):
                 continue
-            result = run_search(spec, self.scorer, self.model, self.data_dir)
-            atomic_write_json(path, result.to_json())
+            result = run_search(spec, self.scorer, self.model, self.data_dir, partial_path(path))
+            self.bundle.write_json(path, result.to_json())
+            partial_path(path).unlink(missing_ok=True)
             self.log(f"baseline {method:14s} omit {result.blocks}  ({result.seconds:.0f} s)")
 
     # -- evaluations -----------------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ class Pipeline:
     def _write_eval(self, name: str, omission: dict, results, settings: dict, seconds: float, **extra) -> dict:
         document = results_document(self.model, omission, results, {"pipeline": settings}, seconds)
         document.update(extra)
-        atomic_write_json(self._eval_path(name), document)
+        self.bundle.write_json(self._eval_path(name), document)
         average = document["average"]["paper"]
         self.log(f"eval {name:16s} {omission['label']:24s} average {100 * average:.2f}" if average is not None else f"eval {name}")
         return document
@@ -175,11 +178,14 @@ class Pipeline:
                 return
         self.log(f"labels: tl of the right answer under {len(sets)} sets")
         started = time.perf_counter()
+        identity = {"model": self.model["fingerprint"], "data": self.bundle.manifest["data"]}
         table = label_prompts(self.scorer, sets, self.config.calibration_tasks, self.config.label_limit,
-                              self.config.seeds[0], self.data_dir, self.log)
+                              self.config.seeds[0], self.data_dir, self.log, partial_path(path), identity)
         table.meta = {"settings": {k: v for k, v in wanted.items() if k != "sets"}, "model": self.model,
                       "seconds": round(time.perf_counter() - started, 1)}
-        table.save(path)
+        with self.bundle.writing(path):
+            table.save(path)
+        partial_path(path).unlink(missing_ok=True)
 
     def router(self, objective: str | None = None) -> None:
         settings = replace(self.config.router, objective=objective or self.config.router.objective)
@@ -190,8 +196,11 @@ class Pipeline:
             if previous["settings"] == asdict(settings) and previous["sets"] == table.sets:
                 return
         self.log(f"router: {settings.encoder}, {settings.objective}, {len(table)} prompts, {settings.epochs} epochs")
-        router, tokenizer, history, meta = train_router(table, settings, self.device, self.log)
-        save_router(directory, router, tokenizer, settings, table.sets, history, meta, self.model)
+        checkpoint = partial_path(directory)
+        router, tokenizer, history, meta = train_router(table, settings, self.device, self.log, checkpoint)
+        with self.bundle.writing(directory):
+            save_router(directory, router, tokenizer, settings, table.sets, history, meta, self.model)
+        TrainingCheckpoint(checkpoint, {}).remove()
 
     def routed(self, objective: str | None = None) -> None:
         objective = objective or self.config.router.objective
@@ -237,7 +246,9 @@ class Pipeline:
     def report(self) -> None:
         from .report import write_report
 
-        path = write_report(self.bundle, self.config)
+        with self.bundle.writing("report.md", *self.bundle.path.glob("*.png")):
+            path = write_report(self.bundle, self.config)
+        self.bundle.track(*self.bundle.path.glob("*.png"))  # figures drawn for the first time
         self.log(f"report: {path}")
 
     def run(self, stages: tuple[str, ...] = STAGES) -> None:
@@ -279,6 +290,7 @@ def run_ablations(pipeline: Pipeline, which: tuple[str, ...] = ABLATIONS) -> Non
             if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(search, target)
+                sub.bundle.track(target)
         stages = ("candidates", "labels", "router", "routed")
         if name == "ppl-candidates":
             stages = ("candidates", "static", "labels", "router", "routed")

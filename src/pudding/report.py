@@ -215,7 +215,7 @@ def _subset(document: dict, n: int) -> dict:
     return out
 
 
-def write_report(bundle, config) -> "Path":
+def write_report(bundle, config):
     from pathlib import Path
 
     from .pipeline import PAPER_TASKS, UNSEEN_TASKS

@@ -44,8 +44,10 @@ class RouterSettings:
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise PuddingError(f"unknown router objective '{self.objective}' (use {', '.join(OBJECTIVES)})")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_length < 8:
+        if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf or self.max_length < 8:
             raise PuddingError("router settings must be positive (epochs, batch size, learning rate, max length >= 8)")
+        if not 0 <= self.weight_decay < math.inf:
+            raise PuddingError("--weight-decay must be a finite number >= 0")
         if not 0 <= self.val_fraction < 1:
             raise PuddingError("--val-fraction must be in [0, 1)")
 
@@ -120,6 +122,16 @@ def labels_digest(table: LabelTable) -> str:
     return digest.hexdigest()[:16]
 
 
+def regression_targets(labels: np.ndarray, objective: str) -> np.ndarray:
+    """What the router regresses. For MSE: each prompt's losses minus their mean, in units of their spread over the
+    table. Which set is best is unchanged, but the router no longer spends itself on predicting how hard a prompt is
+    (the row mean, most of the variance), which made it pick one set for every prompt."""
+    if objective != "mse":
+        return labels
+    centered = labels - labels.mean(1, keepdims=True)
+    return centered / max(float(centered.std()), 1e-6)
+
+
 def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu", log=None,
                  checkpoint: Path | None = None):
     """Fine-tune encoder + head on the label table; returns (router, tokenizer, history, split).
@@ -136,13 +148,13 @@ def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu
     ref = resolve_model(settings.encoder, kind="encoder")
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(ref.directory)
-    encoder = AutoModel.from_pretrained(ref.directory)
+    encoder = AutoModel.from_pretrained(ref.directory, dtype=torch.float32)
     router = Router(encoder, table.labels.shape[1]).to(device)
     encoded = tokenizer(table.prompts, truncation=True, max_length=settings.max_length)
     order = np.random.default_rng(settings.seed).permutation(len(table))
     n_val = int(round(settings.val_fraction * len(table))) if settings.val_fraction else 0
     val_rows, train_rows = order[:n_val], order[n_val:]
-    labels = torch.tensor(table.labels, dtype=torch.float32, device=device)
+    labels = torch.tensor(regression_targets(table.labels, settings.objective), dtype=torch.float32, device=device)
     optimizer = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
@@ -327,6 +339,7 @@ class LoadedRouter:
     """A trained router ready to route prompts (on the CPU or next to the model on its GPU)."""
 
     def __init__(self, directory: Path, device: str = "cpu") -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
@@ -341,11 +354,12 @@ class LoadedRouter:
             tokenizer = AutoTokenizer.from_pretrained(directory / "encoder")
             encoder = AutoModel.from_pretrained(directory / "encoder", dtype=torch.float32)
             head = load_file(str(directory / "head.safetensors"))
-        except (OSError, ValueError) as err:
-            raise PuddingError(f"router in {directory} is damaged ({str(err).splitlines()[0]}): retrain it") from None
-        router = Router(encoder, len(config["sets"]))
-        router.head.load_state_dict(head)
-        self._setup(router, tokenizer, RouterSettings(**config["settings"]), config["sets"], device)
+            router = Router(encoder, len(config["sets"]))
+            router.head.load_state_dict(head)
+            settings = RouterSettings(**config["settings"])
+        except (OSError, ValueError, SafetensorError, RuntimeError, KeyError, TypeError) as err:
+            raise PuddingError(f"router in {directory} is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): retrain it") from None
+        self._setup(router, tokenizer, settings, config["sets"], device)
         self.config = config
 
     @classmethod

@@ -87,10 +87,10 @@ class Encoder:
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        if not context:
+        context_ids = self.encode(context) if context else ()
+        if not context_ids:  # no context, or one the tokenizer drops entirely: predict from BOS / end-of-text
             return Request(self.empty_context, self.encode(continuation))
         whole = self.encode(context + continuation)
-        context_ids = self.encode(context)
         return Request(self.prefix + context_ids, whole[len(context_ids) :])
 
     def pairs(self, pairs: Sequence[tuple[str, str]]) -> list[Request]:
@@ -266,6 +266,8 @@ class Scorer:
     def read_out(self, batch: PackedBatch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probability and greedy hit of every scored token, from the last hidden states."""
         picked = hidden[batch.score_row, batch.score_col]
+        if picked.shape[0] == 0:  # continuations that tokenize to nothing (e.g. a lone control character)
+            return picked.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=picked.device)
         logprobs, greedy = [], []
         for start in range(0, picked.shape[0], self.max_logit_rows):
             logits = self.decoder.logits(picked[start : start + self.max_logit_rows])

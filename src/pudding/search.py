@@ -28,7 +28,7 @@ from .errors import PuddingError
 from .omission import OmissionSet
 from .progress import progress_bar
 from .scoring import Accumulator, Prepared, Request, Scorer, Scores, perplexity_requests
-from .storage import atomic_write_json, read_json
+from .storage import Checkpoint, read_json
 from .tasks import get_task
 
 LOSSES = ("tl", "tld", "ppl")
@@ -170,36 +170,6 @@ def load_search(path: Path) -> SearchResult:
         raise PuddingError(f"{path} is not a pudding search result") from None
 
 
-class Checkpoint:
-    """Greedy progress after every step, written atomically; a rerun with the same settings resumes from it."""
-
-    def __init__(self, path: Path | None, identity: dict) -> None:
-        self.path = path
-        self.identity = identity
-
-    def load(self) -> dict | None:
-        if self.path is None or not self.path.exists():
-            return None
-        try:
-            import json
-
-            state = json.loads(self.path.read_text())
-            assert isinstance(state, dict) and isinstance(state["steps"], list)
-        except Exception:
-            raise PuddingError(f"checkpoint {self.path} is corrupted: delete it to start the search over") from None
-        if state.get("identity") != self.identity:
-            raise PuddingError(f"checkpoint {self.path} belongs to a different search (other model, data or settings): delete it or choose another output")
-        return state
-
-    def save(self, steps: list[dict]) -> None:
-        if self.path is not None:
-            atomic_write_json(self.path, {"identity": self.identity, "steps": steps})
-
-    def remove(self) -> None:
-        if self.path is not None and self.path.exists():
-            self.path.unlink()
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Methods
 
@@ -212,7 +182,7 @@ def _check_k(k: int, num_blocks: int) -> None:
 
 
 def greedy_search(scorer: Scorer, calibration: Calibration, k: int, model_info: dict, method: str = "greedy",
-                  checkpoint: Path | None = None, evaluator=None) -> SearchResult:
+                  checkpoint: Path | None = None, evaluator=None, log=None) -> SearchResult:
     """Remove k blocks one at a time, each time the one whose removal gives the lowest loss."""
     num_blocks = scorer.decoder.num_blocks
     _check_k(k, num_blocks)
@@ -222,6 +192,8 @@ def greedy_search(scorer: Scorer, calibration: Calibration, k: int, model_info: 
     store = Checkpoint(checkpoint, identity)
     state = store.load()
     steps: list[dict] = state["steps"] if state else []
+    if steps and log:
+        log(f"resuming from {checkpoint}: {len(steps)} of {k} steps done")
     started = time.perf_counter() - sum(s.get("seconds", 0.0) for s in steps)
     evaluate = evaluator or (lambda base, cands, advance: candidate_scores(scorer, prepared, base, cands, advance))
     omit = OmissionSet([s["removed"] for s in steps], num_blocks)
@@ -237,6 +209,8 @@ def greedy_search(scorer: Scorer, calibration: Calibration, k: int, model_info: 
             steps.append({"removed": best, "loss": losses[best], "candidates": {str(c): losses[c] for c in candidates},
                           "seconds": time.perf_counter() - step_start})
             store.save(steps)
+            if log:
+                log(f"  step {len(steps)}: removed block {best} (loss {losses[best]:.4f})")
     result = SearchResult(
         method=method,
         blocks=sorted(s["removed"] for s in steps),
@@ -325,6 +299,8 @@ class SearchSpec:
             raise PuddingError("--samples must be at least 1")
         if self.seqlen < 2:
             raise PuddingError("--seqlen must be at least 2")
+        if self.tld_reduce not in ("mean", "min"):
+            raise PuddingError(f"unknown tld reduction '{self.tld_reduce}' (use mean or min)")
         if self.method == "greedy" and self.task is None:
             raise PuddingError("the greedy search needs a --task to calibrate on")
 
@@ -335,13 +311,13 @@ class SearchSpec:
 
 
 def run_search(spec: SearchSpec, scorer: Scorer, model_info: dict, data_dir=None, checkpoint: Path | None = None,
-               evaluator_factory=None) -> SearchResult:
+               evaluator_factory=None, log=None) -> SearchResult:
     """Run any method. `evaluator_factory(calibration)` may supply a distributed candidate evaluator (Ray)."""
     spec.validate(scorer.decoder.num_blocks)
     calibration = spec.calibration(scorer, data_dir)
     evaluator = evaluator_factory(calibration) if evaluator_factory else None
     if spec.method in ("greedy", "sleb"):
-        result = greedy_search(scorer, calibration, spec.k, model_info, spec.method, checkpoint, evaluator)
+        result = greedy_search(scorer, calibration, spec.k, model_info, spec.method, checkpoint, evaluator, log)
     elif spec.method == "shortened-ppl":
         result = one_shot_ppl(scorer, calibration, spec.k, model_info, evaluator)
     else:
@@ -373,7 +349,7 @@ def build_pool(bundle, scorer: Scorer, model_info: dict, tasks: Sequence[str], l
         if result is None or result.settings != asdict(spec) or result.model["fingerprint"] != model_info["fingerprint"]:
             partial = path.with_suffix(".partial.json")
             result = run_search(spec, scorer, model_info, data_dir, partial, evaluator_factory)
-            atomic_write_json(path, result.to_json())
+            bundle.write_json(path, result.to_json())
             Checkpoint(partial, {}).remove()
         if on_done:
             on_done(spec, result)

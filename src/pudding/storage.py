@@ -76,8 +76,12 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
 def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json_text(obj))
 
 
 def read_json(path: Path | str, what: str = "file") -> Any:
@@ -104,3 +108,41 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def partial_path(path: Path) -> Path:
+    """Where the checkpoint of a job that writes `path` lives while it runs: beside it."""
+    return path.with_name(path.name + ".partial")
+
+
+class Checkpoint:
+    """Progress of a long job as a list of finished steps, written atomically after each one; a rerun with the same
+    identity (model, data, settings) resumes after the last finished step."""
+
+    def __init__(self, path: Path | None, identity: dict, what: str = "search") -> None:
+        self.path = path
+        self.identity = identity
+        self.what = what
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            state = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            state = None
+        if not isinstance(state, dict) or not isinstance(state.get("steps"), list):
+            raise PuddingError(f"checkpoint {self.path} is corrupted: delete it to start the {self.what} over")
+        if state.get("identity") != self.identity:
+            raise PuddingError(f"checkpoint {self.path} belongs to a different {self.what} (other model, data or settings): "
+                               "delete it or choose another output")
+        return state
+
+    def save(self, steps: list[dict]) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {"identity": self.identity, "steps": steps})
+
+    def remove(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()

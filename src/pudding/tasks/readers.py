@@ -103,6 +103,16 @@ def _resolve(data_dir: Path, pattern: str) -> list[Path]:
     return paths
 
 
+def source_files(spec: dict, data_dir: Path) -> list[Path]:
+    """Every existing file a split reads (its file or glob, key lists, joined file)."""
+    patterns = [spec["file"], spec.get("keys_from"), spec.get("exclude_keys_from"), spec.get("join", {}).get("file")]
+    found = []
+    for pattern in filter(None, patterns):
+        paths = sorted(data_dir.glob(pattern)) if any(ch in pattern for ch in "*?[") else [data_dir / pattern]
+        found += [p for p in paths if p.is_file()]
+    return found
+
+
 def _resolve_one(data_dir: Path, pattern: str) -> Path:
     return _resolve(data_dir, pattern)[0]
 

@@ -16,7 +16,7 @@ import jinja2
 import yaml
 
 from ..errors import PuddingError
-from .readers import read_rows
+from .readers import read_rows, source_files
 from .transforms import TRANSFORMS
 
 DATA_DIR_ENV = "PUDDING_DATA_DIR"
@@ -114,6 +114,23 @@ class Task:
             raise PuddingError(f"task {self.name} is a {self.kind} task, not a multiple-choice one")
         return _load_docs(self.name, split, resolve_data_dir(data_dir))
 
+    def rows(self, split: str | None = None, data_dir: Path | None = None) -> list[dict]:
+        """The rows behind a split's documents, transformed, in document order (rows that make no document are
+        left out): what another evaluator (the lm-evaluation-harness plugin) reads to see the same documents."""
+        split = split or self.eval_split
+        data_path = resolve_data_dir(data_dir)
+        spec = self._split_spec(split)
+        raw = read_rows(spec, data_path).rows
+        transform = TRANSFORMS[spec["transform"]] if "transform" in spec else (lambda row: row)
+        return [transform(raw[doc.index]) for doc in self.docs(split, data_path).docs]
+
+    def prompt_for(self, row: dict) -> str | None:
+        """The router's input for one (transformed) row, or None if the row makes no document."""
+        try:
+            return self.make_doc(row, "", 0).prompt
+        except _ROW_ERRORS:
+            return None
+
     def text(self, split: str | None = None, data_dir: Path | None = None) -> str:
         """The raw text of a perplexity task's split."""
         split = split or self.eval_split
@@ -172,6 +189,19 @@ def get_task(name: str) -> Task:
     if name not in registry:
         raise PuddingError(f"unknown task '{name}' (known: {', '.join(registry)})")
     return Task(name, registry[name])
+
+
+def data_versions(names: list[str], data_dir: Path | None = None) -> dict[str, str]:
+    """Per task, a hash of the data files it reads (every split): which data a result was made from."""
+    from ..storage import sha256_files
+
+    root = resolve_data_dir(data_dir)
+    versions = {}
+    for name in names:
+        task = get_task(name)
+        files = sorted({f for split in task.splits for f in source_files(task._split_spec(split), root)})
+        versions[name] = sha256_files(files)[:16]
+    return versions
 
 
 def parse_task_list(text: str) -> list[Task]:

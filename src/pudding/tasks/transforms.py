@@ -45,7 +45,7 @@ def boolq(row: dict) -> dict:
     if "answer" in row:
         value = bool(row["answer"])
     else:
-        value = {"true": True, "false": False, True: True, False: False, 1: True, 0: False}[row["label"]]
+        value = {"true": True, "false": False, 1: True, 0: False}[row["label"]]  # True == 1 and False == 0 as keys
     return {**row, "label": int(value)}
 
 
