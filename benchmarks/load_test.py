@@ -48,12 +48,15 @@ class Spec:
 class Answer:
     status: int
     text: str = ""
-    omitted: list | None = None
     usage: dict | None = None
     latency_ms: float = 0.0
     first_token_ms: float | None = None  # streamed only: when the first text arrived, as the client saw it
     server: dict = field(default_factory=dict)  # the response's `pudding` field
     error: str | None = None
+
+    @property
+    def omitted(self) -> list | None:
+        return self.server.get("omitted_blocks")
 
 
 class Client:
@@ -88,7 +91,7 @@ class Client:
         body = response.json()
         choice = body["choices"][0]
         text = choice["message"]["content"] if spec.chat else choice["text"]
-        return Answer(200, text, body["pudding"]["omitted_blocks"], body["usage"], latency, None, body["pudding"])
+        return Answer(200, text, usage=body["usage"], latency_ms=latency, server=body["pudding"])
 
     def ask_streaming(self, spec: Spec) -> Answer:
         started = time.perf_counter()
@@ -109,7 +112,6 @@ class Client:
                     answer.usage = event["usage"]
                 if "pudding" in event:
                     answer.server = event["pudding"]
-                    answer.omitted = event["pudding"]["omitted_blocks"]
                 for choice in event.get("choices", []):
                     piece = choice["delta"].get("content") if spec.chat else choice["text"]
                     if piece:
@@ -170,7 +172,7 @@ def plan(specs: list[Spec], requests: int, disconnects: int, stream_fraction: fl
     return work
 
 
-def run_clients(server: ServerProcess, make_client, work: list[tuple], clients: int, references: dict,
+def run_clients(make_client, work: list[tuple], clients: int, references: dict,
                 hang_up_tokens: int) -> tuple[list, list, float]:
     """Drain the work list with `clients` threads; returns (results, problems, wall seconds)."""
     pending: queue.Queue = queue.Queue()
@@ -189,7 +191,8 @@ def run_clients(server: ServerProcess, make_client, work: list[tuple], clients: 
                 try:
                     if kind == "hang-up":
                         if not client.hang_up_mid_stream(spec, hang_up_tokens):
-                            problems.append(f"hang-up request {spec} got no first piece")
+                            with lock:
+                                problems.append(f"hang-up request {spec} got no first piece")
                         continue
                     answer = client.ask_streaming(spec) if kind == "stream" else client.ask(spec)
                 except httpx.HTTPError as err:
@@ -298,13 +301,13 @@ def main() -> None:
               f"{args.clients} clients", file=sys.stderr)
 
         work = plan(specs, args.requests, args.hang_ups, args.stream_fraction, args.seed)
-        results, problems, seconds = run_clients(server, make_client, work, args.clients, references,
+        results, problems, seconds = run_clients(make_client, work, args.clients, references,
                                                  hang_up_tokens=min(256, args.max_len // 2))
         up = server.healthy()
         after = server.health() if up else {}
         again = reference_client.ask(specs[0]) if up else Answer(-1)
-        if check(again, references[specs[0]]):
-            problems.append(f"after the run: {check(again, references[specs[0]])}")
+        if problem := check(again, references[specs[0]]):
+            problems.append(f"after the run: {problem}")
         reference_client.close()
 
     answers = [a for _, _, a in results]

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from .errors import PuddingError
 from .omission import OmissionSet
-from .storage import atomic_write_json, atomic_write_text, json_text, read_json, sha256_file
+from .storage import atomic_write_json, atomic_write_text, json_text, read_json, remove_partial, sha256_file
 
 FORMAT = "pudding-bundle/1"
+PACKED_MODEL = "model"  # the subdirectory of a pack (`pudding pack`) that holds the decoder the bundle was made for
 CHECKSUMS = "checksums.json"
 
 
@@ -115,7 +116,8 @@ class Bundle:
     def writing(self, *paths: Path | str) -> Iterator[None]:
         """Around (atomic) writes of files or directories into the bundle: they are marked as being written (None:
         not checked) first and recorded after, so that a crash in between leaves a bundle that opens, holding the
-        old or the new version of each file, never one that looks damaged."""
+        old or the new version of each file, never one that looks damaged. The checkpoint of the job that made a
+        file (`partial_path`) is dropped once the file is recorded: not before, so a crash loses nothing."""
         before = self._checksums()
         pending = dict(before)
         for path in paths:
@@ -125,20 +127,19 @@ class Bundle:
         self._save_checksums(pending, before)
         yield
         self.track(*paths)
+        for path in paths:
+            remove_partial(self.path / path)
 
     def track(self, *paths: Path | str) -> None:
         """Record the sha256 of files just written into the bundle (a directory: every file under it, and files
-        that used to be under it are forgotten)."""
+        that used to be under it are forgotten; a path that was not written: forgotten)."""
         before = self._checksums()
         checksums = dict(before)
         for path in paths:
             path = self.path / path
             name = path.relative_to(self.path).as_posix()
-            if path.is_dir():
-                checksums = {n: h for n, h in checksums.items() if n != name and not n.startswith(name + "/")}
-                files = sorted(f for f in path.rglob("*") if f.is_file())
-            else:
-                files = [path]
+            checksums = {n: h for n, h in checksums.items() if n != name and not n.startswith(name + "/")}
+            files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
             for file in files:
                 checksums[file.relative_to(self.path).as_posix()] = sha256_file(file)
         self._save_checksums(checksums, before)
@@ -149,6 +150,7 @@ class Bundle:
         text = json_text(obj)
         if path.is_file() and path.read_bytes() == text.encode():  # unchanged: a resumed job rewrites nothing
             self.track(path)
+            remove_partial(path)
             return path
         with self.writing(path):
             atomic_write_text(path, text)
@@ -182,6 +184,16 @@ class Bundle:
                 f"bundle {self.path} was made for model {self.model['name']} (fingerprint {self.model['fingerprint']}), "
                 f"not {model['name']} (fingerprint {model['fingerprint']})"
             )
+
+    def model_ref(self, model: str | None = None):
+        """The decoder to use the bundle with: `model` if given, else the one packed inside it, else the one it
+        names (from the registry); refused unless its fingerprint is the bundle's."""
+        from .models import resolve_model
+
+        packed = self.path / PACKED_MODEL
+        ref = resolve_model(model or (str(packed) if (packed / "config.json").exists() else self.model["name"]))
+        self.check_model({"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks})
+        return ref
 
     def search_path(self, task: str, loss: str, seed: int = 0) -> Path:
         suffix = "" if seed == 0 else f"-seed{seed}"

@@ -289,8 +289,8 @@ def search_command(
 ) -> None:
     """Find an omission set: greedy task-likelihood search (SLEB-style) or a static baseline."""
     from .models import resolve_model
-    from .search import Checkpoint, SearchSpec, run_search
-    from .storage import atomic_write_json, partial_path
+    from .search import SearchSpec, run_search
+    from .storage import atomic_write_json, partial_path, remove_partial
     from .tasks import get_task, resolve_data_dir
 
     ref = resolve_model(model)
@@ -306,7 +306,7 @@ def search_command(
     factory = _evaluator_factory(backend, model, device, dtype, batch_tokens, workers, ray_address)
     result = run_search(spec, scorer, loaded.info(), data_path, checkpoint, factory, lambda m: out.print(m, markup=False))
     atomic_write_json(output, result.to_json())
-    Checkpoint(checkpoint, {}).remove()
+    remove_partial(output)
     out.print(f"{method} · {result.calibration['task']} · {result.calibration['loss']}: omit {result.blocks} "
               f"(removal order {result.removal_order}) in {result.seconds:.1f} s → {output}")
 
@@ -364,16 +364,9 @@ def candidates_command(
 
 def _open_bundle_for(bundle_dir: Path, model: Optional[str]):
     from .bundle import Bundle
-    from .models import resolve_model
-
-    from .export import PACKED_MODEL
 
     opened = Bundle.open(bundle_dir)
-    packed = opened.path / PACKED_MODEL
-    # a pack carries its model; otherwise the model is looked up by the name the bundle recorded
-    ref = resolve_model(model or (str(packed) if (packed / "config.json").exists() else opened.model["name"]))
-    opened.check_model({"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks})
-    return opened, ref
+    return opened, opened.model_ref(model)
 
 
 @app.command("label")
@@ -391,9 +384,8 @@ def label_command(
 ) -> None:
     """Soft labels: the tl of each training prompt's right answer under every candidate set (eq. 11)."""
     from .bundle import labels_path
-    from .labels import label_prompts
-    from .storage import partial_path
-    from .tasks import data_versions, get_task, parse_task_list, resolve_data_dir
+    from .labels import label_bundle
+    from .tasks import get_task, parse_task_list, resolve_data_dir
 
     opened, ref = _open_bundle_for(bundle, model)
     sets = opened.omission_sets()
@@ -405,15 +397,8 @@ def label_command(
         get_task(name).require_calibration_split()
     data_path = resolve_data_dir(data_dir)
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
-    opened.record_data(data_versions(names, data_path))
-    target = labels_path(opened)
-    identity = {"model": ref.fingerprint, "data": opened.manifest["data"]}
-    table = label_prompts(scorer, sets, names, limit, seed, data_path, lambda m: out.print(m, markup=False),
-                          partial_path(target), identity, checkpoint_every)
-    table.meta = {"settings": {"tasks": names, "limit_per_task": limit, "seed": seed}, "model": loaded.info()}
-    with opened.writing(target):
-        table.save(target)
-    partial_path(target).unlink(missing_ok=True)
+    table = label_bundle(opened, scorer, names, limit, seed, data_path, loaded.info(),
+                         lambda m: out.print(m, markup=False), checkpoint_every)
     out.print(f"{len(table)} prompts x {len(sets)} sets → {labels_path(opened)}")
 
 
@@ -433,11 +418,10 @@ def train_router_command(
     device: DeviceOpt = None,
 ) -> None:
     """Train the router (encoder + linear head) on the bundle's labels; saves it and its training curve."""
-    from .bundle import Bundle, labels_path, router_path
+    from .bundle import Bundle, labels_path
     from .labels import LabelTable
     from .models import check_device, default_device, resolve_model
-    from .router import RouterSettings, TrainingCheckpoint, save_router, train_router
-    from .storage import partial_path
+    from .router import RouterSettings, train_bundle_router
 
     opened = Bundle.open(bundle)
     settings = RouterSettings(encoder, objective, lr, weight_decay, batch_size, epochs, warmup_steps, max_length, val_fraction, seed)
@@ -447,12 +431,7 @@ def train_router_command(
     if [list(s) for s in opened.omission_sets()] != table.sets:
         raise PuddingError(f"the labels in {opened.path} are for other candidate sets: rerun `pudding label`")
     device = check_device(device or default_device())
-    target = router_path(opened, objective)
-    checkpoint = partial_path(target)
-    router, tokenizer, history, meta = train_router(table, settings, device, lambda m: out.print(m, markup=False), checkpoint)
-    with opened.writing(target):
-        save_router(target, router, tokenizer, settings, table.sets, history, meta, opened.model)
-    TrainingCheckpoint(checkpoint, {}).remove()
+    target = train_bundle_router(opened, table, settings, device, lambda m: out.print(m, markup=False))
     out.print(f"router → {target} (training curve: {target / 'training.png'})")
 
 

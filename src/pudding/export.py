@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from .architectures import architecture_for, resolve
+from .bundle import PACKED_MODEL
 from .errors import PuddingError
 from .omission import OmissionSet
-from .storage import atomic_write_json, atomic_write_text
+from .storage import atomic_directory, atomic_write_json, atomic_write_text, check_parent_writable
 
 
 def delete_blocks(model, omit: Sequence[int]):
@@ -51,42 +52,29 @@ def delete_blocks(model, omit: Sequence[int]):
 # interrupted export leaves nothing that looks finished.
 
 
-def _fresh_target(output: Path) -> None:
+def _refuse_existing(output: Path) -> None:
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
-        raise PuddingError(f"{output} already exists: choose a new directory (nothing was overwritten)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(output.parent, os.W_OK):
-        raise PuddingError(f"cannot write to {output.parent}")
+        raise PuddingError(f"{output} already exists: choose a new name (nothing was overwritten)")
 
 
 def _write_dir_atomically(output: Path, fill) -> Path:
-    """Run fill(tmp) on a temporary sibling directory, then rename it to `output`."""
-    _fresh_target(output)
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """Run fill(tmp) on a temporary sibling directory, then rename it to `output` (new, or an empty directory)."""
+    _refuse_existing(output)
+    with atomic_directory(output) as tmp:
         fill(tmp)
-        if output.exists():
-            output.rmdir()
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 
 def export_checkpoint(model, tokenizer, omit: OmissionSet, output: Path, provenance: dict) -> Path:
     """A standard Hugging Face checkpoint of the model without the blocks in `omit`: it loads with plain
     `AutoModelForCausalLM.from_pretrained(output)` and computes what pudding computes with that omission set."""
-    kept = [b for b in range(omit.num_blocks) if b not in set(omit)]
 
     def fill(tmp: Path) -> None:
         pruned = delete_blocks(model, omit)
         pruned.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        info = {**provenance, "omitted_blocks": list(omit), "kept_blocks": kept}
+        info = {**provenance, "omitted_blocks": list(omit), "kept_blocks": omit.kept()}
         atomic_write_json(tmp / "pudding.json", info)
         atomic_write_text(tmp / "README.md", _checkpoint_card(info))
 
@@ -106,9 +94,6 @@ def _checkpoint_card(info: dict) -> str:
 # Packs: a bundle and its model in one self-contained directory (or .tar file), with a model card
 
 
-PACKED_MODEL = "model"  # the subdirectory of a pack that holds the decoder the bundle was made for
-
-
 def pack_bundle(bundle, model_dir: Path, output: Path) -> Path:
     """Copy the bundle (minus checkpoints and scratch files) and the model's directory into one directory, with a
     README.md model card; `output` ending in .tar gives a tar file of that directory instead."""
@@ -124,16 +109,17 @@ def pack_bundle(bundle, model_dir: Path, output: Path) -> Path:
 
     if not as_tar:
         return _write_dir_atomically(directory, fill)
-    _fresh_target(output)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.staging-"))
+    _refuse_existing(output)
+    check_parent_writable(output)
+    tmp_tar = output.parent / f".{output.name}.partial-{os.getpid()}"
     try:
-        fill(staging)
-        tmp_tar = output.parent / f".{output.name}.partial-{os.getpid()}"
-        with tarfile.open(tmp_tar, "w") as tar:
-            tar.add(staging, arcname=directory.name)
+        with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.staging-") as staging:
+            fill(Path(staging))
+            with tarfile.open(tmp_tar, "w") as tar:
+                tar.add(staging, arcname=directory.name)
         os.replace(tmp_tar, output)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        tmp_tar.unlink(missing_ok=True)  # an interrupted tar leaves no partial file behind
     return output
 
 

@@ -130,6 +130,29 @@ def label_prompts(scorer: Scorer, sets: list[OmissionSet], tasks: list[str], lim
     return LabelTable(names, indices, prompts, np.concatenate(rows).astype(np.float32), [list(s) for s in sets], {})
 
 
+def label_bundle(bundle, scorer: Scorer, tasks: list[str], limit_per_task: int | None, seed: int, data_dir,
+                 model_info: dict, log=None, chunk_size: int = LABEL_CHUNK) -> LabelTable:
+    """Label the train prompts of `tasks` under every candidate set of a bundle and save the table in it. Resumable:
+    a checkpoint beside the table holds the finished chunks until the table is recorded."""
+    import time
+
+    from .bundle import labels_path
+    from .storage import partial_path
+    from .tasks import data_versions
+
+    bundle.record_data(data_versions(tasks, data_dir))
+    path = labels_path(bundle)
+    started = time.perf_counter()
+    identity = {"model": model_info["fingerprint"], "data": bundle.manifest["data"]}
+    table = label_prompts(scorer, bundle.omission_sets(), tasks, limit_per_task, seed, data_dir, log, partial_path(path),
+                          identity, chunk_size)
+    table.meta = {"settings": {"tasks": list(tasks), "limit_per_task": limit_per_task, "seed": seed}, "model": model_info,
+                  "seconds": round(time.perf_counter() - started, 1)}
+    with bundle.writing(path):  # drops the checkpoint once the table is recorded
+        table.save(path)
+    return table
+
+
 def _label_chunk(scorer: Scorer, sets: list[OmissionSet], docs: list) -> np.ndarray:
     """docs x sets: tl of each document's right answer under each set, all sets in one pass."""
     prepared = scorer.prepare(scorer.encoder.groups([[d.requests[d.gold]] for d in docs]))

@@ -25,9 +25,9 @@ from pathlib import Path
 from .bundle import Bundle, labels_path, router_path
 from .errors import PuddingError
 from .evaluate import ORACLES, evaluate_sets, evaluate_tasks, per_prompt_policy, results_document
-from .labels import LabelTable, label_prompts
+from .labels import LabelTable, label_bundle
 from .omission import OmissionSet
-from .router import LoadedRouter, RouterSettings, TrainingCheckpoint, routed_policy, save_router, train_router
+from .router import LoadedRouter, RouterSettings, routed_policy, train_bundle_router
 from .scoring import Scorer
 from .search import BASELINE_CORPUS, SearchSpec, build_pool, load_search, run_search
 from .storage import partial_path, read_json
@@ -110,8 +110,7 @@ class Pipeline:
             if path.exists() and load_search(path).settings == asdict(spec):
                 continue
             result = run_search(spec, self.scorer, self.model, self.data_dir, partial_path(path))
-            self.bundle.write_json(path, result.to_json())
-            partial_path(path).unlink(missing_ok=True)
+            self.bundle.write_json(path, result.to_json())  # drops the checkpoint
             self.log(f"baseline {method:14s} omit {result.blocks}  ({result.seconds:.0f} s)")
 
     # -- evaluations -----------------------------------------------------------------------------------------
@@ -177,15 +176,8 @@ class Pipeline:
             if {"sets": table.sets, **table.meta.get("settings", {})} == wanted:
                 return
         self.log(f"labels: tl of the right answer under {len(sets)} sets")
-        started = time.perf_counter()
-        identity = {"model": self.model["fingerprint"], "data": self.bundle.manifest["data"]}
-        table = label_prompts(self.scorer, sets, self.config.calibration_tasks, self.config.label_limit,
-                              self.config.seeds[0], self.data_dir, self.log, partial_path(path), identity)
-        table.meta = {"settings": {k: v for k, v in wanted.items() if k != "sets"}, "model": self.model,
-                      "seconds": round(time.perf_counter() - started, 1)}
-        with self.bundle.writing(path):
-            table.save(path)
-        partial_path(path).unlink(missing_ok=True)
+        label_bundle(self.bundle, self.scorer, self.config.calibration_tasks, self.config.label_limit,
+                     self.config.seeds[0], self.data_dir, self.model, self.log)
 
     def router(self, objective: str | None = None) -> None:
         settings = replace(self.config.router, objective=objective or self.config.router.objective)
@@ -196,11 +188,7 @@ class Pipeline:
             if previous["settings"] == asdict(settings) and previous["sets"] == table.sets:
                 return
         self.log(f"router: {settings.encoder}, {settings.objective}, {len(table)} prompts, {settings.epochs} epochs")
-        checkpoint = partial_path(directory)
-        router, tokenizer, history, meta = train_router(table, settings, self.device, self.log, checkpoint)
-        with self.bundle.writing(directory):
-            save_router(directory, router, tokenizer, settings, table.sets, history, meta, self.model)
-        TrainingCheckpoint(checkpoint, {}).remove()
+        train_bundle_router(self.bundle, table, settings, self.device, self.log)
 
     def routed(self, objective: str | None = None) -> None:
         objective = objective or self.config.router.objective
@@ -244,11 +232,10 @@ class Pipeline:
                          results, settings, time.perf_counter() - started)
 
     def report(self) -> None:
-        from .report import write_report
+        from .report import FIGURES, write_report
 
-        with self.bundle.writing("report.md", *self.bundle.path.glob("*.png")):
+        with self.bundle.writing("report.md", *FIGURES):
             path = write_report(self.bundle, self.config)
-        self.bundle.track(*self.bundle.path.glob("*.png"))  # figures drawn for the first time
         self.log(f"report: {path}")
 
     def run(self, stages: tuple[str, ...] = STAGES) -> None:

@@ -13,6 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+HEATMAP, SET_USAGE = "omission-heatmap.png", "set-usage.png"
+FIGURES = (HEATMAP, SET_USAGE)  # the figures the report draws into the bundle
+
 
 def per_doc(document: dict, task: str, metric: str) -> np.ndarray | None:
     result = document["tasks"].get(task)
@@ -276,9 +279,9 @@ def write_report(bundle, config):
     if "pudding" in evals:
         document = evals["pudding"]
         all_tasks = [t for t in config.eval_tasks if t in document["tasks"]]
-        omission_heatmap(document, all_tasks, model["num_blocks"], bundle.path / "omission-heatmap.png")
+        omission_heatmap(document, all_tasks, model["num_blocks"], bundle.path / HEATMAP)
         labels = [",".join(map(str, s.blocks)) for s in bundle.candidates()]
-        set_usage_chart(document, all_tasks, labels, bundle.path / "set-usage.png")
+        set_usage_chart(document, all_tasks, labels, bundle.path / SET_USAGE)
         routing = document.get("routing", {})
         if routing.get("prompts"):
             lines += [f"Routing: {routing['prompts']} questions in {routing['seconds']:.2f} s "

@@ -197,6 +197,20 @@ def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu
     return router, tokenizer, history, meta
 
 
+def train_bundle_router(bundle, table: LabelTable, settings: RouterSettings, device: str = "cpu", log=None) -> Path:
+    """Train a router on a bundle's label table and save it in the bundle (router/, or router-OBJECTIVE/ for the
+    ablations). Resumable: the training state is checkpointed beside it at every epoch end until the router is
+    recorded."""
+    from .bundle import router_path
+    from .storage import partial_path
+
+    directory = router_path(bundle, settings.objective)
+    router, tokenizer, history, meta = train_router(table, settings, device, log, partial_path(directory))
+    with bundle.writing(directory):  # drops the checkpoint once the router is recorded
+        save_router(directory, router, tokenizer, settings, table.sets, history, meta, bundle.model)
+    return directory
+
+
 class TrainingCheckpoint:
     """Router training state at an epoch end, as safetensors (weights, optimizer moments, torch RNG) and JSON
     (optimizer settings, scheduler, shuffling generator, history), never pickle. Written as one directory that
@@ -262,12 +276,6 @@ class TrainingCheckpoint:
         history.epochs[:] = state["history"]["epochs"]
         history.steps[:] = state["history"]["steps"]
         return int(state["epochs_done"]), float(state["seconds"])
-
-    def remove(self) -> None:
-        import shutil
-
-        if self.directory is not None and self.directory.exists():
-            shutil.rmtree(self.directory)
 
 
 @torch.inference_mode()

@@ -28,7 +28,7 @@ from .errors import PuddingError
 from .omission import OmissionSet
 from .progress import progress_bar
 from .scoring import Accumulator, Prepared, Request, Scorer, Scores, perplexity_requests
-from .storage import Checkpoint, read_json
+from .storage import Checkpoint, partial_path, read_json
 from .tasks import get_task
 
 LOSSES = ("tl", "tld", "ppl")
@@ -347,10 +347,8 @@ def build_pool(bundle, scorer: Scorer, model_info: dict, tasks: Sequence[str], l
         path = bundle.search_path(spec.task, spec.loss, spec.seed)
         result = load_search(path) if path.exists() else None
         if result is None or result.settings != asdict(spec) or result.model["fingerprint"] != model_info["fingerprint"]:
-            partial = path.with_suffix(".partial.json")
-            result = run_search(spec, scorer, model_info, data_dir, partial, evaluator_factory)
-            bundle.write_json(path, result.to_json())
-            Checkpoint(partial, {}).remove()
+            result = run_search(spec, scorer, model_info, data_dir, partial_path(path), evaluator_factory)
+            bundle.write_json(path, result.to_json())  # drops the checkpoint
         if on_done:
             on_done(spec, result)
         found.append((result.blocks, {"task": spec.task, "loss": spec.loss, "seed": spec.seed,

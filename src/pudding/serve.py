@@ -336,6 +336,8 @@ class Service:
         try:
             while (item := await items.get()) is not _FINISHED:
                 yield item
+            if future.cancelled() or future.result().generation is None:  # never ran: the server is stopping
+                raise ApiError(503, "the server is shutting down", None, "shutting_down", "server_error")
             yield future.result()
         finally:
             job.cancelled.set()  # the consumer is gone (client disconnected): stop generating
@@ -380,12 +382,12 @@ class Service:
 
     # -- describing -----------------------------------------------------------------------------------------------
 
-    def pudding_field(self, outcome: Outcome, routed: bool) -> dict:
+    def pudding_field(self, outcome: Outcome) -> dict:
         generation = outcome.generation
         t = generation.timings
         blocks = OmissionSet(generation.blocks, self.num_blocks)
-        index = generation.set_index if generation.set_index is not None else (
-            self.sets.index(blocks) if blocks in self.sets else None)
+        routed = generation.set_index is not None  # the engine gives a set index only when its router chose
+        index = generation.set_index if routed else (self.sets.index(blocks) if blocks in self.sets else None)
         return {"set_index": index, "omitted_blocks": list(blocks), "routed": routed,
                 "router_ms": round(t.route_ms, 3), "swap_ms": round(t.swap_ms, 3), "ttft_ms": round(t.ttft_ms, 3),
                 "queue_ms": round(outcome.queue_ms, 3), "tokens_per_second": round(t.tokens_per_second, 2)}
@@ -423,6 +425,7 @@ class _Envelope:
 
     def __init__(self, chat: bool, model: str) -> None:
         self.chat = chat
+        self.chunk_object = "chat.completion.chunk" if chat else "text_completion"
         self.base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                      "model": model}
 
@@ -440,7 +443,7 @@ class _Envelope:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return {**self.base, "object": "chat.completion.chunk" if self.chat else "text_completion", "choices": [choice]}
+        return {**self.base, "object": self.chunk_object, "choices": [choice]}
 
 
 def _usage(outcome: Outcome) -> dict:
@@ -471,21 +474,18 @@ class _CancellingStream(StreamingResponse):
 async def _respond(service: Service, request: _Request, job: Job, chat: bool):
     results = service.start(job)
     envelope = _Envelope(chat, service.model_name)
-    routed = job.omit is None
     if request.stream:
         usage = bool(request.stream_options and request.stream_options.include_usage)
-        return _CancellingStream(_events(service, results, envelope, routed, usage), job)
+        return _CancellingStream(_events(service, results, envelope, usage), job)
     pieces = []
     async for item in results:
         if isinstance(item, Outcome):
-            if item.generation is None:  # cancelled before it ran
-                raise ApiError(503, "the server is shutting down", None, "shutting_down", "server_error")
             return {**envelope.full("".join(pieces), item.finish_reason), "usage": _usage(item),
-                    "pudding": service.pudding_field(item, routed)}
+                    "pudding": service.pudding_field(item)}
         pieces.append(item)
 
 
-async def _events(service: Service, results: AsyncIterator, envelope: _Envelope, routed: bool,
+async def _events(service: Service, results: AsyncIterator, envelope: _Envelope,
                   include_usage: bool) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}  # as OpenAI: null on every chunk but the last
     if envelope.chat:
@@ -496,14 +496,14 @@ async def _events(service: Service, results: AsyncIterator, envelope: _Envelope,
                 outcome = item
             else:
                 yield _sse({**envelope.chunk(item), **extra})
-    except PuddingError as err:  # headers are sent: report the failure in the stream
-        yield _sse(error_body(str(err)))
+    except (PuddingError, ApiError) as err:  # headers are sent: report the failure in the stream
+        yield _sse(err.body() if isinstance(err, ApiError) else error_body(str(err)))
         yield _sse("[DONE]")
         return
     yield _sse({**envelope.chunk(None, outcome.finish_reason), **extra,
-                "pudding": service.pudding_field(outcome, routed)})
+                "pudding": service.pudding_field(outcome)})
     if include_usage:
-        yield _sse({**envelope.base, "object": envelope.chunk(None)["object"], "choices": [], "usage": _usage(outcome)})
+        yield _sse({**envelope.base, "object": envelope.chunk_object, "choices": [], "usage": _usage(outcome)})
     yield _sse("[DONE]")
 
 

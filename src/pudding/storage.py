@@ -41,7 +41,7 @@ def sha256_files(paths: list[Path], chunk_size: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
-def _check_parent_writable(path: Path) -> None:
+def check_parent_writable(path: Path) -> None:
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -51,11 +51,22 @@ def _check_parent_writable(path: Path) -> None:
         raise PuddingError(f"cannot write to {parent}: permission denied")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp make owner-only files; what we write should get the usual permissions, as open() would give
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     """Write to a temporary file in the same directory, then rename: readers see old or new, never half."""
     path = Path(path)
-    _check_parent_writable(path)
+    check_parent_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -98,8 +109,9 @@ def read_json(path: Path | str, what: str = "file") -> Any:
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Build a directory under a temporary name and move it into place only when complete."""
     path = Path(path)
-    _check_parent_writable(path)
+    check_parent_writable(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o777 & ~_UMASK)
     try:
         yield tmp
         if path.exists():
@@ -113,6 +125,15 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 def partial_path(path: Path) -> Path:
     """Where the checkpoint of a job that writes `path` lives while it runs: beside it."""
     return path.with_name(path.name + ".partial")
+
+
+def remove_partial(path: Path) -> None:
+    """Drop the checkpoint (a file or a directory) of a job whose result at `path` is now safely written."""
+    partial = partial_path(Path(path))
+    if partial.is_dir():
+        shutil.rmtree(partial)
+    else:
+        partial.unlink(missing_ok=True)
 
 
 class Checkpoint:
@@ -141,8 +162,3 @@ class Checkpoint:
     def save(self, steps: list[dict]) -> None:
         if self.path is not None:
             atomic_write_json(self.path, {"identity": self.identity, "steps": steps})
-
-    def remove(self) -> None:
-        if self.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()

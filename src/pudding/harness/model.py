@@ -126,9 +126,8 @@ class PuddingLM(LM):
         opened = Bundle.open(bundle) if bundle else None
         if set is not None and opened is None:
             raise PuddingError("set= needs bundle=DIR")
-        ref = resolve_model(str(model) if model else (opened.model["name"] if opened else "smollm2-135m"))
-        if opened is not None:
-            opened.check_model({"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks})
+        model = str(model) if model else None
+        ref = opened.model_ref(model) if opened else resolve_model(model or "smollm2-135m")
         if batch_tokens is not None and (isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 64):
             raise PuddingError(f"batch_tokens must be an integer of at least 64, not {batch_tokens!r}")
         self._device = _pick_device(str(device) if device else None)

@@ -91,11 +91,13 @@ def _csv_rows(text: str, columns: list[str] | None) -> tuple[list[dict], int]:
     return rows, bad
 
 
+def _expand(data_dir: Path, pattern: str) -> list[Path]:
+    """The paths a file name or glob in tasks.yaml stands for (a plain name: that one path, existing or not)."""
+    return sorted(data_dir.glob(pattern)) if any(ch in pattern for ch in "*?[") else [data_dir / pattern]
+
+
 def _resolve(data_dir: Path, pattern: str) -> list[Path]:
-    if any(ch in pattern for ch in "*?["):
-        paths = sorted(data_dir.glob(pattern))
-    else:
-        paths = [data_dir / pattern]
+    paths = _expand(data_dir, pattern)
     missing = [p for p in paths if not p.exists()]
     if not paths or missing:
         shown = missing[0] if missing else data_dir / pattern
@@ -108,8 +110,7 @@ def source_files(spec: dict, data_dir: Path) -> list[Path]:
     patterns = [spec["file"], spec.get("keys_from"), spec.get("exclude_keys_from"), spec.get("join", {}).get("file")]
     found = []
     for pattern in filter(None, patterns):
-        paths = sorted(data_dir.glob(pattern)) if any(ch in pattern for ch in "*?[") else [data_dir / pattern]
-        found += [p for p in paths if p.is_file()]
+        found += [p for p in _expand(data_dir, pattern) if p.is_file()]
     return found
 
 
