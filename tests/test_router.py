@@ -163,3 +163,22 @@ def test_bad_bundle_input(small_bundle, tmp_path):
     Bundle.create_or_open(foreign, {"name": "other", "fingerprint": "0123456789abcdef", "num_blocks": 30}, 2, {})
     assert_clean_failure(pudding("eval", "--model", "smollm2-135m", "--bundle", str(foreign), "--set", "0"), "fingerprint")
     assert_clean_failure(pudding("pipeline", "--output", str(tmp_path / "x"), "--stages", "magic"), "unknown stage 'magic'")
+
+
+def test_objectives_ablation_lands_in_the_report(small_bundle):
+    """The CE routers of Table 12 train beside the main one and the report compares them on the same documents."""
+    result = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",
+                     "--epochs", "1", "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--output", str(small_bundle),
+                     "--stages", "report", "--ablations", "objectives", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for objective in ("ce-soft", "ce-onehot"):
+        assert (small_bundle / f"router-{objective}" / "router.json").exists()
+        routed = json.loads((small_bundle / "evals" / f"pudding-{objective}.json").read_text())
+        assert routed["tasks"].keys() == {"piqa", "winogrande", "sciq"}
+    report = (small_bundle / "report.md").read_text()
+    table = report[report.index("## Ablations"):]
+    rows = [line for line in table.splitlines() if line.startswith("| router trained with")]
+    assert len(rows) == 2
+    for row in rows:
+        versus, picks = row.rstrip(" |").split(" | ")[-2:]
+        assert "±" in versus and picks.endswith("%")  # paired difference from the main router, held-out picks-best

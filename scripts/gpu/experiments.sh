@@ -10,8 +10,8 @@ mkdir -p "$logs"
 start() {  # start job NAME (unless running or done) with pudding arguments
     local name=$1; shift
     [ -f "$logs/$name.done" ] && return
-    pgrep -f "pudding-job=$name " >/dev/null && return
-    setsid nohup bash -c ": pudding-job=$name ; python3 -m pudding.cli $* > $logs/$name.log 2>&1 && touch $logs/$name.done" \
+    pgrep -f "pudding-job=$logs/$name " >/dev/null && return  # the root is in the tag: two models' jobs may run
+    setsid nohup bash -c ": pudding-job=$logs/$name ; python3 -m pudding.cli $* > $logs/$name.log 2>&1 && touch $logs/$name.done" \
         >/dev/null 2>&1 < /dev/null &
     echo "started $name"
 }

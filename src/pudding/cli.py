@@ -26,6 +26,12 @@ app.add_typer(models_app, name="models")
 out = Console()
 err = Console(stderr=True)
 
+
+def log_line(message: str) -> None:
+    """A progress line of a long job, printed whole: logs of runs in the background must not be wrapped at 80."""
+    out.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 # Options shared by several commands
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registry name (see `pudding models`), HF directory or .gguf file.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Task data folder (default: $PUDDING_DATA_DIR or ../shared/data).")]
@@ -304,7 +310,7 @@ def search_command(
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
     checkpoint = partial_path(output)
     factory = _evaluator_factory(backend, model, device, dtype, batch_tokens, workers, ray_address)
-    result = run_search(spec, scorer, loaded.info(), data_path, checkpoint, factory, lambda m: out.print(m, markup=False))
+    result = run_search(spec, scorer, loaded.info(), data_path, checkpoint, factory, log_line)
     atomic_write_json(output, result.to_json())
     remove_partial(output)
     out.print(f"{method} · {result.calibration['task']} · {result.calibration['loss']}: omit {result.blocks} "
@@ -398,7 +404,7 @@ def label_command(
     data_path = resolve_data_dir(data_dir)
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
     table = label_bundle(opened, scorer, names, limit, seed, data_path, loaded.info(),
-                         lambda m: out.print(m, markup=False), checkpoint_every)
+                         log_line, checkpoint_every)
     out.print(f"{len(table)} prompts x {len(sets)} sets → {labels_path(opened)}")
 
 
@@ -431,7 +437,7 @@ def train_router_command(
     if [list(s) for s in opened.omission_sets()] != table.sets:
         raise PuddingError(f"the labels in {opened.path} are for other candidate sets: rerun `pudding label`")
     device = check_device(device or default_device())
-    target = train_bundle_router(opened, table, settings, device, lambda m: out.print(m, markup=False))
+    target = train_bundle_router(opened, table, settings, device, log_line)
     out.print(f"router → {target} (training curve: {target / 'training.png'})")
 
 
@@ -677,7 +683,7 @@ def pipeline_command(
     device = check_device(device or default_device())
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
     pipeline = Pipeline(output, scorer, loaded.info(), config, data_path,
-                        log=lambda m: out.print(m, markup=False, highlight=False), device=device)
+                        log=log_line, device=device)
     pipeline.run(chosen)
     if extra:
         run_ablations(pipeline, extra)

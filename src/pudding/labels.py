@@ -75,7 +75,7 @@ class LabelTable:
 LABEL_CHUNK = 512  # prompts scored between two checkpoints
 
 
-def _training_docs(task_name: str, limit_per_task: int | None, seed: int, data_dir) -> list:
+def training_docs(task_name: str, limit_per_task: int | None, seed: int, data_dir) -> list:
     """The train prompts of a task: all of them, or a seeded sample."""
     task = get_task(task_name)
     split = task.require_calibration_split()
@@ -106,14 +106,14 @@ def label_prompts(scorer: Scorer, sets: list[OmissionSet], tasks: list[str], lim
     names, indices, prompts, rows = [], [], [], []
     position = 0  # chunks seen so far, across tasks
     for name in tasks:
-        docs = _training_docs(name, limit_per_task, seed, data_dir)
+        docs = training_docs(name, limit_per_task, seed, data_dir)
         with progress_bar(f"label {name} x{len(sets)} sets", total=len(docs), unit="prompt") as advance:
             for start in range(0, len(docs), chunk_size):
                 chunk = docs[start : start + chunk_size]
                 if position < len(finished):
                     labels = np.array(finished[position]["labels"], dtype=np.float64)
                 else:
-                    labels = _label_chunk(scorer, sets, chunk)
+                    labels = label_docs(scorer, sets, chunk)
                     finished.append({"task": name, "indices": [d.index for d in chunk], "labels": labels.tolist()})
                     store.save(finished)
                     if log:
@@ -153,7 +153,7 @@ def label_bundle(bundle, scorer: Scorer, tasks: list[str], limit_per_task: int |
     return table
 
 
-def _label_chunk(scorer: Scorer, sets: list[OmissionSet], docs: list) -> np.ndarray:
+def label_docs(scorer: Scorer, sets: list[OmissionSet], docs: list) -> np.ndarray:
     """docs x sets: tl of each document's right answer under each set, all sets in one pass."""
     prepared = scorer.prepare(scorer.encoder.groups([[d.requests[d.gold]] for d in docs]))
     scores = scorer.score_sets(prepared, sets)

@@ -29,7 +29,10 @@ def primary_metric(document: dict, task: str) -> str:
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean of a - b and its standard error (sample standard deviation of the differences over sqrt(n))."""
+    """Mean of a - b and its standard error (sample standard deviation of the differences over sqrt(n)); NaN when
+    the two were not scored on the same documents (e.g. evaluations made with different --limit)."""
+    if a is None or b is None or a.shape != b.shape:
+        return float("nan"), float("nan")
     diff = a.astype(float) - b.astype(float)
     if len(diff) < 2:
         return float(diff.mean()), float("nan")
@@ -104,6 +107,9 @@ def significant_differences(documents: dict[str, dict], tasks: Sequence[str], re
         if name == reference:
             continue
         diff, se = paired_average_difference(document, ref, tasks)
+        if math.isnan(diff):
+            sentences.append(f"{name} vs {reference}: not scored on the same documents, no paired comparison")
+            continue
         verdict = "exceeds" if abs(diff) > 2 * se else "is within"
         sentences.append(f"{name} vs {reference}: average {100 * diff:+.2f} points (paired s.e. {100 * se:.2f}), {verdict} the noise")
         for task in tasks:
@@ -312,29 +318,49 @@ def write_report(bundle, config):
     return path
 
 
+def _picks_best(router_dir) -> str:
+    """The router's held-out share of prompts for which it picks the lowest-tl set (last epoch), as a cell."""
+    import json
+
+    path = router_dir / "router.json"
+    if not path.exists():
+        return "-"
+    last = json.loads(path.read_text())["history"]["epochs"][-1]
+    return f"{100 * last['picks_best_set']:.1f}%" if "picks_best_set" in last else "-"
+
+
 def _ablation_lines(bundle, tasks) -> list[str]:
     root = bundle.path / "ablations"
     main = _load_evals(bundle.path)
-    rows = []
+    rows = []  # (title, routed evaluation, router directory)
     if "pudding" in main:
-        rows.append(("10-set pool (main)", main["pudding"]))
+        rows.append(("10-set pool (main)", main["pudding"], bundle.path / "router"))
     for name, title in (("sets-5", "5 sets (tl only)"), ("sets-30", "30 sets (3 calibration draws)"),
                         ("ppl-candidates", "5 sets from perplexity searches")):
         evals = _load_evals(root / name) if (root / name).exists() else {}
         if "pudding" in evals:
-            rows.append((title, evals["pudding"]))
+            rows.append((title, evals["pudding"], root / name / "router"))
     for objective in ("ce-soft", "ce-onehot"):
         if f"pudding-{objective}" in main:
-            rows.append((f"router trained with {objective}", main[f"pudding-{objective}"]))
+            rows.append((f"router trained with {objective}", main[f"pudding-{objective}"], bundle.path / f"router-{objective}"))
     if len(rows) < 2:
         return []
-    documents = {title: doc for title, doc in rows}
-    tasks = [t for t in tasks if all(t in d["tasks"] for d in documents.values())]
-    lines = ["## Ablations (Tables 9, 11, 12)", "", "| variant | " + " | ".join(tasks) + " | average |",
-             "|" + "---|" * (len(tasks) + 2)]
-    for title, doc in rows:
+    reference = rows[0][1]
+    tasks = [t for t in tasks if all(t in doc["tasks"] for _, doc, _ in rows)]
+    lines = ["## Ablations (Tables 9, 11, 12)", "",
+             "Each variant's routed accuracy; `vs main`: paired difference of the average from the main PuDDing on the "
+             "same documents (▲/▼ beyond twice its standard error); `picks best`: how often its router picks the "
+             "lowest-tl set of its own pool on held-out training prompts.", "",
+             "| variant | " + " | ".join(tasks) + " | average | vs main | picks best |", "|" + "---|" * (len(tasks) + 4)]
+    for title, doc, router_dir in rows:
         cells = [f"{100 * doc['tasks'][t]['metrics'][doc['tasks'][t]['primary']]:.2f}" for t in tasks]
         mean, se = average_with_stderr(doc, tasks)
-        lines.append(f"| {title} | " + " | ".join(cells) + f" | {100 * mean:.2f} ± {100 * se:.2f} |")
+        if doc is reference:
+            versus = "-"
+        else:
+            diff, diff_se = paired_average_difference(doc, reference, tasks)
+            versus = "other documents" if math.isnan(diff) else f"{100 * diff:+.2f} ± {100 * diff_se:.2f}{_marker(diff, diff_se)}"
+        lines.append(f"| {title} | " + " | ".join(cells) + f" | {100 * mean:.2f} ± {100 * se:.2f} | {versus} | "
+                     f"{_picks_best(router_dir)} |")
     lines.append("")
     return lines
