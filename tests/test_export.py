@@ -42,6 +42,24 @@ def test_exported_checkpoint_loads_in_plain_transformers_with_the_same_logits(tm
     assert (out / "tokenizer.json").exists() and "AutoModelForCausalLM" in (out / "README.md").read_text()
 
 
+def test_deleting_blocks_shares_the_weights_and_leaves_the_model_intact(tiny_model):
+    from pudding.export import delete_blocks
+
+    model = tiny_model
+    layers = model.config.num_hidden_layers
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    pruned = delete_blocks(model, [1])
+    assert pruned.config.num_hidden_layers == layers - 1 and model.config.num_hidden_layers == layers
+    original = {p.data_ptr() for p in model.parameters()}
+    assert all(p.data_ptr() in original for p in pruned.parameters())  # no second copy of any weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before)  # the source model still runs every block
+        torch.testing.assert_close(pruned(ids).logits.float(),
+                                   PrunableDecoder(model).full_logits(ids, OmissionSet([1], layers)), rtol=1e-4, atol=1e-4)
+
+
 def test_exported_gemma3_keeps_each_block_attention_type(tmp_path):
     model = build_tiny("gemma3", init=0.2)
     omit = OmissionSet([1, 2], 6)  # a full and a sliding block: the kept types must stay aligned with their blocks

@@ -88,3 +88,30 @@ def test_router_returns_a_valid_set_for_any_prompt(router, prompts):
     ranked = np.sort(alone, axis=1)
     clear = ranked[:, 1] - ranked[:, 0] > 1e-3  # no near-tie between the two best sets
     assert (alone.argmin(1) == np.array(result.choices))[clear].all()
+
+
+@quick
+@given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_streamed_text_is_the_decoded_text(smollm2, text):
+    """Streaming emits, token by token, exactly the text a full decode gives (multi-byte characters held back until
+    they are complete, never emitted twice or broken)."""
+    from hypothesis import assume
+
+    from pudding.runtime import TextStream
+
+    ids = smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assume(smollm2.tokenizer.decode(ids) == text)  # characters the tokenizer cannot spell are another matter
+    stream = TextStream(smollm2.tokenizer)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == text == stream.full_text()
+    assert not any("\ufffd" in piece for piece in pieces) or "\ufffd" in text
+
+
+@quick
+@given(st.lists(st.integers(0, 49151), min_size=1, max_size=40))
+def test_streamed_text_of_any_token_ids_is_a_prefix_of_the_decoded_text(smollm2, ids):
+    from pudding.runtime import TextStream
+
+    stream = TextStream(smollm2.tokenizer)
+    streamed = "".join(stream.push(i) for i in ids)
+    assert stream.full_text().startswith(streamed)

@@ -2,6 +2,8 @@
 # On the GPU machine: a model's PuDDing experiments as background jobs that survive between calls, each resuming
 # from what its bundle already holds. Call it again to start the jobs whose inputs are now ready; it prints progress.
 #   [PIPELINE_ARGS="--limit 500 ..."] bash scripts/gpu/experiments.sh MODEL ROOT [ablations]
+# Each job is its own process group (setsid): stop one with its python too by
+#   kill -- -$(pgrep -f "pudding-job=ROOT/logs/NAME ")     (killing the bash alone leaves python running)
 set -u
 model=$1; root=$2; with_ablations=${3:-}
 bundle=$root/bundle; logs=$root/logs

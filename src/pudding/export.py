@@ -23,10 +23,12 @@ from .storage import atomic_directory, atomic_write_json, atomic_write_text, che
 def delete_blocks(model, omit: Sequence[int]):
     """A copy of `model` whose omitted blocks are gone, so that plain transformers runs the pruned model.
 
-    The kept blocks are renumbered 0..n-1 (their attention modules index the KV cache by that number) and every
-    per-block list in the config (e.g. `layer_types`) is sliced to match.
+    Only the module structure and config are copied: the weights are shared with `model`, so exporting a large model
+    needs no second copy of it in memory. The kept blocks are renumbered 0..n-1 (their attention modules index the KV
+    cache by that number) and every per-block list in the config (e.g. `layer_types`) is sliced to match.
     """
-    pruned = copy.deepcopy(model)
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}  # deepcopy's memo: reuse, do not copy
+    pruned = copy.deepcopy(model, shared)
     arch = architecture_for(pruned.config.model_type)
     stack = resolve(pruned, arch.stack)
     blocks = getattr(stack, arch.blocks)

@@ -349,6 +349,36 @@ class Generation:
     finish_reason: str = "length"
 
 
+class TextStream:
+    """Incremental detokenizer: the text each new token adds, for the cost of decoding a few tokens (decoding the
+    whole generation at every token would make streaming quadratic). It decodes a short window twice, with and
+    without the new tokens, and emits the difference; the window restarts after each emitted piece, so a token that
+    ends inside a multi-byte character is held back until the character is complete."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix_offset = 0  # the window starts here: context for the tokenizer's spacing rules
+        self.read_offset = 0  # text of tokens before this has been emitted
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        self.tokens.append(token)
+        before = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        after = self._decode(self.tokens[self.prefix_offset :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):  # nothing new yet, or a character still incomplete
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return after[len(before) :]
+
+    def full_text(self) -> str:
+        return self._decode(self.tokens) if self.tokenizer is not None else ""
+
+
 class Engine:
     """Generates text with a depth-pruned model; see the module docstring."""
 
@@ -607,19 +637,20 @@ class Engine:
         timings.prefill_ms = 1000 * (time.perf_counter() - swap_started) - timings.swap_ms
         timings.ttft_ms = 1000 * (time.perf_counter() - started)
         generated = [first]
-        text_so_far = ""
+        detokenizer = TextStream(self.tokenizer)
         decode_started = time.perf_counter()
         result = Generation("", generated, list(omit), set_index, timings, len(ids))
         position = len(ids)
         while True:
-            text, text_so_far = self._new_text(generated, text_so_far)
+            text = detokenizer.push(generated[-1])
             timings.new_tokens = len(generated)
             timings.decode_ms = 1000 * (time.perf_counter() - decode_started)
-            result.text = text_so_far
             if generated[-1] in stops:
                 result.finish_reason = "stop"
+            done = result.finish_reason == "stop" or len(generated) >= max_new_tokens
+            result.text = detokenizer.full_text() if done else result.text + text  # exact at the end, once
             yield text, result
-            if result.finish_reason == "stop" or len(generated) >= max_new_tokens:
+            if done:
                 break
             token = self.decode_step(token, position).argmax(-1)
             generated.append(int(token))
@@ -637,14 +668,6 @@ class Engine:
         if self.tokenizer is None or self.tokenizer.eos_token_id is None:
             return []
         return [self.tokenizer.eos_token_id]
-
-    def _new_text(self, tokens: list[int], previous: str) -> tuple[str, str]:
-        if self.tokenizer is None:
-            return "", previous
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
-            return "", previous
-        return text[len(previous):], text
 
     def memory(self) -> dict:
         """Bytes of weights and cache held on the device."""
