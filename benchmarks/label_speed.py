@@ -1,45 +1,36 @@
 """Labelling speed: the tl of each training prompt's right answer under every candidate set (PuDDing eq. 11).
 
 Three ways to compute the same label table, timed on the same prompts:
-  one pass      pudding's labelling (`label_docs`, as `pudding label` runs it per chunk): all sets in one pass over the data, sharing the blocks they agree on
-                (a prefix tree over the sets), batched by length, logits only at answer positions;
+  one pass      pudding's labelling (`label_docs`, which `pudding label` runs per chunk): all sets in one pass over
+                the data, sharing the blocks they agree on (a prefix tree over the sets), batched by length, logits
+                only at answer positions;
   set by set    the same batched scorer, each set scored on its own (what one `pudding eval --set i` per set costs);
   naive         the paper's loop: per prompt and per set, a batch-1 forward of the pruned model with logits over
                 the whole vocabulary at every position. Timed on the first prompts and extrapolated (its cost per
                 prompt and set does not depend on which ones).
 The script checks that the three agree on the labels they computed.
 
-    python benchmarks/label_speed.py --candidates results/smollm2-h100/candidates.json --per-task 64 --output results/…json
+    python benchmarks/label_speed.py --candidates results/smollm2-h100/candidates.json --per-task 64 \
+        --output results/label-speed-cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from naive import answer_logprob
+from provenance import provenance, save
 
-from pudding.evaluate import environment
 from pudding.labels import label_docs, training_docs
 from pudding.models import load_decoder
 from pudding.omission import OmissionSet
 from pudding.pipeline import CALIBRATION_TASKS
 from pudding.scoring import Scorer
-
-
-def naive_label(decoder, request, omit: OmissionSet, device) -> float:
-    """Delete-and-recompute, batch 1, full logits: the tl (mean NLL of the answer tokens) of one prompt under one set."""
-    full = request.context + request.continuation
-    with torch.inference_mode():
-        logprobs = decoder.full_logits(torch.tensor([full[:-1]], device=device), omit).float()[0].log_softmax(-1)
-    span = torch.arange(len(request.context) - 1, len(full) - 1, device=device)
-    target = torch.tensor(full[len(request.context):], device=device)
-    return -float(logprobs[span, target].mean())
 
 
 def main() -> None:
@@ -80,7 +71,8 @@ def main() -> None:
     requests = [scorer.encoder.pair(*d.requests[d.gold]) for d in docs[: args.naive_prompts]]
     sync()
     start = time.perf_counter()
-    naive = np.array([[naive_label(loaded.decoder, r, s, args.device) for s in sets] for r in requests])
+    naive = np.array([[-answer_logprob(loaded.decoder, r, s, args.device) / len(r.continuation) for s in sets]
+                      for r in requests])  # tl: mean NLL of the answer tokens
     sync()
     naive_per_label = (time.perf_counter() - start) / naive.size
     naive_total = naive_per_label * len(docs) * len(sets)
@@ -89,12 +81,7 @@ def main() -> None:
                  "naive": float(np.abs(naive - labels[: len(requests)]).max())}
     report = {
         "benchmark": "router labels: tl of the right answer under every candidate set",
-        "command": "python benchmarks/label_speed.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "output"),
-        "machine": {"device": args.device, "cpu_threads": torch.get_num_threads(), "processor": platform.machine(),
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
-        "versions": environment(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance(args),
         "model": {"name": loaded.name, "fingerprint": loaded.fingerprint, "dtype": str(loaded.decoder.dtype)},
         "prompts": len(docs), "sets": len(sets), "labels": len(docs) * len(sets),
         "one_pass_seconds": round(one_pass, 2),
@@ -107,12 +94,9 @@ def main() -> None:
         "labels_per_second": round(len(docs) * len(sets) / one_pass, 1),
         "max_abs_label_difference": agreement,
     }
-    print(json.dumps(report, indent=2))
+    save(report, args.output)
     print(f"\none pass {one_pass:.1f} s | set by set {set_by_set:.1f} s ({report['speedup_vs_set_by_set']}x) | "
           f"naive ≈ {naive_total:.0f} s ({report['speedup_vs_naive']}x) | label agreement {agreement}")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

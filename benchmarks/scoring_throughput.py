@@ -11,16 +11,13 @@ vocabulary only where an answer token is predicted. Both must give the same log-
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import provenance, save
 
-from pudding.evaluate import environment
 from pudding.models import load_decoder
 from pudding.scoring import Scorer
 from pudding.tasks import get_task
@@ -82,12 +79,7 @@ def main() -> None:
     plain_tokens = sum(len(r.context) + len(r.continuation) - 1 for r in requests)
     result = {
         "benchmark": "scoring throughput (scored answers per second)",
-        "command": "python benchmarks/scoring_throughput.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "output"),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
-                    "device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
-        "versions": environment(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance(args),
         "model": {"name": loaded.name, "fingerprint": loaded.fingerprint, "dtype": str(loaded.decoder.dtype)},
         "task": args.task, "documents": len(docs), "answers": num_answers,
         "pudding": {"seconds": round(packed_seconds, 2), "answers_per_second": round(num_answers / packed_seconds, 2),
@@ -98,15 +90,12 @@ def main() -> None:
         "max_abs_loglikelihood_difference": difference,
         "same_prediction": f"{agree}/{len(docs)}",
     }
-    print(json.dumps(result, indent=2))
+    save(result, args.output)
     print(f"\n{'method':10s} {'answers/s':>10s} {'seconds':>8s} {'tokens':>8s}")
     for name in ("plain", "pudding"):
         r = result[name]
         print(f"{name:10s} {r['answers_per_second']:10.1f} {r['seconds']:8.1f} {r['forward_tokens']:8d}")
     print(f"speedup {result['speedup']}x, max |Δ loglik| {difference:.2e}, same prediction {agree}/{len(docs)}")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,38 +12,28 @@ it also checks that those candidates' losses equal pudding's. pudding's search i
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
+from naive import answer_logprob
+from provenance import provenance, save
 
-from pudding.evaluate import environment
 from pudding.models import load_decoder
 from pudding.omission import OmissionSet
 from pudding.scoring import Scorer
 from pudding.search import SearchSpec, loss_function, run_search
 
 
-def naive_candidate_loss(model, decoder_omit, calibration, device) -> float:
+def naive_candidate_loss(decoder, omit, calibration, device) -> float:
     """Delete-and-recompute, batch 1, full logits: the loss of one candidate set."""
     from pudding.scoring import Scores
 
-    logprob, tokens = [], []
-    with torch.inference_mode():
-        for group in calibration.groups:
-            for request in group:
-                full = request.context + request.continuation
-                logits = model(torch.tensor([full[:-1]], device=device), decoder_omit).float()[0]
-                logprobs = logits.log_softmax(-1)
-                span = torch.arange(len(request.context) - 1, len(full) - 1, device=device)
-                target = torch.tensor(full[len(request.context):], device=device)
-                logprob.append(float(logprobs[span, target].sum()))
-                tokens.append(len(request.continuation))
-    return loss_function(calibration)(Scores(np.array(logprob), np.array(tokens), np.ones(len(tokens), bool)))
+    requests = [request for group in calibration.groups for request in group]
+    logprob = np.array([answer_logprob(decoder, r, omit, device) for r in requests])
+    tokens = np.array([len(r.continuation) for r in requests])
+    return loss_function(calibration)(Scores(logprob, tokens, np.ones(len(tokens), bool)))
 
 
 def main() -> None:
@@ -73,12 +63,11 @@ def main() -> None:
 
     num_blocks = loaded.decoder.num_blocks
     candidates_total = sum(num_blocks - s for s in range(args.blocks))
-    forward = lambda ids, omit: loaded.decoder.full_logits(ids, omit)  # noqa: E731 - full recompute, full logits
     naive_losses, sync_start = {}, None
     sync()
     sync_start = time.perf_counter()
     for block in range(args.naive_candidates):
-        naive_losses[block] = naive_candidate_loss(forward, OmissionSet([block], num_blocks), calibration, args.device)
+        naive_losses[block] = naive_candidate_loss(loaded.decoder, OmissionSet([block], num_blocks), calibration, args.device)
     sync()
     per_candidate = (time.perf_counter() - sync_start) / args.naive_candidates
     naive_total = per_candidate * candidates_total
@@ -87,12 +76,7 @@ def main() -> None:
 
     report = {
         "benchmark": "greedy omission-set search, one (task, loss)",
-        "command": "python benchmarks/search_speed.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "output"),
-        "machine": {"device": args.device, "cpu_threads": torch.get_num_threads(), "processor": platform.machine(),
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
-        "versions": environment(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **provenance(args),
         "model": {"name": loaded.name, "fingerprint": loaded.fingerprint, "dtype": str(loaded.decoder.dtype)},
         "search": {"task": args.task, "loss": args.loss, "samples": args.samples, "k": args.blocks,
                    "candidates_scored": candidates_total, "blocks": result.blocks},
@@ -103,12 +87,9 @@ def main() -> None:
         "speedup": round(naive_total / ours, 1),
         "max_abs_loss_difference_on_timed_candidates": worst,
     }
-    print(json.dumps(report, indent=2))
+    save(report, args.output)
     print(f"\npudding {ours:.1f} s | naive ≈ {naive_total:.0f} s ({per_candidate:.2f} s/candidate x {candidates_total}) | "
           f"speedup {report['speedup']}x | loss agreement {worst:.1e}")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

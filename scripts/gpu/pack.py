@@ -76,14 +76,12 @@ def main(names: list[str]) -> None:
         path = REPO / item
         return sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
 
-    calls: list[tuple[int, list[str]]] = []
+    calls: list[list[str]] = []
     for item in sorted(items, key=size, reverse=True):
-        fit = next((c for c in calls if c[0] + size(item) <= BUDGET and len(c[1]) < 8), None)
+        fit = next((c for c in calls if sum(map(size, c)) + size(item) <= BUDGET and len(c) < 8), None)
         if fit is None:
-            calls.append((0, []))
-            fit = calls[-1]
-        calls[calls.index(fit)] = (fit[0] + size(item), fit[1] + [item])
-    calls = [c for _, c in calls]
+            calls.append(fit := [])
+        fit.append(item)
     for i, carry in enumerate(calls, 1):
         print(f"call {i}: carry {json.dumps(carry)}")
 

@@ -295,11 +295,8 @@ def write_report(bundle, config):
                       f"{routing['truncated']} prompts longer than the router reads were truncated.", ""]
         lines += ["## Which blocks the routed sets omit (Figure 4)", "", "![omission heatmap](omission-heatmap.png)", "",
                   "![set usage](set-usage.png)", ""]
-    router_json = bundle.path / "router" / "router.json"
-    if router_json.exists():
-        import json
-
-        router = json.loads(router_json.read_text())
+    router = _router_config(bundle.path / "router")
+    if router is not None:
         last = router["history"]["epochs"][-1]
         quality = (f"; on held-out prompts it picks the lowest-tl set {100 * last['picks_best_set']:.1f}% of the time "
                    f"(mean regret {last['mean_regret_tl']:.4f} tl)") if "picks_best_set" in last else ""
@@ -318,14 +315,18 @@ def write_report(bundle, config):
     return path
 
 
-def _picks_best(router_dir) -> str:
-    """The router's held-out share of prompts for which it picks the lowest-tl set (last epoch), as a cell."""
+def _router_config(router_dir) -> dict | None:
+    """A trained router's router.json (settings, training history), or None if there is none."""
     import json
 
     path = router_dir / "router.json"
-    if not path.exists():
-        return "-"
-    last = json.loads(path.read_text())["history"]["epochs"][-1]
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _picks_best(router_dir) -> str:
+    """The router's held-out share of prompts for which it picks the lowest-tl set (last epoch), as a cell."""
+    router = _router_config(router_dir)
+    last = router["history"]["epochs"][-1] if router else {}
     return f"{100 * last['picks_best_set']:.1f}%" if "picks_best_set" in last else "-"
 
 
