@@ -29,7 +29,7 @@ from provenance import provenance, save
 from pudding.labels import label_docs, training_docs
 from pudding.models import load_decoder
 from pudding.omission import OmissionSet
-from pudding.pipeline import CALIBRATION_TASKS
+from pudding.tasks import CALIBRATION_TASKS
 from pudding.scoring import Scorer
 
 

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import httpx
 
-from pudding.evaluate import environment
-from pudding.serve import ServerProcess
-from pudding.storage import atomic_write_json, atomic_write_text
+from pudding.storage import atomic_write_json, atomic_write_text, environment
 from pudding.tasks import get_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import ServerProcess  # noqa: E402  (the tests' real-server helper: `pudding serve` in a child process)
 
 
 @dataclass(frozen=True)

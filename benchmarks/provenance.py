@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pudding.evaluate import environment
+from pudding.storage import environment
 from pudding.storage import atomic_write_json
 
 

@@ -53,14 +53,14 @@ def main() -> None:
     num_answers = sum(len(d.requests) for d in docs)
 
     # warm-up (allocator, kernels) on a few documents, for both methods
-    scorer.score(scorer.prepare_texts([d.requests for d in docs[:4]]))
+    scorer.score(scorer.prepare_texts([d.requests for d in docs[:4]]), loaded.decoder.omission())
     plain_scores(loaded.model, scorer.encoder.pairs(docs[0].requests), args.device)
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     sync()
     start = time.perf_counter()
     prepared = scorer.prepare_texts([d.requests for d in docs])  # tokenization and packing count too
-    packed = scorer.score(prepared)
+    packed = scorer.score(prepared, loaded.decoder.omission())
     sync()
     packed_seconds = time.perf_counter() - start
 

@@ -1,11 +1,17 @@
-"""Shared fixtures: the real packaged SmolLM2-135M, tiny models of every supported family built from a config,
-and the real task data in ../shared/data."""
+"""Shared fixtures and helpers: the real packaged SmolLM2-135M, tiny models of every supported family built from a
+config, the real task data in ../shared/data, the `pudding` command run as a user runs it, a real `pudding serve`
+process, and a synthetic label table a router can learn."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +68,104 @@ def smollm2():
     from pudding.models import load_decoder
 
     return load_decoder("smollm2-135m", device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The command line, run as a user runs it
+
+
+def pudding(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pudding.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
+    assert len([l for l in lines if l.startswith("error:")]) == 1
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Routers
+
+
+SETS = [[3, 9], [11, 20], [0, 29], [3, 20]]  # candidate sets of the real SmolLM2-135M (30 blocks)
+
+
+def synthetic_table(n: int = 96):
+    """Prompts of two kinds whose best set differs: a router should learn to tell them apart."""
+    from pudding.labels import LabelTable
+
+    rng = np.random.default_rng(0)
+    prompts, labels = [], []
+    for i in range(n):
+        if i % 2:
+            prompts.append(f"Question: what does a {['cat', 'dog', 'bird'][i % 3]} eat?\nAnswer:")
+            labels.append([1.0, 3.0, 2.0, 2.5] + rng.normal(0, 0.05, 4))
+        else:
+            prompts.append(f"The man opened the {['door', 'box', 'jar'][i % 3]} and")
+            labels.append([3.0, 1.0, 2.0, 2.5] + rng.normal(0, 0.05, 4))
+    return LabelTable(["t"] * n, list(range(n)), prompts, np.array(labels, np.float32), SETS, {})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A real server
+
+
+class ServerProcess:
+    """`pudding serve ARGS` in a child process on a free loopback port, ready once /health answers (for the tests
+    and benchmarks/load_test.py, which talk to the server as any client would)."""
+
+    def __init__(self, args: list[str], log_path, start_timeout: float = 180) -> None:
+        import httpx
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._http = httpx.Client(timeout=10)
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "pudding.cli", "serve", *args, "--port", str(self.port)],
+                                            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + start_timeout
+        while not self.healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = Path(log_path).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the server did not start; its log ends with:\n{tail}")
+            time.sleep(0.5)
+
+    def healthy(self) -> bool:
+        import httpx
+
+        try:
+            return self.health()["status"] == "ok"
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
+
+    def health(self) -> dict:
+        return self._http.get(f"{self.url}/health").json()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._http.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_cli import assert_clean_failure, pudding
+from conftest import assert_clean_failure, pudding
 
 from pudding.bundle import Bundle, CandidateSet
 
@@ -48,7 +48,8 @@ def no_leftovers(directory: Path) -> list[str]:
 def bundle(tmp_path_factory, smollm2) -> Path:
     """A bundle with candidate sets, labels and a tiny router (trained for one step), made through the API."""
     from pudding.labels import LabelTable
-    from pudding.router import RouterSettings, save_router, train_router
+    from pudding.router import RouterSettings
+    from pudding.router_training import save_router, train_router
 
     path = tmp_path_factory.mktemp("bad") / "bundle"
     opened = Bundle.create_or_open(path, smollm2.info(), 2, {})
@@ -278,6 +279,7 @@ def read_only_dir(tmp_path):
     subprocess.run(["umount", str(path)], check=True)
 
 
+@pytest.mark.slow
 def test_read_only_output(read_only_dir, smollm2, tmp_path):
     for args in (["search", "--samples", "1", "--blocks", "1", "--task", "piqa", "--output", str(read_only_dir / "s.json")],
                  ["eval", "--tasks", "piqa", "--limit", "2", "--output", str(read_only_dir / "old.json")],
@@ -292,6 +294,7 @@ def _limit_file_size(size: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
+@pytest.mark.slow
 def test_full_disk(tmp_path, smollm2):
     """Writes beyond a file size limit fail with EFBIG, as on a full disk: a clean error, the old result intact."""
     output = tmp_path / "eval.json"
@@ -303,6 +306,7 @@ def test_full_disk(tmp_path, smollm2):
     assert no_leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_full_disk_while_labelling(bundle, tmp_path):
     """Labels bigger than the disk allows: the command fails cleanly and the bundle keeps its labels."""
     copy = tmp_path / "bundle"

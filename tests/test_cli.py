@@ -3,28 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import assert_clean_failure, pudding
 
 
-def pudding(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pudding.cli", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-    )
-
-
-def assert_clean_failure(result: subprocess.CompletedProcess, fragment: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
-    assert len([l for l in lines if l.startswith("error:")]) == 1
-
-
+@pytest.mark.slow
 def test_eval_writes_a_table_and_json(tmp_path, smollm2):
     output = tmp_path / "r.json"
     result = pudding("eval", "--model", "smollm2-135m", "--tasks", "arc_easy,winogrande", "--limit", "8",
@@ -42,17 +26,19 @@ def test_eval_writes_a_table_and_json(tmp_path, smollm2):
     assert document["average"]["paper"] is not None
 
 
+@pytest.mark.slow
 def test_eval_matches_the_python_api(smollm2):
     """The CLI's accuracy is the evaluator's accuracy on the same documents."""
-    from pudding.evaluate import evaluate_multiple_choice, static_policy
+    from pudding.evaluate import evaluate_multiple_choice
     from pudding.omission import OmissionSet
+    from pudding.policy import FixedPolicy
     from pudding.scoring import Scorer
     from pudding.tasks import get_task
 
     task = get_task("piqa")
     docs = task.docs().docs[:12]
     result = evaluate_multiple_choice(Scorer(smollm2.decoder, smollm2.tokenizer), task, docs,
-                                      static_policy(OmissionSet((), 30)))
+                                      FixedPolicy(OmissionSet((), 30)))
     out = pudding("eval", "--tasks", "piqa", "--limit", "12", "--output", "/dev/stdout")
     assert out.returncode == 0, out.stderr
     assert f"{100 * result.metrics['acc']:.2f}" in out.stdout

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import pudding
+from conftest import pudding
 
 from pudding.bundle import Bundle, CandidateSet
 from pudding.labels import LabelTable
@@ -24,6 +24,8 @@ from pudding.labels import LabelTable
 SETS = [[3, 9, 11, 17, 20, 25], [4, 14, 18, 20, 24, 29], [0, 2, 5, 12, 20, 28]]
 LABEL_LIMIT = "8"  # prompts per calibration task (five tasks): one checkpointed chunk per task
 EPOCHS = "3"  # router checkpoints after epochs 1 and 2
+
+pytestmark = pytest.mark.slow  # every test here kills and resumes real jobs
 
 
 def start(*args: str, log: Path) -> subprocess.Popen:

@@ -22,7 +22,7 @@ def _ids(vocab: int, length: int = 16, batch: int = 2, seed: int = 1) -> torch.T
 def test_skipping_equals_deleting(tiny_model, omit):
     decoder = PrunableDecoder(tiny_model)
     ids = _ids(tiny_model.config.vocab_size)
-    ours = decoder.full_logits(ids, omit)
+    ours = decoder.full_logits(ids, decoder.omission(omit))
     reference = delete_blocks(tiny_model, omit)(ids).logits
     assert reference.shape[1] == ids.shape[1]
     torch.testing.assert_close(ours, reference.float(), rtol=1e-4, atol=1e-4)
@@ -41,8 +41,8 @@ def test_deleted_checkpoint_config_is_sliced(tiny_model):
 def test_cached_generation_equals_uncached(tiny_model, omit):
     decoder = PrunableDecoder(tiny_model)
     prompt = _ids(tiny_model.config.vocab_size, length=7, batch=1)[0].tolist()
-    cached = decoder.generate_greedy(prompt, omit, max_new_tokens=12)
-    uncached = decoder.generate_greedy(prompt, omit, max_new_tokens=12, use_cache=False)
+    cached = decoder.generate_greedy(prompt, decoder.omission(omit), max_new_tokens=12)
+    uncached = decoder.generate_greedy(prompt, decoder.omission(omit), max_new_tokens=12, use_cache=False)
     assert cached == uncached
     # and plain transformers, generating with its own cache on the deleted model, agrees
     pruned = delete_blocks(tiny_model, omit)
@@ -57,7 +57,7 @@ def test_gemma3_blocks_keep_their_own_attention_type():
     decoder = PrunableDecoder(model)
     assert decoder.windows == {"sliding_attention": 4, "full_attention": None}
     ids = _ids(model.config.vocab_size, length=16)
-    omit = (0, 2)  # the kept blocks are full, sliding, sliding, full: positions must not shift types
+    omit = decoder.omission((0, 2))  # the kept blocks are full, sliding, sliding, full: positions must not shift types
     ours = decoder.full_logits(ids, omit)
     torch.testing.assert_close(ours, delete_blocks(model, omit)(ids).logits.float(), rtol=1e-4, atol=1e-4)
     # the window matters at this length: treating every block as full attention gives other logits
@@ -68,15 +68,15 @@ def test_gemma3_blocks_keep_their_own_attention_type():
 def test_real_model_matches_transformers(smollm2):
     decoder = smollm2.decoder
     ids = torch.tensor([smollm2.tokenizer("The capital of France is Paris. The capital of Italy is")["input_ids"]])
-    torch.testing.assert_close(decoder.full_logits(ids), smollm2.model(ids).logits.float(), rtol=1e-4, atol=1e-3)
-    omit = (0, 11, 17, 20)
+    torch.testing.assert_close(decoder.full_logits(ids, decoder.omission()), smollm2.model(ids).logits.float(), rtol=1e-4, atol=1e-3)
+    omit = decoder.omission((0, 11, 17, 20))
     reference = delete_blocks(smollm2.model, omit)(ids).logits.float()
     torch.testing.assert_close(decoder.full_logits(ids, omit), reference, rtol=1e-4, atol=1e-3)
 
 
 def test_real_model_cached_generation_with_block_zero_omitted(smollm2):
     prompt = smollm2.tokenizer("Once upon a time")["input_ids"]
-    for omit in [(), (0, 11)]:
+    for omit in [smollm2.decoder.omission(), smollm2.decoder.omission((0, 11))]:
         cached = smollm2.decoder.generate_greedy(prompt, omit, max_new_tokens=8)
         assert cached == smollm2.decoder.generate_greedy(prompt, omit, max_new_tokens=8, use_cache=False)
 

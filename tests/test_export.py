@@ -13,7 +13,7 @@ from pudding.bundle import Bundle, CandidateSet
 from pudding.decoder import PrunableDecoder
 from pudding.export import export_checkpoint
 from pudding.omission import OmissionSet
-from test_cli import assert_clean_failure, pudding
+from conftest import assert_clean_failure, pudding
 
 SETS = [[3, 9], [11, 20]]
 
@@ -26,6 +26,7 @@ def bundle(tmp_path_factory, smollm2):
     return path
 
 
+@pytest.mark.slow
 def test_exported_checkpoint_loads_in_plain_transformers_with_the_same_logits(tmp_path, smollm2):
     out = tmp_path / "pruned"
     result = pudding("export", "--model", "smollm2-135m", "--omit", "0,17,29", "--dtype", "float32", "--output", str(out))
@@ -74,6 +75,7 @@ def test_exported_gemma3_keeps_each_block_attention_type(tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_every_set_of_a_bundle(tmp_path, bundle):
     out = tmp_path / "all"
     result = pudding("export", "--bundle", str(bundle), "--all", "--output", str(out))
@@ -99,6 +101,7 @@ def test_export_rejects_bad_requests(tmp_path, bundle, args, message):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_pack_unpack_and_use_the_pack_without_the_registry(tmp_path, bundle, smollm2):
     archive = tmp_path / "pack.tar"
     result = pudding("pack", "--bundle", str(bundle), "--output", str(archive))

@@ -14,7 +14,8 @@ import pytest
 from pudding.errors import PuddingError
 from pudding.omission import OmissionSet
 
-SETS = [[3, 9], [11, 20], [0, 29], [3, 20]]
+from conftest import SETS
+
 OMIT = OmissionSet([11, 17, 20], 30)
 
 
@@ -37,15 +38,17 @@ def task_manager():
 @pytest.fixture(scope="module")
 def routed_bundle(tmp_path_factory):
     """A bundle whose router has an untrained head: it sends prompts to varied sets, which is all routing needs."""
-    from pudding.bundle import Bundle, router_path
+    from pudding.bundle import Bundle, CandidateSet
     from pudding.models import resolve_model
-    from pudding.router import LoadedRouter, TrainingHistory, save_router
+    from pudding.router import LoadedRouter
+    from pudding.router_training import TrainingHistory, save_router
 
     ref = resolve_model("smollm2-135m")
     path = tmp_path_factory.mktemp("harness") / "bundle"
     bundle = Bundle.create_or_open(path, {"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": 30}, 2, {})
-    router = LoadedRouter.untrained("minilm-l6", SETS)
-    save_router(router_path(bundle), router.router, router.tokenizer, router.settings, SETS, TrainingHistory(), {}, bundle.model)
+    bundle.write_candidates([CandidateSet(s, []) for s in SETS], {})
+    router = LoadedRouter.untrained("minilm-l6", [OmissionSet(s, 30) for s in SETS])
+    save_router(bundle.router_dir(), router.router, router.tokenizer, router.settings, SETS, TrainingHistory(), {}, bundle.model)
     return path
 
 
@@ -63,14 +66,15 @@ def _pudding_eval(scorer, names: list[str], policy, limit: int):
     return out
 
 
+@pytest.mark.slow
 def test_simple_evaluate_matches_pudding_eval(harness_lm, task_manager):
     import lm_eval
 
-    from pudding.evaluate import static_policy
+    from pudding.policy import FixedPolicy
 
     names, limit = ["arc_easy", "piqa", "winogrande"], 8
     harness = lm_eval.simple_evaluate(model=harness_lm, tasks=names, limit=limit, task_manager=task_manager, log_samples=True)
-    reference = _pudding_eval(harness_lm.scorer, names, static_policy(OMIT), limit)
+    reference = _pudding_eval(harness_lm.scorer, names, FixedPolicy(OMIT), limit)
     for name in names:
         expected, scored = reference[name]
         got = harness["results"][name]
@@ -91,11 +95,12 @@ def _run_harness_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_cli_routes_once_per_document_like_pudding_eval(harness_lm, routed_bundle, tmp_path):
     """`python -m pudding.harness` (lm-eval's command line) with a bundle: each document routed once, and the
     accuracy and the sets used are those of `pudding eval --bundle` on the same documents."""
-    from pudding.bundle import Bundle, router_path
-    from pudding.router import LoadedRouter, routed_policy
+    from pudding.bundle import Bundle
+    from pudding.policy import RoutedPolicy
 
     names, limit = ["arc_easy", "winogrande"], 6
     result = _run_harness_cli("--model", "pudding", "--model_args", f"bundle={routed_bundle}", "--device", "cpu",
@@ -104,9 +109,7 @@ def test_cli_routes_once_per_document_like_pudding_eval(harness_lm, routed_bundl
     assert result.returncode == 0, result.stderr[-3000:]
     [results_file] = list(tmp_path.rglob("results_*.json"))
     document = json.loads(results_file.read_text())
-    router = LoadedRouter(router_path(Bundle.open(routed_bundle)))
-    sets = [OmissionSet(s, 30) for s in router.sets]
-    reference = _pudding_eval(harness_lm.scorer, names, routed_policy(router, sets), limit)
+    reference = _pudding_eval(harness_lm.scorer, names, RoutedPolicy(Bundle.open(routed_bundle).router()), limit)
     expected_sets: dict[str, int] = {}
     for name in names:
         expected, _ = reference[name]
@@ -155,7 +158,7 @@ def test_loglikelihood_rolling_is_the_whole_text_log_likelihood(harness_lm):
 @pytest.mark.parametrize("model_args, fragment", [
     ({"omit": "11;99"}, "block index 99 is out of range"),
     ({"set": 1}, "set= needs bundle=DIR"),
-    ({"omit": 3, "set": 1}, "not both"),
+    ({"omit": 3, "set": 1}, "give only one of omit=, set="),
     ({"bundel": "x"}, "unknown model_args bundel"),
     ({"batch_tokens": 8}, "batch_tokens"),
 ])

@@ -11,12 +11,10 @@ from pudding.bundle import Bundle
 from pudding.errors import PuddingError
 from pudding.labels import LabelTable, label_prompts
 from pudding.omission import OmissionSet
-from pudding.router import LoadedRouter, RouterSettings, objective_loss, predicted_losses, save_router, train_router
+from pudding.router import LoadedRouter, RouterSettings, objective_loss, predicted_losses
+from pudding.router_training import save_router, train_router
 from pudding.scoring import Scorer
-from test_cli import assert_clean_failure, pudding
-
-SETS = [[3, 9], [11, 20], [0, 29], [3, 20]]
-
+from conftest import SETS, assert_clean_failure, pudding, synthetic_table
 
 @pytest.fixture(scope="module")
 def scorer(smollm2):
@@ -60,29 +58,15 @@ def test_objectives_agree_on_lower_is_better():
     assert objective_loss(logits, labels, "ce-onehot").item() < objective_loss(-logits, labels, "ce-onehot").item()
 
 
-def _synthetic_table(n: int = 96) -> LabelTable:
-    """Prompts of two kinds whose best set differs: a router should learn to tell them apart."""
-    rng = np.random.default_rng(0)
-    prompts, labels = [], []
-    for i in range(n):
-        if i % 2:
-            prompts.append(f"Question: what does a {['cat', 'dog', 'bird'][i % 3]} eat?\nAnswer:")
-            labels.append([1.0, 3.0, 2.0, 2.5] + rng.normal(0, 0.05, 4))
-        else:
-            prompts.append(f"The man opened the {['door', 'box', 'jar'][i % 3]} and")
-            labels.append([3.0, 1.0, 2.0, 2.5] + rng.normal(0, 0.05, 4))
-    return LabelTable(["t"] * n, list(range(n)), prompts, np.array(labels, np.float32), SETS, {})
-
-
 def test_router_trains_saves_and_routes(tmp_path):
-    table = _synthetic_table()
+    table = synthetic_table()
     settings = RouterSettings(epochs=4, warmup_steps=4, lr=3e-4, batch_size=16, max_length=32, val_fraction=0.25)
     router, tokenizer, history, meta = train_router(table, settings)
     assert [e["epoch"] for e in history.epochs] == [1, 2, 3, 4]
     assert history.epochs[-1]["val_loss"] < history.epochs[0]["val_loss"]
     assert meta["val_rows"] == 24
     directory = tmp_path / "router"
-    save_router(directory, router, tokenizer, settings, table.sets, history, meta, {"fingerprint": "x"})
+    save_router(directory, router, tokenizer, settings, table.sets, history, meta, {"fingerprint": "x", "num_blocks": 30})
     assert (directory / "head.safetensors").exists() and (directory / "training.png").stat().st_size > 1000
     assert not list(directory.rglob("*.bin")) and not list(directory.rglob("*.pt"))  # safetensors only
     loaded = LoadedRouter(directory)
@@ -96,7 +80,7 @@ def test_router_trains_saves_and_routes(tmp_path):
 
 
 def test_router_training_is_deterministic():
-    table = _synthetic_table(32)
+    table = synthetic_table(32)
     settings = RouterSettings(epochs=1, warmup_steps=1, batch_size=8, max_length=24, val_fraction=0.25)
     first = train_router(table, settings)[2].steps
     second = train_router(table, settings)[2].steps
@@ -113,6 +97,7 @@ def small_bundle(tmp_path_factory, smollm2):
     return bundle
 
 
+@pytest.mark.slow
 def test_pipeline_writes_every_stage(small_bundle):
     evals = {p.stem for p in (small_bundle / "evals").glob("*.json")}
     assert {"dense", "sleb", "shortened-ppl", "shortgpt", "set0", "oracle", "oracle-tl", "pudding", "sleb-per-prompt"} <= evals
@@ -130,6 +115,7 @@ def test_pipeline_writes_every_stage(small_bundle):
         assert oracle["tasks"][task]["metrics"]["acc"] >= best_static
 
 
+@pytest.mark.slow
 def test_pipeline_resumes_without_recomputing(small_bundle):
     before = {p.name: p.stat().st_mtime_ns for p in small_bundle.rglob("*.json")}
     again = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",
@@ -141,6 +127,7 @@ def test_pipeline_resumes_without_recomputing(small_bundle):
     assert len(unchanged) >= len(before) - 1
 
 
+@pytest.mark.slow
 def test_route_and_routed_eval_from_the_cli(small_bundle):
     result = pudding("route", "--bundle", str(small_bundle), "Question: How do I boil an egg?\nAnswer:")
     assert result.returncode == 0, result.stderr
@@ -151,6 +138,7 @@ def test_route_and_routed_eval_from_the_cli(small_bundle):
     assert oracle.returncode == 0 and "per question" in oracle.stdout
 
 
+@pytest.mark.slow
 def test_bad_bundle_input(small_bundle, tmp_path):
     assert_clean_failure(pudding("route", "--bundle", str(small_bundle), "  "), "empty prompt")
     bare = tmp_path / "bare"
@@ -165,6 +153,7 @@ def test_bad_bundle_input(small_bundle, tmp_path):
     assert_clean_failure(pudding("pipeline", "--output", str(tmp_path / "x"), "--stages", "magic"), "unknown stage 'magic'")
 
 
+@pytest.mark.slow
 def test_objectives_ablation_lands_in_the_report(small_bundle):
     """The CE routers of Table 12 train beside the main one and the report compares them on the same documents."""
     result = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",

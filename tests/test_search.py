@@ -14,7 +14,7 @@ from pudding.scoring import Scorer
 from pudding.search import (
     SearchSpec, block_influence, calibration_set, candidate_scores, greedy_search, loss_function, run_search,
 )
-from test_cli import assert_clean_failure, pudding
+from conftest import assert_clean_failure, pudding
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,7 @@ def test_prefix_reuse_equals_full_recompute(scorer):
         np.testing.assert_allclose(fast[c].logprob, full.logprob, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_greedy_search_takes_the_best_block_each_step(scorer, smollm2):
     calibration = calibration_set(scorer, "piqa", "tl", samples=4, seed=0)
     result = greedy_search(scorer, calibration, 2, smollm2.info())
@@ -48,6 +49,7 @@ def test_greedy_search_takes_the_best_block_each_step(scorer, smollm2):
     assert result.calibration["indices"] and len(result.calibration["indices"]) == 4
 
 
+@pytest.mark.slow
 def test_search_resumes_from_its_checkpoint(scorer, smollm2, tmp_path):
     calibration = calibration_set(scorer, "winogrande", "tl", samples=3, seed=2)
     prepared = scorer.prepare(calibration.groups)
@@ -114,6 +116,7 @@ def test_shortgpt_uses_raw_hidden_states(tiny_model):
     assert abs(ours[5] - naive_last) > 1e-3
 
 
+@pytest.mark.slow
 def test_one_shot_baselines(scorer, smollm2):
     spec = SearchSpec("shortened-ppl", k=3, samples=2, seqlen=64)
     result = run_search(spec, scorer, smollm2.info())
@@ -123,6 +126,7 @@ def test_one_shot_baselines(scorer, smollm2):
     assert len(gpt.blocks) == 3 and gpt.calibration["task"] == "wikitext2"
 
 
+@pytest.mark.slow
 def test_ray_backend_gives_the_local_result(scorer, smollm2):
     ray = pytest.importorskip("ray")
     from pudding.distributed import RayEvaluator
@@ -139,6 +143,7 @@ def test_ray_backend_gives_the_local_result(scorer, smollm2):
     np.testing.assert_allclose(distributed.loss_after_step, local.loss_after_step, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_candidates_pool_in_a_bundle(tmp_path, smollm2):
     bundle = tmp_path / "bundle"
     args = ["candidates", "--tasks", "piqa,arc_easy", "--losses", "tl,tld", "--blocks", "1", "--samples", "2",
@@ -171,7 +176,7 @@ def test_candidates_pool_in_a_bundle(tmp_path, smollm2):
         (["search", "--method", "magic", "--output", "x.json"], "unknown method 'magic'"),
         (["search", "--task", "wikitext2", "--loss", "tl", "--output", "x.json"], "needs a question-answering task"),
         (["candidates", "--losses", "tl,bogus", "--output", "b"], "unknown loss 'bogus'"),
-        (["eval", "--set", "0"], "need --bundle"),
+        (["eval", "--set", "0"], "--set needs --bundle"),
         (["eval", "--bundle", "/nonexistent"], "bundle directory not found"),
     ],
 )
@@ -180,6 +185,7 @@ def test_bad_search_input(args, fragment, tmp_path, smollm2, monkeypatch):
     assert_clean_failure(pudding(*args), fragment)
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_through_the_cli(tmp_path, smollm2):
     (tmp_path / "s.json.partial").write_text("garbage")
     result = pudding("search", "--samples", "2", "--blocks", "1", "--output", str(tmp_path / "s.json"))

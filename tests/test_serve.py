@@ -13,13 +13,12 @@ import httpx
 import openai
 import pytest
 
-from pudding.bundle import Bundle, CandidateSet, router_path
-from pudding.errors import PuddingError
-from pudding.router import RouterSettings, save_router, train_router
-from pudding.runtime import Engine
-from pudding.serve import ServerProcess, StopScanner
-from test_cli import assert_clean_failure, pudding
-from test_router import SETS, _synthetic_table
+from conftest import SETS, ServerProcess, assert_clean_failure, pudding, synthetic_table
+from pudding.bundle import Bundle, CandidateSet
+from pudding.engine import Engine
+from pudding.router import RouterSettings
+from pudding.router_training import save_router, train_router
+from pudding.serve import StopScanner
 
 MAX_LEN = 512
 MODEL = "smollm2-135m"
@@ -31,7 +30,7 @@ class Server(ServerProcess):
     def __init__(self, log: Path, *args: str) -> None:
         try:
             super().__init__(list(args), log)
-        except PuddingError as failed:
+        except RuntimeError as failed:
             pytest.fail(str(failed))
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -43,13 +42,13 @@ class Server(ServerProcess):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, smollm2):
     """A bundle for the real model with a router trained one epoch on synthetic labels: enough to route."""
-    table = _synthetic_table(32)
+    table = synthetic_table(32)
     settings = RouterSettings(epochs=1, warmup_steps=1, batch_size=16, max_length=32, val_fraction=0.25)
     router, tokenizer, history, meta = train_router(table, settings)
     model = {"name": smollm2.name, "fingerprint": smollm2.fingerprint, "num_blocks": smollm2.decoder.num_blocks}
     opened = Bundle.create_or_open(tmp_path_factory.mktemp("serve") / "bundle", model, 2, {})
     opened.write_candidates([CandidateSet(s, []) for s in SETS], {})
-    save_router(router_path(opened), router, tokenizer, settings, SETS, history, meta, model)
+    save_router(opened.router_dir(), router, tokenizer, settings, SETS, history, meta, model)
     return opened.path
 
 
@@ -81,7 +80,7 @@ def test_completions_stream_and_engine_agree(server, engine):
         info = whole.pudding
         assert info["routed"] and info["set_index"] in range(len(SETS)) and info["router_ms"] > 0
         assert info["omitted_blocks"] == SETS[info["set_index"]]
-        reference = engine.generate(prompt, info["omitted_blocks"], max_new_tokens=10)
+        reference = engine.generate(prompt, engine.omission(info["omitted_blocks"]), max_new_tokens=10)
         assert whole.choices[0].text == streamed == reference.text and streamed
         assert whole.usage.prompt_tokens == len(engine.encode(prompt)) == reference.prompt_tokens
         assert whole.usage.completion_tokens == len(reference.tokens)
@@ -102,7 +101,7 @@ def test_chat_honours_a_forced_set(server, engine):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert whole.pudding["set_index"] == 2 and whole.pudding["omitted_blocks"] == SETS[2] and not whole.pudding["routed"]
     text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    reference = engine.generate(text, SETS[2], max_new_tokens=8)
+    reference = engine.generate(text, engine.omission(SETS[2]), max_new_tokens=8)
     assert whole.choices[0].message.content == streamed == reference.text
     assert whole.choices[0].message.role == "assistant" and chunks[0].choices[0].delta.role == "assistant"
     assert whole.usage.prompt_tokens == reference.prompt_tokens and chunks[-1].usage == whole.usage
@@ -119,12 +118,12 @@ def test_dense_and_explicit_blocks_can_be_forced(server, engine, forced, omitted
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["pudding"]["omitted_blocks"] == omitted and body["pudding"]["set_index"] == index
-    assert body["choices"][0]["text"] == engine.generate(prompt, omitted, max_new_tokens=6).text
+    assert body["choices"][0]["text"] == engine.generate(prompt, engine.omission(omitted), max_new_tokens=6).text
 
 
 def test_stop_strings_cut_the_text_in_both_modes(server, engine):
     prompt = "Here is a list of fruits: apple, banana,"
-    full = engine.generate(prompt, SETS[0], max_new_tokens=16).text
+    full = engine.generate(prompt, engine.omission(SETS[0]), max_new_tokens=16).text
     stop = full[6:9]
     assert stop.strip(), full
     request = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "stop": [stop, "never appears"],
@@ -197,6 +196,7 @@ def test_the_openai_client_sees_the_error_message(server):
         server.client.completions.create(model="gpt-9", prompt="hi")
 
 
+@pytest.mark.slow
 def test_a_full_queue_is_answered_503(server):
     """Queue size 1: of four simultaneous slow requests one runs, one waits, the others are turned away."""
     barrier = threading.Barrier(4)
@@ -218,6 +218,7 @@ def test_a_full_queue_is_answered_503(server):
     assert server.health()["requests"]["refused"] >= 1
 
 
+@pytest.mark.slow
 def test_a_client_leaving_mid_stream_stops_its_generation(server):
     before = server.health()["requests"]["cancelled"]
     request = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": MAX_LEN - 16, "stream": True}
@@ -243,6 +244,7 @@ def test_models_and_health_describe_the_server(server):
     assert health["routed"] and health["queue_size"] == 1
 
 
+@pytest.mark.slow
 def test_a_model_without_router_serves_its_fixed_set(tmp_path, engine):
     running = Server(tmp_path / "serve.log", "--model", MODEL, "--omit", "11,17,20", "--max-len", "256",
                      "--queue-size", "0", "--device", "cpu")
@@ -252,13 +254,14 @@ def test_a_model_without_router_serves_its_fixed_set(tmp_path, engine):
         prompt = "The capital of France is"
         response = running.client.completions.create(model=MODEL, prompt=prompt, max_tokens=5)
         assert response.pudding["omitted_blocks"] == [11, 17, 20] and response.pudding["set_index"] is None
-        assert response.choices[0].text == engine.generate(prompt, [11, 17, 20], max_new_tokens=5).text
+        assert response.choices[0].text == engine.generate(prompt, engine.omission([11, 17, 20]), max_new_tokens=5).text
         numbered = running.post("/v1/completions", {"model": MODEL, "prompt": prompt, "pudding": {"set": 0}})
         assert numbered.status_code == 400 and "pudding.omit" in numbered.json()["error"]["message"]
     finally:
         running.stop()
 
 
+@pytest.mark.slow
 def test_serve_command_rejects_bad_options(bundle):
     assert_clean_failure(pudding("serve", "--bundle", str(bundle), "--omit", "3"), "--omit is for a model")
     assert_clean_failure(pudding("serve", "--omit", "30"), "out of range")

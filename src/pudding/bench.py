@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine import Engine
 from .omission import OmissionSet
-from .runtime import Engine
 
 
 class Clock:
@@ -81,7 +81,7 @@ def _prompt(length: int, vocab: int) -> list[int]:
     return torch.randint(10, vocab - 10, (length,), generator=torch.Generator().manual_seed(length)).tolist()
 
 
-def time_set(engine: Engine, omit: Sequence[int], label: str, prompt_lengths: Sequence[int], base_prompt: int,
+def time_set(engine: Engine, omit: OmissionSet, label: str, prompt_lengths: Sequence[int], base_prompt: int,
              gen_lengths: Sequence[int], repeats: int) -> SetTimings:
     clock = Clock(engine.device)
     engine.use(omit)
@@ -103,15 +103,12 @@ def time_set(engine: Engine, omit: Sequence[int], label: str, prompt_lengths: Se
     return SetTimings(label, engine.shape.num_blocks - len(omit), ttft, generate, 1000 / per_token, per_token)
 
 
-def router_timing(router, prompts: Sequence[str], repeats: int = 20) -> float:
-    """Median batch-1 routing time in ms (tokenization, encoder, head, choice), after warm-up."""
+def router_timing(policy, prompts: Sequence[str], repeats: int = 20) -> float:
+    """Median batch-1 time a policy takes to choose (for a router: tokenization, encoder, head, choice), after
+    warm-up."""
     for p in prompts[:3]:
-        router.route([p])
-    times = []
-    for _ in range(repeats):
-        for p in prompts:
-            times.append(1000 * router.route([p]).seconds)
-    return statistics.median(times)
+        policy.choose_one(p)
+    return statistics.median(policy.choose_one(p).ms for _ in range(repeats) for p in prompts)
 
 
 def swap_timing(engine: Engine, base: OmissionSet, targets: dict[int, OmissionSet], prompt: int, repeats: int) -> dict:
@@ -215,7 +212,7 @@ def compare(engine: Engine, dense: SetTimings, pruned: SetTimings, bandwidth: fl
     return out
 
 
-def peak_memory(engine: Engine, omit: Sequence[int], prompt: int, new_tokens: int, baseline: int = 0) -> dict:
+def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int, baseline: int = 0) -> dict:
     """Peak GPU memory of a pre-fill + generation; `baseline` is what was allocated before the engine was built
     (the router), reported apart from the engine's own peak."""
     torch.cuda.synchronize()
@@ -238,7 +235,7 @@ def peak_memory(engine: Engine, omit: Sequence[int], prompt: int, new_tokens: in
             "kv_cache_gb": mem["kv_cache"] / 1e9, "block_gb": mem["block_bytes"] / 1e9}
 
 
-def benchmark_shape(config, device: str, settings: BenchSettings, router=None, log=print) -> dict:
+def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, log=print) -> dict:
     """A model of this shape with random weights (speed does not depend on weight values): dense against the
     paper-style 7-of-32 set in both residency modes, routing, swaps and memory."""
     import gc
@@ -250,7 +247,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, router=None, l
     log(f"HBM bandwidth (copy, read + write): {bandwidth / 1e9:.0f} GB/s")
     num_blocks = config.num_hidden_layers
     pruned_set = OmissionSet(PAPER_SET, num_blocks)
-    router_ms = router_timing(router, ROUTER_PROMPTS) if router is not None else 0.0
+    router_ms = router_timing(policy, ROUTER_PROMPTS) if policy is not None else 0.0
     results["router_ms"] = router_ms
 
     torch.cuda.synchronize()
@@ -258,17 +255,18 @@ def benchmark_shape(config, device: str, settings: BenchSettings, router=None, l
     results["router_gb"] = baseline / 1e9
     engine = Engine.random(config, device, max_len=settings.max_len, compile_mode=settings.compile_mode)
     started = time.perf_counter()
-    warm = engine.warm_up([(), pruned_set] + [OmissionSet(s, num_blocks) for s in SWAP_SETS.values()])
+    dense_set = OmissionSet.dense(num_blocks)
+    warm = engine.warm_up([dense_set, pruned_set] + [OmissionSet(s, num_blocks) for s in SWAP_SETS.values()])
     results["warm_up_s"] = warm
     log(f"warm-up (compile + capture, 5 sets): {warm:.1f} s")
-    dense = time_set(engine, (), "dense", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
+    dense = time_set(engine, dense_set, "dense", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
     pruned = time_set(engine, pruned_set, "pruned", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
     results["all_resident"] = {"dense": _row(dense), "pruned": _row(pruned),
                                "comparison": compare(engine, dense, pruned, bandwidth, router_ms, settings),
-                               "memory": {"dense": peak_memory(engine, (), 512, 512, baseline),
+                               "memory": {"dense": peak_memory(engine, dense_set, 512, 512, baseline),
                                           "pruned": peak_memory(engine, pruned_set, 512, 512, baseline)}}
     switch_clock = Clock(device)
-    results["all_resident"]["switch_ms"] = switch_clock.median(lambda: (engine.use(()), engine.use(pruned_set)), 10)
+    results["all_resident"]["switch_ms"] = switch_clock.median(lambda: (engine.use(dense_set), engine.use(pruned_set)), 10)
     log(f"all resident: dense {dense.decode_tok_s:.1f} tok/s, pruned {pruned.decode_tok_s:.1f} tok/s; took {time.perf_counter() - started:.0f} s")
     engine = None  # free the all-resident engine before the memory-budget one is built
     gc.collect()
@@ -295,13 +293,18 @@ def benchmark_shape(config, device: str, settings: BenchSettings, router=None, l
 
 def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print) -> dict:
     """A real packaged model with its bundle: dense against the routed sets, routing included."""
-    from .cli import open_engine
+    from .bundle import Bundle
+    from .engine import open_engine
+    from .policy import PolicySpec
 
-    engine, ref = open_engine(bundle_dir, None, device, "auto", None, settings.max_len, warm=False)
-    sets = engine.router_sets
+    bundle = Bundle.open(bundle_dir)
+    ref = bundle.model_ref()
+    engine = open_engine(ref, device, "auto", None, settings.max_len)
+    policy = PolicySpec().build(ref.num_blocks, bundle, device)
+    sets = policy.sets
     warm = engine.warm_up([OmissionSet.dense(ref.num_blocks)] + sets)
-    router_ms = router_timing(engine.router, ROUTER_PROMPTS)
-    dense = time_set(engine, (), "dense", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
+    router_ms = router_timing(policy, ROUTER_PROMPTS)
+    dense = time_set(engine, OmissionSet.dense(ref.num_blocks), "dense", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
     pruned = time_set(engine, sets[0], "set 0", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
     bandwidth = measure_bandwidth(device) if torch.device(device).type == "cuda" else None
     result = {"model": ref.name, "fingerprint": ref.fingerprint, "bundle": str(bundle_dir), "router_ms": router_ms,

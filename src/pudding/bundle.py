@@ -22,7 +22,9 @@ from pathlib import Path
 
 from .errors import PuddingError
 from .omission import OmissionSet
-from .storage import atomic_write_json, atomic_write_text, json_text, read_json, remove_partial, sha256_file
+from .storage import (
+    atomic_write_json, atomic_write_text, environment, json_text, read_json, remove_partial, sha256_file,
+)
 
 FORMAT = "pudding-bundle/1"
 PACKED_MODEL = "model"  # the subdirectory of a pack (`pudding pack`) that holds the decoder the bundle was made for
@@ -56,8 +58,6 @@ class Bundle:
             return bundle
         if path.exists() and any(path.iterdir()):
             raise PuddingError(f"{path} exists and is not a pudding bundle: choose an empty or new directory")
-        from .evaluate import environment
-
         manifest = {
             "format": FORMAT,
             "model": {k_: model[k_] for k_ in ("name", "fingerprint", "num_blocks")},
@@ -208,6 +208,9 @@ class Bundle:
             "settings": settings,
         })
 
+    def has_candidates(self) -> bool:
+        return (self.path / "candidates.json").exists()
+
     def candidates(self) -> list[CandidateSet]:
         path = self.path / "candidates.json"
         if not path.exists():
@@ -221,19 +224,34 @@ class Bundle:
     def omission_sets(self) -> list[OmissionSet]:
         return [OmissionSet(s.blocks, self.model["num_blocks"]) for s in self.candidates()]
 
+    @property
+    def labels_path(self) -> Path:
+        return self.path / "labels.parquet"
+
+    def router_dir(self, objective: str = "mse", must_exist: bool = False) -> Path:
+        """Where the router trained with this objective lives (router/, or router-OBJECTIVE/ for the ablations)."""
+        directory = self.path / ("router" if objective == "mse" else f"router-{objective}")
+        if must_exist and not (directory / "router.json").exists():
+            trained = "" if objective == "mse" else f" trained with {objective}"
+            command = "`pudding train-router`" if objective == "mse" else f"`pudding train-router --objective {objective}`"
+            raise PuddingError(f"bundle {self.path} has no router{trained}: make one with `pudding label` then {command}")
+        return directory
+
+    def router(self, objective: str = "mse", device: str = "cpu"):
+        """The bundle's trained router, routing to the bundle's candidate sets (refused if it was trained on others)."""
+        from .router import LoadedRouter
+
+        router = LoadedRouter(self.router_dir(objective, must_exist=True), device, self.model["num_blocks"])
+        if router.sets != self.omission_sets():
+            raise PuddingError(f"the router in {self.router_dir(objective)} was trained on other sets than the bundle's "
+                               "candidates: train it again (`pudding train-router`)")
+        return router
+
     def omission_set(self, index: int) -> OmissionSet:
         sets = self.omission_sets()
         if not 0 <= index < len(sets):
             raise PuddingError(f"set {index} does not exist: bundle {self.path} has sets 0 to {len(sets) - 1}")
         return sets[index]
-
-
-def labels_path(bundle: "Bundle") -> Path:
-    return bundle.path / "labels.parquet"
-
-
-def router_path(bundle: "Bundle", objective: str = "mse") -> Path:
-    return bundle.path / ("router" if objective == "mse" else f"router-{objective}")
 
 
 def deduplicate(found: list[tuple[list[int], dict]]) -> list[CandidateSet]:

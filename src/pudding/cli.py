@@ -163,102 +163,57 @@ def eval_command(
 ) -> None:
     """Zero-shot accuracy of the dense model, an omission set, a bundle's set or a baseline; table and JSON."""
     from .bundle import Bundle
-    from .evaluate import Timer, evaluate_tasks, results_document, static_policy, write_results
+    from .evaluate import Timer, evaluate_tasks, results_document, write_results
     from .models import resolve_model
-    from .omission import OmissionSet
-    from .search import SearchSpec, load_search, run_search
+    from .policy import PolicySpec
     from .tasks import parse_task_list, resolve_data_dir
 
-    sources = [x for x in (omit, set_index, method, search_file) if x is not None] + [1 for f in (oracle, per_prompt) if f]
-    if len(sources) > 1:
-        raise PuddingError("give only one of --omit, --set, --method, --search, --oracle, --sleb-per-prompt")
-    if (set_index is not None or method is not None or oracle) and bundle is None:
-        raise PuddingError("--set, --method and --oracle need --bundle")
+    spec = PolicySpec(omit=omit, set=set_index, method=method, search=search_file, per_prompt=per_prompt)
+    if oracle and (spec.chosen() or bundle is None):
+        raise PuddingError("--oracle needs --bundle" if bundle is None else f"give only one of --oracle, {', '.join(spec.chosen())}")
     task_list = parse_task_list(tasks)
     data_path = resolve_data_dir(data_dir)
     opened = Bundle.open(bundle) if bundle else None
-    ref = resolve_model(model or (opened.model["name"] if opened else "smollm2-135m"))
-    model_info = {"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks}
-    if opened:
-        opened.check_model(model_info)
-    searched = load_search(search_file) if search_file else None
-    if searched and searched.model["fingerprint"] != ref.fingerprint:
-        raise PuddingError(f"{search_file} was searched on another model ({searched.model['name']}, fingerprint {searched.model['fingerprint']})")
-    dynamic = oracle or per_prompt or (opened is not None and not [x for x in (set_index, method, omit, search_file) if x is not None])
+    ref = opened.model_ref(model) if opened else resolve_model(model or "smollm2-135m")
+    if not oracle:
+        spec.check(opened, ref.num_blocks)
+        if spec.search is not None:
+            spec.build(ref.num_blocks, opened, model_info={"name": ref.name, "fingerprint": ref.fingerprint})
+    dynamic = oracle or per_prompt or (opened is not None and spec.routed)
     if dynamic and any(t.kind == "perplexity" for t in task_list):
         raise PuddingError("perplexity tasks (wikitext2) can only be evaluated under one fixed omission set")
-    if opened is not None and dynamic and not oracle and not per_prompt:
-        from .bundle import router_path
-
-        if not (router_path(opened) / "router.json").exists():
-            raise PuddingError(f"bundle {opened.path} has no router: make one with `pudding label` then `pudding train-router`")
     doc_sets = {t.name: t.docs(data_dir=data_path) for t in task_list if t.kind == "multiple_choice"}
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
     settings = {"limit": limit, "data_dir": str(data_path), "batch_tokens": scorer.max_batch_tokens, "command": " ".join(sys.argv)}
     if oracle:
-        from .evaluate import ORACLES, evaluate_sets
-
-        sets = {f"set{i}": o for i, o in enumerate(opened.omission_sets())}
-        mc = [t for t in task_list if t.kind == "multiple_choice"]
-        with Timer() as timer:
-            results = evaluate_sets(scorer, mc, doc_sets, sets, limit)
-        documents = {name: results_document(loaded.info(), {"kind": name, "blocks": None, "label": "per question"},
-                                            results[name], settings, timer.seconds) for name in ORACLES}
-        for name in ORACLES:
-            _print_results(documents[name])
-        if output:
-            write_results(output, documents["oracle"] | {"oracle_tl": documents["oracle-tl"]})
-            out.print(f"results written to {output}")
+        _evaluate_oracles(opened, scorer, loaded, task_list, doc_sets, limit, settings, output)
         return
-    routing = None
-    if per_prompt:
-        from .evaluate import per_prompt_policy
-        from .pipeline import default_k
-
-        k = opened.k if opened else default_k(ref.num_blocks)
-        policy, omission_info = per_prompt_policy(scorer, k), {"kind": "sleb-per-prompt", "blocks": None, "label": "per prompt"}
-    elif omit is not None or (set_index is None and method is None and searched is None and opened is None):
-        omission = OmissionSet.parse(omit, ref.num_blocks)
-        policy, omission_info = static_policy(omission), {"kind": "static", "blocks": list(omission), "label": omission.label()}
-    elif set_index is not None:
-        omission = opened.omission_set(set_index)
-        policy, omission_info = static_policy(omission), {"kind": f"bundle set {set_index}", "blocks": list(omission), "label": omission.label()}
-    elif searched is not None:
-        omission = searched.omission()
-        policy, omission_info = static_policy(omission), {"kind": f"search {searched.method}", "blocks": list(omission), "label": omission.label()}
-    elif method is not None:
-        if method not in ("sleb", "shortened-ppl", "shortgpt"):
-            raise PuddingError(f"unknown baseline '{method}' (use sleb, shortened-ppl or shortgpt)")
-        path = opened.baseline_path(method)
-        if path.exists():
-            result = load_search(path)
-        else:
-            result = run_search(SearchSpec(method, k=opened.k), scorer, loaded.info(), data_path)
-            opened.write_json(path, result.to_json())
-        omission = result.omission()
-        policy, omission_info = static_policy(omission), {"kind": f"baseline {method}", "blocks": list(omission), "label": omission.label()}
-    else:
-        from .bundle import router_path
-        from .router import LoadedRouter, routed_policy
-
-        router = LoadedRouter(router_path(opened), loaded.decoder.device)
-        sets = [OmissionSet(b, ref.num_blocks) for b in router.sets]
-        routing = {"prompts": 0, "seconds": 0.0, "truncated": 0}
-
-        def count(docs, result):
-            routing["prompts"] += len(docs)
-            routing["seconds"] += result.seconds
-            routing["truncated"] += sum(result.truncated)
-
-        policy, omission_info = routed_policy(router, sets, count), {"kind": "pudding", "blocks": None, "label": "routed"}
+    policy = spec.build(ref.num_blocks, opened, str(loaded.decoder.device), scorer, loaded.info(), data_path)
     with Timer() as timer:
         results = evaluate_tasks(scorer, task_list, doc_sets, policy, limit, data_path)
-    document = results_document(loaded.info(), omission_info, results, settings, timer.seconds)
-    if routing is not None:
-        document["routing"] = routing
+    document = results_document(loaded.info(), policy.describe(), results, settings, timer.seconds)
+    if policy.fixed is None and not per_prompt:
+        document["routing"] = policy.stats.to_json()
     _print_results(document)
     if output:
         write_results(output, document)
+        out.print(f"results written to {output}")
+
+
+def _evaluate_oracles(opened, scorer, loaded, task_list, doc_sets, limit, settings, output) -> None:
+    """The pool's bounds: a question right if any set gets it right, and the lowest-tl set's answer."""
+    from .evaluate import ORACLES, Timer, evaluate_sets, oracle_description, results_document, write_results
+
+    sets = {f"set{i}": o for i, o in enumerate(opened.omission_sets())}
+    mc = [t for t in task_list if t.kind == "multiple_choice"]
+    with Timer() as timer:
+        results = evaluate_sets(scorer, mc, doc_sets, sets, limit)
+    documents = {name: results_document(loaded.info(), oracle_description(name), results[name], settings, timer.seconds)
+                 for name in ORACLES}
+    for name in ORACLES:
+        _print_results(documents[name])
+    if output:
+        write_results(output, documents["oracle"] | {"oracle_tl": documents["oracle-tl"]})
         out.print(f"results written to {output}")
 
 
@@ -338,7 +293,8 @@ def candidates_command(
     """Build the pool of candidate omission sets (tasks x losses greedy searches, duplicates dropped) in a bundle."""
     from .bundle import Bundle
     from .models import resolve_model
-    from .search import LOSSES, SearchSpec, build_pool
+    from .pipeline import build_pool
+    from .search import LOSSES, SearchSpec
     from .tasks import data_versions, parse_task_list, resolve_data_dir
 
     task_list = [t.name for t in parse_task_list(tasks)]
@@ -389,7 +345,6 @@ def label_command(
     batch_tokens: BatchTokensOpt = None,
 ) -> None:
     """Soft labels: the tl of each training prompt's right answer under every candidate set (eq. 11)."""
-    from .bundle import labels_path
     from .labels import label_bundle
     from .tasks import get_task, parse_task_list, resolve_data_dir
 
@@ -405,7 +360,7 @@ def label_command(
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
     table = label_bundle(opened, scorer, names, limit, seed, data_path, loaded.info(),
                          log_line, checkpoint_every)
-    out.print(f"{len(table)} prompts x {len(sets)} sets → {labels_path(opened)}")
+    out.print(f"{len(table)} prompts x {len(sets)} sets → {opened.labels_path}")
 
 
 @app.command("train-router")
@@ -424,16 +379,17 @@ def train_router_command(
     device: DeviceOpt = None,
 ) -> None:
     """Train the router (encoder + linear head) on the bundle's labels; saves it and its training curve."""
-    from .bundle import Bundle, labels_path
+    from .bundle import Bundle
     from .labels import LabelTable
     from .models import check_device, default_device, resolve_model
-    from .router import RouterSettings, train_bundle_router
+    from .router import RouterSettings
+    from .router_training import train_bundle_router
 
     opened = Bundle.open(bundle)
     settings = RouterSettings(encoder, objective, lr, weight_decay, batch_size, epochs, warmup_steps, max_length, val_fraction, seed)
     settings.validate()
     resolve_model(encoder, kind="encoder")
-    table = LabelTable.load(labels_path(opened))
+    table = LabelTable.load(opened.labels_path)
     if [list(s) for s in opened.omission_sets()] != table.sets:
         raise PuddingError(f"the labels in {opened.path} are for other candidate sets: rerun `pudding label`")
     device = check_device(device or default_device())
@@ -449,61 +405,49 @@ def route_command(
     device: DeviceOpt = None,
 ) -> None:
     """Which candidate set a prompt goes to, the predicted loss of every set, and how long routing took."""
-    from .bundle import Bundle, router_path
+    from .bundle import Bundle
     from .models import check_device
-    from .router import LoadedRouter
+    from .policy import PolicySpec
 
     opened = Bundle.open(bundle)
     if not prompt.strip():
         raise PuddingError("cannot route an empty prompt")
-    router = LoadedRouter(router_path(opened, objective), check_device(device or "cpu"))
-    router.route([prompt])  # warm-up: the first call pays for allocations
-    result = router.route([prompt])
-    choice = result.choices[0]
-    table = Table(title=f"set {choice} chosen: omit {','.join(map(str, router.sets[choice]))}")
+    policy = PolicySpec(objective=objective).build(opened.model["num_blocks"], opened, check_device(device or "cpu"))
+    choice, predicted, truncated = policy.explain(prompt)
+    table = Table(title=f"set {choice.index} chosen: omit {choice.omit.label()}")
     table.add_column("set")
     table.add_column("omitted blocks")
     table.add_column("predicted loss", justify="right")
-    for i, blocks in enumerate(router.sets):
-        mark = " ←" if i == choice else ""
-        table.add_row(f"{i}{mark}", ",".join(map(str, blocks)), f"{result.predicted[0, i]:.4f}")
+    for i, blocks in enumerate(policy.sets):
+        mark = " ←" if i == choice.index else ""
+        table.add_row(f"{i}{mark}", blocks.label(), f"{predicted[i]:.4f}")
     out.print(table)
-    out.print(f"routing time: {1000 * result.seconds:.2f} ms")
-    if result.truncated[0]:
-        out.print(f"note: the prompt is longer than the {router.settings.max_length} tokens the router reads; it was truncated")
+    out.print(f"routing time: {choice.ms:.2f} ms")
+    if truncated:
+        out.print(f"note: the prompt is longer than the {policy.router.settings.max_length} tokens the router reads; it was truncated")
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # generation
 
 
-def open_engine(bundle: Optional[Path], model: Optional[str], device: Optional[str], dtype: str, budget: Optional[int],
-                max_len: int, warm: bool = True):
-    """An engine for a bundle (router attached, every set's decode prepared ahead) or for a plain model."""
-    from .bundle import router_path
-    from .models import check_device, default_device, load_decoder, resolve_model
-    from .omission import OmissionSet
-    from .router import LoadedRouter
-    from .runtime import Engine
+def _engine_and_policy(bundle: Optional[Path], model: Optional[str], omit: Optional[str], device: Optional[str],
+                       dtype: str, budget: Optional[int], max_len: int):
+    """An engine and the policy that chooses its blocks: a bundle's (routed), or --omit's (fixed; dense without it).
+    Every set the policy can choose is compiled and captured ahead, so no prompt pays for it."""
+    from .engine import open_engine
+    from .models import check_device, default_device, resolve_model
+    from .policy import PolicySpec
 
     opened, ref = (_open_bundle_for(bundle, model) if bundle else (None, resolve_model(model or "smollm2-135m")))
-    if opened is not None and not (router_path(opened) / "router.json").exists():
-        raise PuddingError(f"bundle {opened.path} has no router: make one with `pudding label` then `pudding train-router`")
-    context = ref.config.get("max_position_embeddings")
-    if context and max_len > context:
-        raise PuddingError(f"--max-len {max_len} is longer than {ref.name}'s context of {context} tokens")
+    spec = PolicySpec(omit=omit)
+    spec.check(opened, ref.num_blocks)
     device = check_device(device or default_device())
-    loaded = load_decoder(ref, "cpu" if budget is not None else device, dtype)
-    engine = Engine.from_model(loaded.model, loaded.tokenizer, device, budget=budget, max_len=max_len)
-    del loaded
-    if opened is not None:
-        router = LoadedRouter(router_path(opened), device)
-        sets = [OmissionSet(b, ref.num_blocks) for b in router.sets]
-        engine.attach_router(router, sets)
-        if warm:
-            engine.warm_up(sets)
-            router.warm_up()
-    return engine, ref
+    engine = open_engine(ref, device, dtype, budget, max_len)
+    policy = spec.build(ref.num_blocks, opened, device)
+    engine.warm_up(policy.sets_to_prepare())  # also checks that the sets fit the memory budget
+    policy.warm_up()
+    return engine, policy, ref
 
 
 @app.command("generate")
@@ -520,24 +464,20 @@ def generate_command(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Generate text: route once, make the chosen blocks resident, pre-fill and decode on the shorter stack."""
-    from .omission import OmissionSet
-
     if not prompt.strip():
         raise PuddingError("the prompt is empty")
-    engine, ref = open_engine(bundle, model, device, dtype, budget, max_len)
-    blocks = OmissionSet.parse(omit, ref.num_blocks) if omit is not None else None
-    if blocks is None and bundle is None:
-        blocks = OmissionSet.dense(ref.num_blocks)
+    engine, policy, _ = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len)
     text = prompt
     if chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    choice = policy.choose_one(prompt)  # the router reads the prompt as the user wrote it, not the chat template
     result = None
-    for piece, result in engine.stream(text, blocks, max_new_tokens, route_text=prompt):
+    for piece, result in engine.stream(text, choice, max_new_tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     t = result.timings
-    routed = f"set {result.set_index} " if result.set_index is not None else ""
+    routed = f"set {result.set_index} " if result.routed else ""
     swap = t.swap
     print(f"[{routed}omit {','.join(map(str, result.blocks)) or 'none'} · router {t.route_ms:.2f} ms · "
           f"swap {t.swap_ms:.2f} ms ({swap.get('copied', 0)} copied, {swap.get('moved', 0)} moved) · "
@@ -558,9 +498,6 @@ def serve_command(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming): each request is routed once."""
-    from .models import resolve_model
-    from .omission import OmissionSet
-
     try:
         from .serve import check_port, serve
     except ImportError as missing:
@@ -568,12 +505,9 @@ def serve_command(
     if bundle is not None and omit is not None:
         raise PuddingError("--omit is for a model served without a router; with --bundle every request is routed "
                            "(a request can force a set with the `pudding` body field)")
-    fixed = None if bundle is not None else OmissionSet.parse(omit, resolve_model(model or "smollm2-135m").num_blocks)
     check_port(host, port)
-    engine, ref = open_engine(bundle, model, device, dtype, budget, max_len)
-    if fixed is not None:
-        engine.warm_up([fixed])  # also checks that the set fits the memory budget
-    serve(engine, ref.name, fixed, host, port, queue_size)
+    engine, policy, ref = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len)
+    serve(engine, policy, ref.name, host, port, queue_size)
 
 
 @app.command("bench")
@@ -591,10 +525,11 @@ def bench_command(
     from datetime import datetime, timezone
 
     from .bench import LLAMA_31_8B, BenchSettings, benchmark_bundle, benchmark_shape, markdown
-    from .evaluate import environment
     from .models import check_device, default_device
+    from .omission import OmissionSet
+    from .policy import RoutedPolicy
     from .router import LoadedRouter
-    from .storage import atomic_write_json, atomic_write_text
+    from .storage import atomic_write_json, atomic_write_text, environment
 
     device = check_device(device or default_device())
     if not device.startswith("cuda") and shape:
@@ -612,8 +547,8 @@ def bench_command(
         config._name = "LLaMA-3.1-8B"
         from .bench import PAPER_SET
 
-        router = LoadedRouter.untrained(router_encoder, [list(PAPER_SET)] * 10, device)
-        report["shape"] = benchmark_shape(config, device, settings, router, log)
+        router = LoadedRouter.untrained(router_encoder, [OmissionSet(PAPER_SET, config.num_hidden_layers)] * 10, device)
+        report["shape"] = benchmark_shape(config, device, settings, RoutedPolicy(router), log)
     report["bundles"] = [benchmark_bundle(b, device, settings, log) for b in (bundle or [])]
     atomic_write_json(output, report)
     table = markdown(report)
@@ -649,7 +584,7 @@ def pipeline_command(
     report.md. Every stage is kept in the bundle; rerunning resumes where it stopped."""
     from .models import check_device, default_device, resolve_model
     from .pipeline import ABLATIONS, STAGES, Pipeline, PipelineConfig, run_ablations
-    from .search import _check_k
+    from .search import check_k
     from .tasks import parse_task_list, resolve_data_dir
 
     config = PipelineConfig.small() if small else PipelineConfig()
@@ -674,7 +609,7 @@ def pipeline_command(
     ref = resolve_model(model)
     resolve_model(config.router.encoder, kind="encoder")
     if config.k is not None:
-        _check_k(config.k, ref.num_blocks)
+        check_k(config.k, ref.num_blocks)
     if (output / "bundle.json").exists():  # resuming: the bundle must be this model's, checked before loading it
         from .bundle import Bundle
 

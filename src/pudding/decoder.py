@@ -199,7 +199,7 @@ class PrunableDecoder:
     def hidden_states(
         self,
         input_ids: torch.Tensor,
-        omit: Sequence[int] = (),
+        omit: OmissionSet,
         layout: TokenLayout | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
@@ -209,26 +209,25 @@ class PrunableDecoder:
             layout = TokenLayout.causal(input_ids.shape[0], input_ids.shape[1], input_ids.device, start)
         hidden = self.embed(input_ids, layout)
         ctx = self.context(layout, hidden, cache)
-        skipped = set(omit)
-        hidden = self.run_blocks(hidden, (b for b in range(self.num_blocks) if b not in skipped), ctx)
+        hidden = self.run_blocks(hidden, omit.kept(), ctx)
         if cache is not None:
             cache.layout = layout if cache.layout is None else cache.layout.cat(layout)
         return hidden
 
     @torch.inference_mode()
-    def full_logits(self, input_ids: torch.Tensor, omit: Sequence[int] = ()) -> torch.Tensor:
+    def full_logits(self, input_ids: torch.Tensor, omit: OmissionSet) -> torch.Tensor:
         return self.logits(self.hidden_states(input_ids, omit))
 
     @torch.inference_mode()
     def generate_greedy(
         self,
         prompt_ids: Sequence[int],
-        omit: Sequence[int] = (),
+        omit: OmissionSet,
         max_new_tokens: int = 32,
         stop_ids: Iterable[int] = (),
         use_cache: bool = True,
     ) -> list[int]:
-        """Greedy decoding of one prompt under an omission set (the reference path; `runtime` has the fast one)."""
+        """Greedy decoding of one prompt under an omission set (the reference path; `engine.py` has the fast one)."""
         stop = set(stop_ids)
         tokens = list(prompt_ids)
         cache = KVCache() if use_cache else None

@@ -1,7 +1,8 @@
-"""Zero-shot evaluation: multiple-choice accuracy (acc, acc_norm) and perplexity, for any omission policy.
+"""Zero-shot evaluation: multiple-choice accuracy (acc, acc_norm) and perplexity, under any policy (`policy.py`).
 
 A policy assigns an omission set to every document: one fixed set for dense and static pruning, the router's
-choice for PuDDing, a per-prompt search for "SLEB per prompt". Documents that share a set are scored together.
+choice for PuDDing, a per-prompt search for "SLEB per prompt". Each document is routed once, on its prompt, and all
+its answers are scored under the chosen set; documents that share a set are scored together.
 Many static sets are evaluated in one pass (`evaluate_sets`), which also yields two oracles: the accuracy if every
 question were answered by whichever set in the pool gets it right (an upper bound), and the accuracy if every
 question went to the set with the lowest tl of its right answer (what a router that predicted its labels perfectly
@@ -11,34 +12,22 @@ would pick).
 from __future__ import annotations
 
 import math
-import platform
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from .errors import PuddingError
 from .omission import OmissionSet
+from .policy import Policy
 from .progress import progress_bar
 from .scoring import Scorer, Scores, perplexity, perplexity_requests
+from .storage import atomic_write_json, environment
 from .tasks import Doc, Task
-
-Policy = Callable[[Sequence[Doc]], list[OmissionSet]]
-
-
-def static_policy(omit: OmissionSet) -> Policy:
-    return lambda docs: [omit] * len(docs)
-
-
-def per_prompt_policy(scorer: Scorer, k: int) -> Policy:
-    """SLEB per prompt: each document gets the set that a greedy perplexity search on its own prompt finds."""
-    from .search import per_prompt_search
-
-    return lambda docs: per_prompt_search(scorer, [scorer.encoder.text(d.prompt) for d in docs], k)
 
 
 def mean_stderr(values: np.ndarray) -> float:
@@ -90,7 +79,7 @@ def _split_by_doc(docs: Sequence[Doc], scores: Scores, members: Sequence[int], l
 
 
 def score_docs(scorer: Scorer, docs: Sequence[Doc], policy: Policy, label: str = "scoring") -> DocScores:
-    sets = policy(docs)
+    sets = [choice.omit for choice in policy.choose([d.prompt for d in docs])]
     by_set: dict[OmissionSet, list[int]] = defaultdict(list)
     for i, omit in enumerate(sets):
         by_set[omit].append(i)
@@ -169,14 +158,15 @@ def evaluate_perplexity(scorer: Scorer, task: Task, omit: OmissionSet, limit: in
     )
 
 
-def evaluate_tasks(scorer: Scorer, tasks: Sequence[Task], doc_sets: dict, policy: Policy, limit: int | None, data_dir,
-                   perplexity_omit: OmissionSet | None = None) -> list[TaskResult]:
-    """Every task in turn: multiple-choice tasks under the policy, perplexity tasks under one fixed set."""
+def evaluate_tasks(scorer: Scorer, tasks: Sequence[Task], doc_sets: dict, policy: Policy, limit: int | None,
+                   data_dir) -> list[TaskResult]:
+    """Every task in turn: multiple-choice tasks under the policy, perplexity tasks under its set (a fixed policy)."""
     results = []
     for task in tasks:
         if task.kind == "perplexity":
-            omit = perplexity_omit if perplexity_omit is not None else policy([None])[0]
-            results.append(evaluate_perplexity(scorer, task, omit, limit, data_dir))
+            if policy.fixed is None:
+                raise PuddingError("perplexity tasks (wikitext2) can only be evaluated under one fixed omission set")
+            results.append(evaluate_perplexity(scorer, task, policy.fixed, limit, data_dir))
             continue
         doc_set = doc_sets[task.name]
         docs = doc_set.docs[:limit] if limit else doc_set.docs
@@ -185,6 +175,12 @@ def evaluate_tasks(scorer: Scorer, tasks: Sequence[Task], doc_sets: dict, policy
 
 
 ORACLES = ("oracle", "oracle-tl")
+
+
+def oracle_description(name: str) -> dict:
+    """How an oracle chose its sets, in the shape `Policy.describe` gives (it knows every set's answer, so it is a
+    bound, not a policy)."""
+    return {"kind": name, "blocks": None, "label": "per question"}
 
 
 def evaluate_sets(scorer: Scorer, tasks: Sequence[Task], doc_sets: dict, sets: dict[str, OmissionSet],
@@ -218,20 +214,6 @@ def average(results: Sequence[TaskResult], metric: str | None = None) -> float |
     return float(np.mean(values)) if values else None
 
 
-def environment() -> dict:
-    import torch
-    import transformers
-
-    return {
-        "pudding": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
 def results_document(
     model_info: dict, omission: dict, results: Sequence[TaskResult], settings: dict, seconds: float
 ) -> dict:
@@ -257,6 +239,4 @@ class Timer:
 
 
 def write_results(path: Path, document: dict) -> None:
-    from .storage import atomic_write_json
-
     atomic_write_json(path, document)

@@ -151,7 +151,6 @@ def unpack(archive: Path, output: Path) -> Path:
 
 def model_card(bundle) -> str:
     """A short README for a pack: method, model, the sets, the router and the evaluation averages."""
-    from .bundle import router_path
     from .storage import read_json
 
     m = bundle.model
@@ -166,7 +165,7 @@ def model_card(bundle) -> str:
     for i, c in enumerate(bundle.candidates()):
         found = ", ".join(f"{s['task']}/{s['loss']}" for s in c.sources)
         lines.append(f"| {i} | {c.label()} | {found} |")
-    router_json = router_path(bundle) / "router.json"
+    router_json = bundle.router_dir() / "router.json"
     if router_json.exists():
         router = read_json(router_json, "router config")
         s, last = router["settings"], (router.get("history", {}).get("epochs") or [{}])[-1]

@@ -136,12 +136,11 @@ def label_bundle(bundle, scorer: Scorer, tasks: list[str], limit_per_task: int |
     a checkpoint beside the table holds the finished chunks until the table is recorded."""
     import time
 
-    from .bundle import labels_path
     from .storage import partial_path
     from .tasks import data_versions
 
     bundle.record_data(data_versions(tasks, data_dir))
-    path = labels_path(bundle)
+    path = bundle.labels_path
     started = time.perf_counter()
     identity = {"model": model_info["fingerprint"], "data": bundle.manifest["data"]}
     table = label_prompts(scorer, bundle.omission_sets(), tasks, limit_per_task, seed, data_dir, log, partial_path(path),

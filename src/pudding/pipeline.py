@@ -19,29 +19,25 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .bundle import Bundle, labels_path, router_path
+from .bundle import Bundle, CandidateSet, deduplicate
 from .errors import PuddingError
-from .evaluate import ORACLES, evaluate_sets, evaluate_tasks, per_prompt_policy, results_document
+from .evaluate import ORACLES, evaluate_sets, evaluate_tasks, oracle_description, results_document
 from .labels import LabelTable, label_bundle
 from .omission import OmissionSet
-from .router import LoadedRouter, RouterSettings, routed_policy, train_bundle_router
+from .policy import BASELINE_METHODS, FixedPolicy, PerPromptPolicy, RoutedPolicy
+from .router import RouterSettings
+from .router_training import train_bundle_router
 from .scoring import Scorer
-from .search import BASELINE_CORPUS, SearchSpec, build_pool, load_search, run_search
+from .report import FIGURES, write_report
+from .search import BASELINE_CORPUS, SearchSpec, default_k, load_search, run_search
 from .storage import partial_path, read_json
-from .tasks import data_versions, get_task, parse_task_list
+from .tasks import CALIBRATION_TASKS, PAPER_TASKS, UNSEEN_TASKS, data_versions, get_task, parse_task_list
 
-PAPER_TASKS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande"]  # Table 2
-UNSEEN_TASKS = ["openbookqa", "mathqa", "mmlu", "pubmedqa", "sciq"]  # Table 5
-CALIBRATION_TASKS = ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"]  # BoolQ left out, as the paper
-BASELINES = ["sleb", "shortened-ppl", "shortgpt"]
-
-
-def default_k(num_blocks: int) -> int:
-    """20% of the blocks, rounded: the paper's 7 of 32; 6 of 30 for SmolLM2-135M, 5 of 24 for Qwen2.5-0.5B."""
-    return max(1, round(0.2 * num_blocks))
+BASELINES = list(BASELINE_METHODS)
 
 
 @dataclass
@@ -159,15 +155,15 @@ class Pipeline:
         for name, task_results in results.items():
             omit = methods.get(name)
             if omit is not None:
-                self._write_eval(name, {"kind": name, "blocks": list(omit), "label": omit.label()}, task_results,
+                self._write_eval(name, FixedPolicy(omit, kind=name).describe(), task_results,
                                  {**settings, "blocks": list(omit)}, seconds)
             else:
-                self._write_eval(name, {"kind": name, "blocks": None, "label": "per question"}, task_results, settings, seconds)
+                self._write_eval(name, oracle_description(name), task_results, settings, seconds)
 
     # -- router --------------------------------------------------------------------------------------------
 
     def labels(self) -> None:
-        path = labels_path(self.bundle)
+        path = self.bundle.labels_path
         sets = self.bundle.omission_sets()
         wanted = {"sets": [list(s) for s in sets], "tasks": self.config.calibration_tasks,
                   "limit_per_task": self.config.label_limit, "seed": self.config.seeds[0]}
@@ -181,8 +177,8 @@ class Pipeline:
 
     def router(self, objective: str | None = None) -> None:
         settings = replace(self.config.router, objective=objective or self.config.router.objective)
-        directory = router_path(self.bundle, settings.objective)
-        table = LabelTable.load(labels_path(self.bundle))
+        directory = self.bundle.router_dir(settings.objective)
+        table = LabelTable.load(self.bundle.labels_path)
         if (directory / "router.json").exists():
             previous = read_json(directory / "router.json", "router config")
             if previous["settings"] == asdict(settings) and previous["sets"] == table.sets:
@@ -193,28 +189,17 @@ class Pipeline:
     def routed(self, objective: str | None = None) -> None:
         objective = objective or self.config.router.objective
         name = "pudding" if objective == "mse" else f"pudding-{objective}"
-        directory = router_path(self.bundle, objective)
+        directory = self.bundle.router_dir(objective, must_exist=True)
         router_config = read_json(directory / "router.json", "router config")
         settings = self._eval_settings(router=router_config["settings"], trained=router_config["training"])
         if self._evaluated(name, settings):
             return
-        router = LoadedRouter(directory, self.device)
-        sets = [OmissionSet(s, self.model["num_blocks"]) for s in router.sets]
-        if [list(s) for s in sets] != [list(s) for s in self.bundle.omission_sets()]:
-            raise PuddingError(f"the router in {directory} was trained on other sets than the bundle's: rerun the router stage")
-        timing = {"prompts": 0, "seconds": 0.0, "truncated": 0}
-
-        def count(docs, result):
-            timing["prompts"] += len(docs)
-            timing["seconds"] += result.seconds
-            timing["truncated"] += sum(result.truncated)
-
+        policy = RoutedPolicy(self.bundle.router(objective, self.device), kind=name)
         tasks = parse_task_list(",".join(self.config.eval_tasks))
         started = time.perf_counter()
-        results = evaluate_tasks(self.scorer, tasks, self._doc_sets(tasks), routed_policy(router, sets, count),
-                                 self.config.limit, self.data_dir)
-        self._write_eval(name, {"kind": name, "blocks": None, "label": "routed"}, results, settings,
-                         time.perf_counter() - started, routing=timing)
+        results = evaluate_tasks(self.scorer, tasks, self._doc_sets(tasks), policy, self.config.limit, self.data_dir)
+        self._write_eval(name, policy.describe(), results, settings, time.perf_counter() - started,
+                         routing=policy.stats.to_json())
 
     def per_prompt(self) -> None:
         if self.config.per_prompt_limit <= 0:
@@ -226,14 +211,11 @@ class Pipeline:
             return
         self.log(f"SLEB per prompt on the first {limit} documents of {len(tasks)} tasks")
         started = time.perf_counter()
-        results = evaluate_tasks(self.scorer, tasks, self._doc_sets(tasks), per_prompt_policy(self.scorer, self.config.k),
-                                 limit, self.data_dir)
-        self._write_eval("sleb-per-prompt", {"kind": "sleb-per-prompt", "blocks": None, "label": "per prompt"},
-                         results, settings, time.perf_counter() - started)
+        policy = PerPromptPolicy(self.scorer, self.config.k)
+        results = evaluate_tasks(self.scorer, tasks, self._doc_sets(tasks), policy, limit, self.data_dir)
+        self._write_eval("sleb-per-prompt", policy.describe(), results, settings, time.perf_counter() - started)
 
     def report(self) -> None:
-        from .report import FIGURES, write_report
-
         with self.bundle.writing("report.md", *FIGURES):
             path = write_report(self.bundle, self.config)
         self.log(f"report: {path}")
@@ -244,6 +226,41 @@ class Pipeline:
                 raise PuddingError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
         for stage in stages:
             getattr(self, stage.replace("-", "_"))()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The candidate pool, kept in the bundle
+
+
+def build_pool(bundle, scorer: Scorer, model_info: dict, tasks: Sequence[str], losses: Sequence[str], samples: int,
+               seeds: Sequence[int] = (0,), data_dir=None, evaluator_factory=None, tld_reduce: str = "mean",
+               on_done=None) -> list[CandidateSet]:
+    """The candidate pool: one greedy search per (task, loss, calibration draw), duplicates dropped (PuDDing §5.1:
+    m = t x l sets; more draws give more sets, as in the paper's 30-set ablation).
+
+    Each search is written to the bundle when it finishes and checkpointed after every step while it runs, so
+    rerunning the command skips finished searches and resumes the interrupted one.
+    """
+    specs = [SearchSpec("greedy", task, loss, bundle.k, samples, seed, tld_reduce=tld_reduce)
+             for seed in seeds for task in tasks for loss in losses]
+    for spec in specs:  # fail on bad input before hours of work
+        spec.validate(scorer.decoder.num_blocks)
+        get_task(spec.task).require_calibration_split()
+    found = []
+    for spec in specs:
+        path = bundle.search_path(spec.task, spec.loss, spec.seed)
+        result = load_search(path) if path.exists() else None
+        if result is None or result.settings != asdict(spec) or result.model["fingerprint"] != model_info["fingerprint"]:
+            result = run_search(spec, scorer, model_info, data_dir, partial_path(path), evaluator_factory)
+            bundle.write_json(path, result.to_json())  # drops the checkpoint
+        if on_done:
+            on_done(spec, result)
+        found.append((result.blocks, {"task": spec.task, "loss": spec.loss, "seed": spec.seed,
+                                      "search": str(path.relative_to(bundle.path))}))
+    pool = deduplicate(found)
+    bundle.write_candidates(pool, {"tasks": list(tasks), "losses": list(losses), "samples": samples,
+                                   "seeds": list(seeds), "tld_reduce": tld_reduce})
+    return pool
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -227,8 +227,8 @@ def _subset(document: dict, n: int) -> dict:
 def write_report(bundle, config):
     from pathlib import Path
 
-    from .pipeline import PAPER_TASKS, UNSEEN_TASKS
     from .storage import atomic_write_text
+    from .tasks import PAPER_TASKS, UNSEEN_TASKS
 
     path: Path = bundle.path / "report.md"
     evals = _load_evals(bundle.path)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .decoder import BlockContext, PrunableDecoder, TokenLayout
+from .omission import OmissionSet
 
 
 @dataclass(frozen=True)
@@ -279,9 +280,8 @@ class Scorer:
     # -- whole scoring ------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def score(self, prepared: Prepared, omit: Sequence[int] = (), progress=None) -> Scores:
-        skipped = set(omit)
-        kept = [b for b in range(self.decoder.num_blocks) if b not in skipped]
+    def score(self, prepared: Prepared, omit: OmissionSet, progress=None) -> Scores:
+        kept = omit.kept()
         totals = Accumulator(prepared.num_requests, self.decoder.device)
         for batch in prepared.batches:
             hidden = self.run(batch, self.embed(batch), kept)
@@ -291,13 +291,13 @@ class Scorer:
         return totals.result()
 
     @torch.inference_mode()
-    def score_sets(self, prepared: Prepared, sets: Sequence[Sequence[int]], progress=None) -> list[Scores]:
+    def score_sets(self, prepared: Prepared, sets: Sequence[OmissionSet], progress=None) -> list[Scores]:
         """Scores under several omission sets in one pass over the data.
 
         The sets form a prefix tree over the blocks: wherever sets agree about a block (kept or skipped) they share
         its computation, and they fork only where they differ. Identical sets cost nothing extra.
         """
-        keep = [[b not in set(omit) for b in range(self.decoder.num_blocks)] for omit in sets]
+        keep = [[b not in omit for b in range(self.decoder.num_blocks)] for omit in sets]
         totals = [Accumulator(prepared.num_requests, self.decoder.device) for _ in sets]
         for batch in prepared.batches:
             self._descend(batch, self.embed(batch), 0, list(range(len(sets))), keep, totals)
@@ -321,7 +321,7 @@ class Scorer:
         self._descend(batch, self.run(batch, hidden, [block]), block + 1, keepers, keep, totals)
         self._descend(batch, hidden, block + 1, skippers, keep, totals)
 
-    def loglikelihoods(self, groups: Sequence[Sequence[Request]], omit: Sequence[int] = ()) -> Scores:
+    def loglikelihoods(self, groups: Sequence[Sequence[Request]], omit: OmissionSet) -> Scores:
         return self.score(self.prepare(groups), omit)
 
 

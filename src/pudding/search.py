@@ -28,7 +28,7 @@ from .errors import PuddingError
 from .omission import OmissionSet
 from .progress import progress_bar
 from .scoring import Accumulator, Prepared, Request, Scorer, Scores, perplexity_requests
-from .storage import Checkpoint, partial_path, read_json
+from .storage import Checkpoint, read_json
 from .tasks import get_task
 
 LOSSES = ("tl", "tld", "ppl")
@@ -174,7 +174,12 @@ def load_search(path: Path) -> SearchResult:
 # Methods
 
 
-def _check_k(k: int, num_blocks: int) -> None:
+def default_k(num_blocks: int) -> int:
+    """20% of the blocks, rounded: the paper's 7 of 32; 6 of 30 for SmolLM2-135M, 5 of 24 for Qwen2.5-0.5B."""
+    return max(1, round(0.2 * num_blocks))
+
+
+def check_k(k: int, num_blocks: int) -> None:
     if k < 1:
         raise PuddingError("the number of blocks to remove must be at least 1")
     if k >= num_blocks:
@@ -185,7 +190,7 @@ def greedy_search(scorer: Scorer, calibration: Calibration, k: int, model_info: 
                   checkpoint: Path | None = None, evaluator=None, log=None) -> SearchResult:
     """Remove k blocks one at a time, each time the one whose removal gives the lowest loss."""
     num_blocks = scorer.decoder.num_blocks
-    _check_k(k, num_blocks)
+    check_k(k, num_blocks)
     loss_of = loss_function(calibration)
     prepared = scorer.prepare(calibration.groups)
     identity = {"method": method, "k": k, "model": model_info["fingerprint"], "calibration": calibration.provenance()}
@@ -228,7 +233,7 @@ def greedy_search(scorer: Scorer, calibration: Calibration, k: int, model_info: 
 def one_shot_ppl(scorer: Scorer, calibration: Calibration, k: int, model_info: dict, evaluator=None) -> SearchResult:
     """Shortened LLaMA (PPL criterion, no LoRA): score every block removed alone, drop the k least important."""
     num_blocks = scorer.decoder.num_blocks
-    _check_k(k, num_blocks)
+    check_k(k, num_blocks)
     loss_of = loss_function(calibration)
     prepared = scorer.prepare(calibration.groups)
     started = time.perf_counter()
@@ -263,7 +268,7 @@ def block_influence(scorer: Scorer, prepared: Prepared) -> np.ndarray:
 
 def shortgpt(scorer: Scorer, calibration: Calibration, k: int, model_info: dict) -> SearchResult:
     num_blocks = scorer.decoder.num_blocks
-    _check_k(k, num_blocks)
+    check_k(k, num_blocks)
     started = time.perf_counter()
     influence = block_influence(scorer, scorer.prepare(calibration.groups))
     order = sorted(range(num_blocks), key=lambda b: (influence[b], b))[:k]
@@ -294,7 +299,7 @@ class SearchSpec:
             raise PuddingError(f"unknown method '{self.method}' (use {', '.join(METHODS)})")
         if self.loss not in LOSSES:
             raise PuddingError(f"unknown loss '{self.loss}' (use {', '.join(LOSSES)})")
-        _check_k(self.k, num_blocks)
+        check_k(self.k, num_blocks)
         if self.samples < 1:
             raise PuddingError("--samples must be at least 1")
         if self.seqlen < 2:
@@ -326,39 +331,6 @@ def run_search(spec: SearchSpec, scorer: Scorer, model_info: dict, data_dir=None
     return result
 
 
-def build_pool(bundle, scorer: Scorer, model_info: dict, tasks: Sequence[str], losses: Sequence[str], samples: int,
-               seeds: Sequence[int] = (0,), data_dir=None, evaluator_factory=None, tld_reduce: str = "mean",
-               on_done=None) -> list:
-    """The candidate pool: one greedy search per (task, loss, calibration draw), duplicates dropped (PuDDing §5.1:
-    m = t x l sets; more draws give more sets, as in the paper's 30-set ablation).
-
-    Each search is written to the bundle when it finishes and checkpointed after every step while it runs, so
-    rerunning the command skips finished searches and resumes the interrupted one.
-    """
-    from .bundle import deduplicate
-
-    specs = [SearchSpec("greedy", task, loss, bundle.k, samples, seed, tld_reduce=tld_reduce)
-             for seed in seeds for task in tasks for loss in losses]
-    for spec in specs:  # fail on bad input before hours of work
-        spec.validate(scorer.decoder.num_blocks)
-        get_task(spec.task).require_calibration_split()
-    found = []
-    for spec in specs:
-        path = bundle.search_path(spec.task, spec.loss, spec.seed)
-        result = load_search(path) if path.exists() else None
-        if result is None or result.settings != asdict(spec) or result.model["fingerprint"] != model_info["fingerprint"]:
-            result = run_search(spec, scorer, model_info, data_dir, partial_path(path), evaluator_factory)
-            bundle.write_json(path, result.to_json())  # drops the checkpoint
-        if on_done:
-            on_done(spec, result)
-        found.append((result.blocks, {"task": spec.task, "loss": spec.loss, "seed": spec.seed,
-                                      "search": str(path.relative_to(bundle.path))}))
-    pool = deduplicate(found)
-    bundle.write_candidates(pool, {"tasks": list(tasks), "losses": list(losses), "samples": samples,
-                                   "seeds": list(seeds), "tld_reduce": tld_reduce})
-    return pool
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # SLEB per prompt
 
@@ -370,7 +342,7 @@ def per_prompt_search(scorer: Scorer, prompts: Sequence[Sequence[int]], k: int, 
     candidate) pair is one row that runs under its own omission set (`PrunableDecoder.run_blocks_per_row`)."""
     decoder = scorer.decoder
     num_blocks = decoder.num_blocks
-    _check_k(k, num_blocks)
+    check_k(k, num_blocks)
     chosen: list[OmissionSet] = []
     for start in range(0, len(prompts), prompts_per_pass):
         chunk = [tuple(p) for p in prompts[start : start + prompts_per_pass]]

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -13,6 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PuddingError
+
+
+def environment() -> dict:
+    """The software and machine a result was made with, recorded beside it."""
+    import torch
+
+    from . import __version__
+    import transformers
+
+    return {
+        "pudding": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def cache_dir() -> Path:

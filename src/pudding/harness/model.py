@@ -116,63 +116,35 @@ class PuddingLM(LM):
         super().__init__()
         from ..bundle import Bundle
         from ..models import load_decoder, resolve_model
+        from ..policy import PolicySpec
         from ..scoring import Scorer
 
         if unknown:
             raise PuddingError(f"unknown model_args {', '.join(sorted(unknown))} "
                                "(pudding takes bundle, model, omit, set, device, dtype, batch_tokens)")
-        if omit is not None and set is not None:
-            raise PuddingError("give omit= or set=, not both")
+        spec = PolicySpec(omit=None if omit is None else _block_list(omit), set=set,
+                          names={"omit": "omit=", "set": "set=", "bundle": "bundle=DIR"})
+        spec.check_options(bool(bundle))  # the options alone, before anything is opened
         opened = Bundle.open(bundle) if bundle else None
-        if set is not None and opened is None:
-            raise PuddingError("set= needs bundle=DIR")
         model = str(model) if model else None
         ref = opened.model_ref(model) if opened else resolve_model(model or "smollm2-135m")
         if batch_tokens is not None and (isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 64):
             raise PuddingError(f"batch_tokens must be an integer of at least 64, not {batch_tokens!r}")
+        spec.check(opened, ref.num_blocks)  # before the model loads
         self._device = _pick_device(str(device) if device else None)
         self.bundle = opened
         self.sets_used: Counter = Counter()  # omission set label -> documents run under it
-        self.routing = {"prompts": 0, "seconds": 0.0}
         self._engine = None
-        self.policy, self.omission = self._choose_policy(opened, ref.num_blocks, omit, set)  # checked before loading
+        self.policy = spec.build(ref.num_blocks, opened, self._device)
         self.loaded = load_decoder(ref, self._device, str(dtype))
         self.scorer = Scorer(self.loaded.decoder, self.loaded.tokenizer, max_batch_tokens=batch_tokens)
-
-    def _choose_policy(self, opened, num_blocks: int, omit, set_index):
-        from ..evaluate import static_policy
-
-        if omit is not None:
-            omission = OmissionSet.parse(_block_list(omit), num_blocks)
-        elif set_index is not None:
-            if isinstance(set_index, bool) or not isinstance(set_index, int):
-                raise PuddingError(f"set= takes a set index (0-based), not {set_index!r}")
-            omission = opened.omission_set(set_index)
-        elif opened is None:
-            omission = OmissionSet.dense(num_blocks)
-        else:
-            return self._routed_policy(opened, num_blocks), "routed"
-        return static_policy(omission), omission.label()
-
-    def _routed_policy(self, opened, num_blocks: int):
-        from ..bundle import router_path
-        from ..router import LoadedRouter, routed_policy
-
-        router = LoadedRouter(router_path(opened), self._device)
-        sets = [OmissionSet(blocks, num_blocks) for blocks in router.sets]
-
-        def count(documents, result):
-            self.routing["prompts"] += len(documents)
-            self.routing["seconds"] += result.seconds
-
-        return routed_policy(router, sets, count)
 
     def _assign(self, documents: Sequence[Document]) -> dict[OmissionSet, list[Document]]:
         """Route (or not) every document once; documents grouped by the set they run under."""
         by_set: dict[OmissionSet, list[Document]] = defaultdict(list)
-        for document, omission in zip(documents, self.policy(documents)):
-            by_set[omission].append(document)
-            self.sets_used[omission.label()] += 1
+        for document, choice in zip(documents, self.policy.choose([d.prompt for d in documents])):
+            by_set[choice.omit].append(document)
+            self.sets_used[choice.omit.label()] += 1
         return by_set
 
     # -- the three request types ------------------------------------------------------------------------------
@@ -245,7 +217,7 @@ class PuddingLM(LM):
     def _generation_engine(self):
         """Built on first use (it holds its own copy of the block weights)."""
         if self._engine is None:
-            from ..runtime import Engine
+            from ..engine import Engine
 
             # 2048 tokens of context, as `pudding generate`: each decode step attends over the whole static cache
             self._engine = Engine.from_model(self.loaded.model, self.loaded.tokenizer, self._device,
@@ -257,8 +229,8 @@ class PuddingLM(LM):
     def get_model_info(self) -> dict:
         return {"pudding": {
             **self.loaded.info(),
-            "omission": self.omission,
+            "omission": self.policy.label,
             "bundle": str(self.bundle.path) if self.bundle else None,
             "sets_used": dict(self.sets_used),
-            "routing": self.routing if self.omission == "routed" else None,
+            "routing": self.policy.stats.to_json() if self.policy.fixed is None else None,
         }}

@@ -20,6 +20,11 @@ from .readers import read_rows, source_files
 from .transforms import TRANSFORMS
 
 DATA_DIR_ENV = "PUDDING_DATA_DIR"
+
+# The paper's task lists
+PAPER_TASKS = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande"]  # Table 2
+UNSEEN_TASKS = ["openbookqa", "mathqa", "mmlu", "pubmedqa", "sciq"]  # Table 5
+CALIBRATION_TASKS = ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"]  # BoolQ left out, as the paper
 _TARGET_DELIMITER = " "  # lm-evaluation-harness puts one space between context and answer
 
 

@@ -7,12 +7,13 @@ import torch
 
 from pudding.errors import PuddingError
 from pudding.export import delete_blocks
-from pudding.runtime import Engine
+from pudding.engine import Engine
+from pudding.omission import OmissionSet
 
 ENGINE_FAMILIES = ["llama", "mistral", "qwen2", "phi3", "gemma3"]
 
 
-def _hf_greedy(model, prompt: list[int], omit, new: int) -> list[int]:
+def _hf_greedy(model, prompt: list[int], omit: OmissionSet, new: int) -> list[int]:
     pruned = delete_blocks(model, omit)
     out = pruned.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
     return out[0, len(prompt):].tolist()
@@ -26,6 +27,7 @@ def test_engine_matches_transformers(family, omit):
     model = build_tiny(family, init=0.2)
     engine = Engine.from_model(model, max_len=64)
     prompt = torch.randint(3, 200, (11,), generator=torch.Generator().manual_seed(2)).tolist()
+    omit = engine.omission(omit)
     ours = engine.generate(prompt, omit, max_new_tokens=10, stop_ids=[])
     assert ours.tokens == _hf_greedy(model, prompt, omit, 10)
     assert ours.blocks == list(omit)
@@ -38,25 +40,25 @@ def test_memory_budget_mode_matches_and_reuses_resident_blocks(family):
     model = build_tiny(family, init=0.2)
     engine = Engine.from_model(model, max_len=64, budget=4)
     prompt = torch.randint(3, 200, (9,), generator=torch.Generator().manual_seed(3)).tolist()
-    first = engine.generate(prompt, (0, 3), max_new_tokens=6, stop_ids=[])
+    first = engine.generate(prompt, engine.omission((0, 3)), max_new_tokens=6, stop_ids=[])
     assert first.timings.swap["copied"] == 4  # nothing resident yet
-    assert first.tokens == _hf_greedy(model, prompt, (0, 3), 6)
-    second = engine.generate(prompt, (1, 3), max_new_tokens=6, stop_ids=[])
+    assert first.tokens == _hf_greedy(model, prompt, engine.omission((0, 3)), 6)
+    second = engine.generate(prompt, engine.omission((1, 3)), max_new_tokens=6, stop_ids=[])
     assert second.timings.swap["copied"] == 1  # block 0 comes in; 2, 4, 5 are already on the device
-    assert second.tokens == _hf_greedy(model, prompt, (1, 3), 6)
-    third = engine.generate(prompt, (0, 5), max_new_tokens=6, stop_ids=[])
-    assert third.tokens == _hf_greedy(model, prompt, (0, 5), 6)
-    again = engine.generate(prompt, (0, 5), max_new_tokens=6, stop_ids=[])
+    assert second.tokens == _hf_greedy(model, prompt, engine.omission((1, 3)), 6)
+    third = engine.generate(prompt, engine.omission((0, 5)), max_new_tokens=6, stop_ids=[])
+    assert third.tokens == _hf_greedy(model, prompt, engine.omission((0, 5)), 6)
+    again = engine.generate(prompt, engine.omission((0, 5)), max_new_tokens=6, stop_ids=[])
     assert again.timings.swap["copied"] == 0 and again.timings.swap["moved"] == 0
     with pytest.raises(PuddingError, match="memory budget holds 4"):
-        engine.generate(prompt, (0,), max_new_tokens=2)
+        engine.generate(prompt, engine.omission((0,)), max_new_tokens=2)
 
 
 def test_real_model_engine_matches_generate(smollm2):
     engine = Engine.from_model(smollm2.model, smollm2.tokenizer, max_len=256)
     prompt = "The three primary colours are"
     ids = smollm2.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    for omit in [(), (4, 11, 17, 20, 25, 29)]:
+    for omit in [engine.omission(()), engine.omission((4, 11, 17, 20, 25, 29))]:
         result = engine.generate(prompt, omit, max_new_tokens=12, stop_ids=[])
         assert result.tokens == _hf_greedy(smollm2.model, ids, omit, 12)
         assert result.text == smollm2.tokenizer.decode(result.tokens, skip_special_tokens=True)
@@ -65,14 +67,14 @@ def test_real_model_engine_matches_generate(smollm2):
 
 def test_streaming_yields_the_text_in_pieces(smollm2):
     engine = Engine.from_model(smollm2.model, smollm2.tokenizer, max_len=128)
-    pieces = [piece for piece, _ in engine.stream("Hello, my name is", (), max_new_tokens=8, stop_ids=[])]
-    final = engine.generate("Hello, my name is", (), max_new_tokens=8, stop_ids=[])
+    pieces = [piece for piece, _ in engine.stream("Hello, my name is", engine.omission(), max_new_tokens=8, stop_ids=[])]
+    final = engine.generate("Hello, my name is", engine.omission(), max_new_tokens=8, stop_ids=[])
     assert "".join(pieces) == final.text and len(pieces) == 8
 
 
 def test_context_limit_is_enforced(smollm2):
     engine = Engine.from_model(smollm2.model, smollm2.tokenizer, max_len=32)
     with pytest.raises(PuddingError, match="exceed the engine's context of 32"):
-        engine.generate("word " * 30, (), max_new_tokens=8)
-    with pytest.raises(PuddingError, match="no router"):
-        engine.generate("hello", None)
+        engine.generate("word " * 30, engine.omission(), max_new_tokens=8)
+    with pytest.raises(PuddingError, match="omission set of this model's 30 blocks"):
+        engine.generate("hello", (11, 17))

@@ -1,0 +1,201 @@
+"""One transformer block as a function, for the fast engine: the model's geometry (`Shape`), each block's weights in
+one flat buffer (`BlockLayout`, fused QKV and gate/up projections), and the block math itself (`block_step`).
+
+The math follows transformers' implementation of each family exactly (norm order, rotary tables taken from the
+model's own rotary module), so greedy decoding gives the same tokens as `model.generate` on the pruned model. It is
+functional (weights are arguments), so one compiled kernel set serves every block and every omission set.
+Families differ only by data: their row in `architectures.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .architectures import OPTIONAL_BLOCK, ARCHITECTURES, Architecture, architecture_for
+from .errors import PuddingError
+
+
+def engine_architecture(model_type: str) -> Architecture:
+    arch = architecture_for(model_type)
+    if arch.block_weights is None:
+        supported = ", ".join(a.family for a in ARCHITECTURES if a.block_weights is not None)
+        raise PuddingError(f"the fast engine does not support {arch.family} models yet (supported: {supported})")
+    return arch
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Everything about the model's geometry that the block math needs."""
+
+    family: str
+    vocab: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    num_blocks: int
+    eps: float
+    attn_scale: float
+    embed_scale: float
+    layer_types: tuple[str, ...]
+    sliding_window: int | None
+
+    @classmethod
+    def from_config(cls, config) -> Shape:
+        arch = engine_architecture(config.model_type)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        window = getattr(config, "sliding_window", None)
+        default_type = "sliding_attention" if window and arch.uniform_sliding else "full_attention"
+        layer_types = tuple(getattr(config, "layer_types", None) or [default_type] * config.num_hidden_layers)
+        scalar = getattr(config, arch.attention_scalar, None) if arch.attention_scalar else None
+        return cls(
+            family=arch.family,
+            vocab=config.vocab_size,
+            hidden=config.hidden_size,
+            heads=heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            intermediate=config.intermediate_size,
+            num_blocks=config.num_hidden_layers,
+            eps=config.rms_norm_eps,
+            attn_scale=(scalar or head_dim) ** -0.5,
+            embed_scale=config.hidden_size**0.5 if arch.scaled_embedding else 1.0,
+            layer_types=layer_types,
+            sliding_window=window if "sliding_attention" in layer_types else None,
+        )
+
+    @property
+    def arch(self) -> Architecture:
+        return next(a for a in ARCHITECTURES if a.family == self.family)
+
+    def tensor_shapes(self, present: set[str]) -> dict[str, tuple[int, ...]]:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        shapes = {
+            "attn_norm": (self.hidden,), "qkv": (q + 2 * kv, self.hidden), "qkv_bias": (q + 2 * kv,),
+            "q_norm": (self.head_dim,), "k_norm": (self.head_dim,), "o": (self.hidden, q),
+            "post_attn_norm": (self.hidden,), "mlp_norm": (self.hidden,),
+            "gate_up": (2 * self.intermediate, self.hidden), "down": (self.hidden, self.intermediate),
+            "post_mlp_norm": (self.hidden,),
+        }
+        return {name: s for name, s in shapes.items() if name in present}
+
+
+class BlockLayout:
+    """Offsets of a block's tensors inside one flat buffer, so host copies, slots and views share a layout."""
+
+    def __init__(self, shape: Shape, present: set[str]) -> None:
+        self.shapes = shape.tensor_shapes(present)
+        self.offsets, total = {}, 0
+        for name, s in self.shapes.items():
+            self.offsets[name] = total
+            total += math.prod(s)
+        self.numel = total
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: flat[o : o + math.prod(s)].view(s) for (n, s), o in zip(self.shapes.items(), self.offsets.values())}
+
+
+def block_tensors(block: torch.nn.Module, arch: Architecture) -> dict[str, torch.Tensor]:
+    """A transformers block's weights under the engine's names (QKV and gate/up concatenated)."""
+    params = dict(block.named_parameters())
+    tensors = {}
+    for name, sources in {**arch.block_weights, **OPTIONAL_BLOCK}.items():
+        if all(s in params for s in sources):
+            parts = [params[s].detach() for s in sources]
+            tensors[name] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    return tensors
+
+
+def random_block_tensors(arch: Architecture, config) -> set[str]:
+    """The tensors a block of this config holds (for models built with random weights)."""
+    return set(arch.block_weights) | ({"qkv_bias"} if getattr(config, "attention_bias", False) or arch.qkv_bias else set())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The block math
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, style: str) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if style == "gemma":
+        return (xf * (1.0 + weight.float())).to(x.dtype)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _act(x: torch.Tensor, kind: str) -> torch.Tensor:
+    return torch.nn.functional.silu(x) if kind == "silu" else torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def block_step(
+    x: torch.Tensor,  # (batch, tokens, hidden)
+    w: dict[str, torch.Tensor],
+    k_cache: torch.Tensor,  # (batch, kv_heads, max_len, head_dim)
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,  # (tokens,) absolute positions of the new tokens
+    cos: torch.Tensor,  # (tokens, head_dim)
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,  # (tokens, keys) bool, or None for causal attention over the new tokens only
+    keys: int,  # how many cache positions attention reads
+    shape: Shape,
+    arch: Architecture,
+) -> torch.Tensor:
+    batch, tokens, _ = x.shape
+    h = rms_norm(x, w["attn_norm"], shape.eps, arch.norm)
+    qkv = torch.nn.functional.linear(h, w["qkv"], w.get("qkv_bias"))
+    q_size, kv_size = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    q = qkv[..., :q_size].view(batch, tokens, shape.heads, shape.head_dim).transpose(1, 2)
+    k = qkv[..., q_size : q_size + kv_size].view(batch, tokens, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    v = qkv[..., q_size + kv_size :].view(batch, tokens, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    if "q_norm" in w:
+        q = rms_norm(q, w["q_norm"], shape.eps, arch.norm)
+        k = rms_norm(k, w["k_norm"], shape.eps, arch.norm)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    k_cache.index_copy_(2, positions, k)
+    v_cache.index_copy_(2, positions, v)
+    groups = shape.heads // shape.kv_heads
+    if mask is None:  # pre-fill from an empty cache: plain causal attention over the new tokens
+        attn = torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=tokens > 1, scale=shape.attn_scale)
+    else:  # attend to the cache; query heads grouped by their KV head, so the cache is read once
+        qg = q.reshape(batch, shape.kv_heads, groups * tokens, shape.head_dim)
+        scores = torch.matmul(qg, k_cache[:, :, :keys].transpose(2, 3)).float() * shape.attn_scale
+        scores = scores.view(batch, shape.kv_heads, groups, tokens, keys).masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(batch, shape.kv_heads, groups * tokens, keys)
+        attn = torch.matmul(probs, v_cache[:, :, :keys]).view(batch, shape.heads, tokens, shape.head_dim)
+    out = torch.nn.functional.linear(attn.transpose(1, 2).reshape(batch, tokens, q_size), w["o"])
+    if arch.sandwich:
+        out = rms_norm(out, w["post_attn_norm"], shape.eps, arch.norm)
+    x = x + out
+    h = rms_norm(x, w["mlp_norm"], shape.eps, arch.norm)
+    gate, up = torch.nn.functional.linear(h, w["gate_up"]).chunk(2, dim=-1)
+    out = torch.nn.functional.linear(_act(gate, arch.activation) * up, w["down"])
+    if arch.sandwich:
+        out = rms_norm(out, w["post_mlp_norm"], shape.eps, arch.norm)
+    return x + out
+
+
+def rotary_tables(module, positions_kind: str, shape: Shape, max_len: int, device, dtype) -> dict:
+    """cos/sin for every position, per attention type, from the model's own rotary module (whatever its scaling).
+
+    transformers computes them in float32 and casts them to the activations' dtype; so do we, once."""
+    buffer = next(module.buffers(), None)
+    where = buffer.device if buffer is not None else torch.device("cpu")
+    position = torch.arange(max_len, device=where)[None]
+    probe = torch.zeros(1, dtype=torch.float32, device=where)
+    tables = {}
+    for layer_type in set(shape.layer_types):
+        cos, sin = module(probe, position, layer_type) if positions_kind == "rotary_per_layer_type" else module(probe, position)
+        tables[layer_type] = (cos[0].to(device=device, dtype=dtype), sin[0].to(device=device, dtype=dtype))
+    return tables

@@ -1,0 +1,391 @@
+"""The inference engine: make the chosen blocks resident, pre-fill and decode on the shorter stack.
+
+In the spirit of gpt-fast, the engine keeps each transformer block's weights in its own layout (one flat buffer per
+block, viewed as fused QKV and gate/up projections: `block.py`), a static KV cache per *stack position* (the j-th
+block that runs), and on GPUs a CUDA graph of the whole decode step per stack, so decoding is not bound by Python or
+kernel launches. Where the blocks live (all on the device, or a memory budget of slots) is `residency.py`.
+
+The engine never chooses blocks: callers ask a policy (`policy.py`) for a `Choice` and pass it in; the time the
+choice took counts in the time to first token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .architectures import resolve
+from .block import BlockLayout, Shape, block_step, block_tensors, engine_architecture, random_block_tensors, rms_norm, rotary_tables
+from .errors import PuddingError
+from .omission import OmissionSet
+from .policy import Choice
+from .residency import ResidentBlocks, SlotPool
+
+
+@dataclass
+class Timings:
+    route_ms: float = 0.0
+    swap_ms: float = 0.0  # making the chosen blocks resident (host→device copies are overlapped with pre-fill)
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0  # routing + swap + pre-fill: the time to the first generated token
+    decode_ms: float = 0.0
+    new_tokens: int = 0
+    swap: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        decoded = self.new_tokens - 1  # the first token comes from pre-fill
+        return decoded / (self.decode_ms / 1000) if decoded > 0 and self.decode_ms > 0 else 0.0
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    blocks: list[int]  # the omission set used
+    set_index: int | None  # its number among the policy's sets, when it is one of them
+    timings: Timings
+    prompt_tokens: int = 0
+    finish_reason: str = "length"
+    routed: bool = False  # a router chose the set for this prompt
+
+
+class TextStream:
+    """Incremental detokenizer: the text each new token adds, for the cost of decoding a few tokens (decoding the
+    whole generation at every token would make streaming quadratic). It decodes a short window twice, with and
+    without the new tokens, and emits the difference; the window restarts after each emitted piece, so a token that
+    ends inside a multi-byte character is held back until the character is complete."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.prefix_offset = 0  # the window starts here: context for the tokenizer's spacing rules
+        self.read_offset = 0  # text of tokens before this has been emitted
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        self.tokens.append(token)
+        before = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        after = self._decode(self.tokens[self.prefix_offset :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):  # nothing new yet, or a character still incomplete
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return after[len(before) :]
+
+    def full_text(self) -> str:
+        return self._decode(self.tokens) if self.tokenizer is not None else ""
+
+
+class Engine:
+    """Generates text with a depth-pruned model; see the module docstring."""
+
+    def __init__(self, shape: Shape, embed: torch.Tensor, final_norm: torch.Tensor, head: torch.Tensor,
+                 blocks, layout: BlockLayout, rotary: dict[str, tuple[torch.Tensor, torch.Tensor]], tokenizer=None,
+                 max_len: int = 2048, compile: bool | None = None, graphs: bool | None = None, bos: bool = False,
+                 compile_mode: str | None = None) -> None:
+        self.shape = shape
+        self.arch = shape.arch
+        self.embed, self.final_norm, self.head = embed, final_norm, head
+        self.blocks = blocks
+        self.layout = layout
+        self.rotary = rotary
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.device = embed.device
+        self.dtype = embed.dtype
+        on_gpu = self.device.type == "cuda"
+        self.use_graphs = on_gpu if graphs is None else graphs and on_gpu
+        self.bos = bos
+        step = block_step
+        if (on_gpu if compile is None else compile):
+            step = torch.compile(block_step, fullgraph=True, dynamic=False, mode=compile_mode)
+        self._decode_block = step
+        capacity = shape.num_blocks if blocks.mode == "all" else blocks.capacity
+        cache_shape = (1, shape.kv_heads, max_len, shape.head_dim)
+        self.k_cache = [torch.zeros(cache_shape, dtype=self.dtype, device=self.device) for _ in range(capacity)]
+        self.v_cache = [torch.zeros(cache_shape, dtype=self.dtype, device=self.device) for _ in range(capacity)]
+        self._token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self._position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self.stack: list[dict] = []
+        self.stack_types: list[str] = []
+        self.kept: tuple[int, ...] = ()
+
+    # -- construction -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_model(cls, model, tokenizer=None, device: str | None = None, budget: int | None = None, **options) -> Engine:
+        """Build from a transformers causal LM; its block weights are copied into the engine's layout."""
+        config = model.config
+        shape = Shape.from_config(config)
+        arch = engine_architecture(config.model_type)
+        stack = resolve(model, arch.stack)
+        hf_blocks = getattr(stack, arch.blocks)
+        device = torch.device(device or model.device)
+        dtype = next(model.parameters()).dtype
+        present = set(block_tensors(hf_blocks[0], arch))
+        layout = BlockLayout(shape, present)
+
+        def flat(block, where, pin=False):
+            tensors = block_tensors(block, arch)
+            out = torch.empty(layout.numel, dtype=dtype, device=where, pin_memory=pin)
+            for name, view in layout.views(out).items():
+                view.copy_(tensors[name])
+            return out
+
+        if budget is None:
+            residency = ResidentBlocks([flat(b, device) for b in hf_blocks], layout)
+        else:
+            pin = device.type == "cuda"
+            residency = SlotPool([flat(b, "cpu", pin) for b in hf_blocks], layout, budget, device)
+        norm = resolve(stack, arch.final_norm).weight.detach().to(device)
+        embed = getattr(stack, arch.embed).weight.detach().to(device)
+        head = resolve(model, arch.head).weight.detach().to(device)
+        rotary = rotary_tables(resolve(stack, arch.position_embedding), arch.positions, shape, options.get("max_len", 2048), device, dtype)
+        return cls(shape, embed, norm, head, residency, layout, rotary, tokenizer, bos=arch.bos, **options)
+
+    @classmethod
+    def random(cls, config, device: str = "cuda", dtype=torch.bfloat16, budget: int | None = None, seed: int = 0,
+               **options) -> Engine:
+        """A model of this config with random weights: speed does not depend on weight values."""
+        import transformers
+
+        shape = Shape.from_config(config)
+        arch = engine_architecture(config.model_type)
+        layout = BlockLayout(shape, random_block_tensors(arch, config))
+        generator = torch.Generator(device=device).manual_seed(seed)
+        on_gpu = torch.device(device).type == "cuda"
+
+        def filled(n):
+            return torch.empty(n, dtype=dtype, device=device).normal_(0, 0.02, generator=generator)
+
+        def pinned(n):
+            host = torch.empty(n, dtype=dtype, pin_memory=on_gpu)
+            return host.copy_(filled(n))
+
+        if budget is None:
+            residency = ResidentBlocks([filled(layout.numel) for _ in range(shape.num_blocks)], layout)
+        else:
+            residency = SlotPool([pinned(layout.numel) for _ in range(shape.num_blocks)], layout, budget, device)
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(config)
+        rotary_module = type(resolve(resolve(skeleton, arch.stack), arch.position_embedding))(config=config)
+        rotary = rotary_tables(rotary_module, arch.positions, shape, options.get("max_len", 2048), device, dtype)
+        embed = filled(shape.vocab * shape.hidden).view(shape.vocab, shape.hidden)
+        head = filled(shape.vocab * shape.hidden).view(shape.vocab, shape.hidden)
+        norm = torch.ones(shape.hidden, dtype=dtype, device=device)
+        return cls(shape, embed, norm, head, residency, layout, rotary, None, **options)
+
+    # -- stacks, caches, graphs ---------------------------------------------------------------------------------
+
+    def omission(self, blocks=()) -> OmissionSet:
+        """An omission set of this model (validated: 0-based, in range, at least one block left)."""
+        return OmissionSet(blocks, self.shape.num_blocks)
+
+    def check_fits(self, omit: OmissionSet) -> None:
+        """Refuse a set that keeps more blocks than a memory budget holds."""
+        kept = self.shape.num_blocks - len(omit)
+        if self.blocks.mode == "budget" and kept > self.blocks.capacity:
+            raise PuddingError(f"the omission set keeps {kept} blocks but the memory budget holds {self.blocks.capacity}")
+
+    def _check_set(self, omit) -> None:
+        if not isinstance(omit, OmissionSet) or omit.num_blocks != self.shape.num_blocks:
+            raise PuddingError(f"the engine takes an omission set of this model's {self.shape.num_blocks} blocks "
+                               "(engine.omission(blocks))")
+
+    def use(self, omit: OmissionSet) -> dict:
+        """Make the kept blocks of this omission set the running stack; returns what the switch did and cost."""
+        self._check_set(omit)
+        kept = tuple(omit.kept())
+        started = time.perf_counter()
+        if kept == self.kept and self.blocks.mode == "all":
+            self._events = [None] * len(kept)
+            return {"copied": 0, "moved": 0, "bytes": 0, "ms": 0.0}
+        self.stack, self._events, stats = self.blocks.arrange(kept)
+        self.stack_types = [self.shape.layer_types[b] for b in kept]
+        self.kept = kept
+        stats["ms"] = 1000 * (time.perf_counter() - started)  # issuing; the copies themselves overlap pre-fill
+        return stats
+
+    def _masks(self, positions: torch.Tensor, keys: int) -> dict[str, torch.Tensor]:
+        key_pos = torch.arange(keys, device=self.device)
+        causal = key_pos[None, :] <= positions[:, None]
+        masks = {"full_attention": causal}
+        if self.shape.sliding_window:
+            masks["sliding_attention"] = causal & (key_pos[None, :] > positions[:, None] - self.shape.sliding_window)
+        return masks
+
+    def _run_stack(self, x: torch.Tensor, positions: torch.Tensor, masks: dict | None, keys: int, step, wait: bool = False) -> torch.Tensor:
+        for j, (w, layer_type) in enumerate(zip(self.stack, self.stack_types)):
+            if wait and self._events[j] is not None:
+                torch.cuda.current_stream().wait_event(self._events[j])
+            cos, sin = (t[positions] for t in self.rotary[layer_type])
+            mask = None if masks is None else masks[layer_type]
+            x = step(x, w, self.k_cache[j], self.v_cache[j], positions, cos, sin, mask, keys, self.shape, self.arch)
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(rms_norm(x, self.final_norm, self.shape.eps, self.arch.norm), self.head).float()
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.embedding(ids, self.embed)
+        return x * torch.tensor(self.shape.embed_scale, dtype=x.dtype) if self.shape.embed_scale != 1.0 else x
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Run the prompt through the current stack, filling the KV cache; returns the last position's logits."""
+        length = len(ids)
+        tokens = torch.tensor([list(ids)], device=self.device)
+        positions = torch.arange(length, device=self.device)
+        # A sliding window shorter than the prompt needs an explicit mask; otherwise plain causal attention.
+        needs_mask = self.shape.sliding_window is not None and length > self.shape.sliding_window
+        masks = self._masks(positions, length) if needs_mask else None
+        x = self._run_stack(self._embed(tokens), positions, masks, length, block_step, wait=True)
+        return self._logits(x[:, -1])
+
+    def _decode_eager(self) -> torch.Tensor:
+        masks = self._masks(self._position, self.max_len)
+        x = self._run_stack(self._embed(self._token), self._position, masks, self.max_len, self._decode_block)
+        return self._logits(x[:, -1])
+
+    def _graph_key(self) -> tuple:
+        return (self.blocks.mode, self.kept if self.blocks.mode == "all" else len(self.kept))
+
+    def _decode_graph(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = self._graph_key()
+        if key not in self._graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up: compilation, allocator
+                    self._decode_eager()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._decode_eager()
+            self._graphs[key] = (graph, logits)
+        return self._graphs[key]
+
+    @torch.inference_mode()
+    def decode_step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits for the next token, given the last token (a device tensor) at `position`."""
+        self._token.copy_(token.view(1, 1))
+        self._position.fill_(position)
+        if self.use_graphs:
+            graph, logits = self._decode_graph()
+            graph.replay()
+            return logits
+        return self._decode_eager()
+
+    @torch.inference_mode()
+    def warm_up(self, sets: Sequence[OmissionSet]) -> float:
+        """Compile and capture the decode step of every set ahead, so no request pays for it."""
+        started = time.perf_counter()
+        for omit in sets:
+            self.use(omit)
+            self.prefill([0, 1])
+            self.decode_step(torch.zeros(1, dtype=torch.long, device=self.device), 2)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    # -- generation -------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise PuddingError("this engine has no tokenizer; pass token ids")
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if self.bos and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id] + ids
+        return ids
+
+    def stream(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet, max_new_tokens: int = 128,
+               stop_ids: Sequence[int] | None = None) -> Iterator[tuple[str, Generation]]:
+        """Yield (new text, generation so far) as tokens arrive, under the chosen set (a policy's `Choice`, whose
+        routing time counts in the time to first token, or a plain omission set)."""
+        choice = chosen if isinstance(chosen, Choice) else Choice(chosen)
+        self._check_set(choice.omit)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        timings = Timings(route_ms=choice.ms)
+        started = time.perf_counter()
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise PuddingError("the prompt is empty")
+        if len(ids) + max_new_tokens > self.max_len:
+            raise PuddingError(f"prompt ({len(ids)} tokens) plus {max_new_tokens} new tokens exceed the engine's "
+                               f"context of {self.max_len} tokens")
+        swap_started = time.perf_counter()
+        timings.swap = self.use(choice.omit)
+        timings.swap_ms = 1000 * (time.perf_counter() - swap_started)
+        stops = set(stop_ids if stop_ids is not None else self._stop_ids())
+        logits = self.prefill(ids)
+        token = logits.argmax(-1)
+        first = int(token)
+        sync()
+        timings.prefill_ms = 1000 * (time.perf_counter() - swap_started) - timings.swap_ms
+        timings.ttft_ms = choice.ms + 1000 * (time.perf_counter() - started)
+        generated = [first]
+        detokenizer = TextStream(self.tokenizer)
+        decode_started = time.perf_counter()
+        result = Generation("", generated, list(choice.omit), choice.index, timings, len(ids), routed=choice.routed)
+        position = len(ids)
+        while True:
+            text = detokenizer.push(generated[-1])
+            timings.new_tokens = len(generated)
+            timings.decode_ms = 1000 * (time.perf_counter() - decode_started)
+            if generated[-1] in stops:
+                result.finish_reason = "stop"
+            done = result.finish_reason == "stop" or len(generated) >= max_new_tokens
+            result.text = detokenizer.full_text() if done else result.text + text  # exact at the end, once
+            yield text, result
+            if done:
+                break
+            token = self.decode_step(token, position).argmax(-1)
+            generated.append(int(token))
+            position += 1
+
+    def generate(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet, max_new_tokens: int = 128,
+                 stop_ids: Sequence[int] | None = None, on_text: Callable[[str], None] | None = None) -> Generation:
+        result = None
+        for piece, result in self.stream(prompt, chosen, max_new_tokens, stop_ids):
+            if on_text and piece:
+                on_text(piece)
+        return result
+
+    def _stop_ids(self) -> list[int]:
+        if self.tokenizer is None or self.tokenizer.eos_token_id is None:
+            return []
+        return [self.tokenizer.eos_token_id]
+
+    def memory(self) -> dict:
+        """Bytes of weights and cache held on the device."""
+        def size(t):
+            return t.numel() * t.element_size()
+
+        blocks = sum(size(f) for f in (self.blocks.flats if self.blocks.mode == "all" else self.blocks.slots))
+        return {"blocks": blocks, "embed_head_norm": size(self.embed) + size(self.head) + size(self.final_norm),
+                "kv_cache": sum(size(t) for t in self.k_cache + self.v_cache), "block_bytes": self.layout.numel * self.embed.element_size()}
+
+
+def open_engine(ref, device: str | None = None, dtype: str = "auto", budget: int | None = None,
+                max_len: int = 2048) -> Engine:
+    """An engine for a resolved model (`models.ModelRef`): loaded, its blocks copied into the engine's layout (to
+    pinned host memory with a memory budget), the transformers model then let go."""
+    from .models import check_device, default_device, load_decoder
+
+    context = ref.config.get("max_position_embeddings")
+    if context and max_len > context:
+        raise PuddingError(f"--max-len {max_len} is longer than {ref.name}'s context of {context} tokens")
+    device = check_device(device or default_device())
+    loaded = load_decoder(ref, "cpu" if budget is not None else device, dtype)
+    return Engine.from_model(loaded.model, loaded.tokenizer, device, budget=budget, max_len=max_len)
