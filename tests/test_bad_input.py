@@ -151,11 +151,11 @@ def test_bad_arguments(args, fragment, tmp_path, monkeypatch, smollm2):
     (["train-router", "--max-length", "4"], "--max-length"),
     (["train-router", "--objective", "hinge"], "unknown router objective"),
     (["train-router", "--encoder", "bert-9000"], "unknown model 'bert-9000'"),
-    (["route", "--objective", "ce-soft", "hello"], "no router"),
+    (["route", "--router", "ce-soft", "hello"], "no router named ce-soft"),
     (["eval", "--set", "7"], "set 7 does not exist"),
     (["eval", "--set", "-1"], "set -1 does not exist"),
     (["eval", "--method", "magic"], "unknown baseline"),
-    (["label", "--tasks", "mathqa"], "no train split"),
+    (["label", "--tasks", "wikitext2"], "not a multiple-choice one"),
     (["label", "--limit", "0"], "--limit"),
     (["label", "--checkpoint-every", "0"], "--checkpoint-every"),
 ])

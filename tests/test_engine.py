@@ -78,3 +78,40 @@ def test_context_limit_is_enforced(smollm2):
         engine.generate("word " * 30, engine.omission(), max_new_tokens=8)
     with pytest.raises(PuddingError, match="omission set of this model's 30 blocks"):
         engine.generate("hello", (11, 17))
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+def test_bucketed_prefill_equals_the_exact_length_prefill(family):
+    """Pre-fill pads the prompt to a length bucket (one captured graph per bucket on GPUs): the padding comes after
+    the prompt, so logits and the tokens generated after it are those of the exact-length pre-fill, dense and
+    pruned, sliding windows included (these tiny models' windows are 4 tokens)."""
+    from conftest import build_tiny
+
+    model = build_tiny(family, init=0.2)
+    exact, padded = Engine.from_model(model, max_len=64, buckets=False), Engine.from_model(model, max_len=64, buckets=True)
+    assert padded.bucket(11) == 16 and padded.bucket(17) == 32 and padded.bucket(64) == 64
+    for omit in [(), (0, 3)]:
+        for length in (3, 11, 16, 17, 40):
+            ids = torch.randint(3, 200, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+            for engine in (exact, padded):
+                engine.use(engine.omission(omit))
+            torch.testing.assert_close(padded.prefill(ids).clone(), exact.prefill(ids).clone(), rtol=1e-5, atol=1e-5)
+            tokens = [e.generate(ids, e.omission(omit), max_new_tokens=6, stop_ids=[]).tokens for e in (exact, padded)]
+            assert tokens[0] == tokens[1]
+
+
+@pytest.mark.slow
+def test_compiled_block_step_equals_the_eager_one():
+    """The compiled block (what GPUs run, fused by inductor) computes what the eager block computes."""
+    from conftest import build_tiny
+
+    model = build_tiny("qwen2", init=0.2)
+    eager = Engine.from_model(model, max_len=64, compile=False, buckets=True)
+    compiled = Engine.from_model(model, max_len=64, compile=True, buckets=True)
+    ids = torch.randint(3, 200, (13,), generator=torch.Generator().manual_seed(5)).tolist()
+    for omit in [(), (1, 4)]:
+        results = [e.generate(ids, e.omission(omit), max_new_tokens=5, stop_ids=[]).tokens for e in (eager, compiled)]
+        assert results[0] == results[1]
+        for engine in (eager, compiled):
+            engine.use(engine.omission(omit))
+        torch.testing.assert_close(compiled.prefill(ids).clone(), eager.prefill(ids).clone(), rtol=1e-4, atol=1e-4)

@@ -117,3 +117,49 @@ def test_pack_unpack_and_use_the_pack_without_the_registry(tmp_path, bundle, smo
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "e.json").read_text())["model"]["fingerprint"] == smollm2.fingerprint
     assert_clean_failure(pudding("unpack", str(tmp_path / "e.json"), "--output", str(tmp_path / "u2")), "not a")
+
+
+@pytest.mark.slow
+def test_a_bundle_whose_router_loses_deploys_its_static_set_and_the_choice_survives_a_pack(tmp_path, smollm2):
+    """Held-out prompts on which one candidate set is always right and the others always wrong: no router can beat
+    it, so the bundle deploys it; pack and unpack keep that choice, and `eval --bundle` uses it by default."""
+    from conftest import SETS as FOUR_SETS
+    from conftest import synthetic_table
+
+    from pudding.labels import heldout_split
+    from pudding.router import RouterSettings
+    from pudding.router_training import save_router, train_router
+
+    path = tmp_path / "bundle"
+    opened = Bundle.create_or_open(path, smollm2.info(), 2, {"pipeline": {}})
+    opened.write_candidates([CandidateSet(s, [{"task": "piqa", "loss": "tl"}]) for s in FOUR_SETS], {})
+    table = synthetic_table(40)
+    table.save(opened.labels_path)
+    opened.track(opened.labels_path)
+    settings = RouterSettings(epochs=1, warmup_steps=1, batch_size=8, max_length=24, val_fraction=0.25)
+    router, tokenizer, history, meta = train_router(table, settings)
+    save_router(opened.router_dir(), router, tokenizer, settings, FOUR_SETS, history, meta, opened.model)
+    opened.track(opened.router_dir())
+    held = heldout_split(len(table), settings.val_fraction, settings.seed)[1]
+    winner = 3
+    opened.write_json("heldout.json", {"settings": {}, "tasks": {"piqa": {
+        "metric": "acc", "indices": [int(i) for i in held], "prompts": [table.prompts[i] for i in held],
+        "correct": ["1" * len(held) if s == winner else "0" * len(held) for s in range(len(FOUR_SETS))],
+        "tl": [[1.0] * len(held) for _ in FOUR_SETS]}}})
+    result = pudding("pipeline", "--small", "--output", str(path), "--blocks", "2", "--stages", "select",
+                     "--tasks", "piqa", "--limit", "4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    policy = json.loads((path / "policy.json").read_text())
+    assert policy["deployed"] == {"static": winner} and policy["fair_static"] == winner
+    packed = tmp_path / "pack.tar"
+    assert pudding("pack", "--bundle", str(path), "--output", str(packed)).returncode == 0
+    unpacked = tmp_path / "unpacked"
+    assert pudding("unpack", str(packed), "--output", str(unpacked)).returncode == 0
+    assert json.loads((unpacked / "policy.json").read_text())["deployed"] == {"static": winner}
+    assert f"**set{winner}**" in (unpacked / "README.md").read_text()
+    out = tmp_path / "e.json"
+    result = pudding("eval", "--bundle", str(unpacked), "--tasks", "piqa", "--limit", "4", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(out.read_text())["omission"] == {"kind": "deployed", "blocks": FOUR_SETS[winner], "label": "3,20"}
+    raw = pudding("eval", "--bundle", str(unpacked), "--router", "--tasks", "piqa", "--limit", "4", "--output", str(out))
+    assert raw.returncode == 0 and json.loads(out.read_text())["omission"]["kind"] == "pudding"

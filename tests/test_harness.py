@@ -62,7 +62,7 @@ def _pudding_eval(scorer, names: list[str], policy, limit: int):
         task = get_task(name)
         docs = task.docs().docs[:limit]
         scored = score_docs(scorer, docs, policy, name)
-        out[name] = (task_result(task, docs, correctness(scored), scored.sets), scored)
+        out[name] = (task_result(task, docs[0].split, correctness(scored), scored.sets), scored)
     return out
 
 

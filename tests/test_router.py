@@ -132,8 +132,10 @@ def test_route_and_routed_eval_from_the_cli(small_bundle):
     result = pudding("route", "--bundle", str(small_bundle), "Question: How do I boil an egg?\nAnswer:")
     assert result.returncode == 0, result.stderr
     assert "chosen" in result.stdout and "routing time" in result.stdout
-    routed = pudding("eval", "--bundle", str(small_bundle), "--tasks", "piqa", "--limit", "4")
+    routed = pudding("eval", "--bundle", str(small_bundle), "--router", "--tasks", "piqa", "--limit", "4")
     assert routed.returncode == 0 and "routed" in routed.stdout
+    deployed = pudding("eval", "--bundle", str(small_bundle), "--tasks", "piqa", "--limit", "4")
+    assert deployed.returncode == 0 and "deployed" in deployed.stdout, deployed.stdout
     oracle = pudding("eval", "--bundle", str(small_bundle), "--oracle", "--tasks", "piqa", "--limit", "4")
     assert oracle.returncode == 0 and "per question" in oracle.stdout
 
@@ -171,3 +173,41 @@ def test_objectives_ablation_lands_in_the_report(small_bundle):
     for row in rows:
         versus, picks = row.rstrip(" |").split(" | ")[-2:]
         assert "±" in versus and picks.endswith("%")  # paired difference from the main router, held-out picks-best
+
+
+@pytest.mark.slow
+def test_routed_accuracy_looked_up_equals_the_routed_evaluation(small_bundle):
+    """A variant's accuracy is looked up from the static evaluations of the candidate sets: for the main router that
+    gives, document for document, what routing and scoring each question gives."""
+    from pudding.bundle import Bundle
+    from pudding.policy import RoutedPolicy
+    from pudding.selection import lookup_results
+    from pudding.tasks import get_task
+
+    bundle = Bundle.open(small_bundle)
+    routed = json.loads((small_bundle / "evals" / "pudding.json").read_text())
+    sets = bundle.omission_sets()
+    set_evals = [json.loads((small_bundle / "evals" / f"set{i}.json").read_text()) for i in range(len(sets))]
+    policy = RoutedPolicy(bundle.router())
+    choices = {t: np.array([c.index for c in policy.choose([d.prompt for d in get_task(t).docs().docs[:6]])])
+               for t in routed["tasks"]}
+    for result in lookup_results(set_evals, choices, sets):
+        assert result.per_doc == routed["tasks"][result.task]["per_doc"], result.task
+        assert result.sets_used == routed["tasks"][result.task]["sets_used"]
+
+
+@pytest.mark.slow
+def test_the_pipeline_deploys_a_policy_chosen_on_held_out_prompts(small_bundle):
+    policy = json.loads((small_bundle / "policy.json").read_text())
+    names = {c["name"] for c in policy["candidates"]}
+    assert {"set0", "router", "router-gated", "router-knn5"} <= names
+    fair = policy["fair_static"]
+    static_accuracy = {c["name"]: c["heldout_accuracy"] for c in policy["candidates"] if "static" in c["spec"]}
+    assert static_accuracy[f"set{fair}"] == max(static_accuracy.values())
+    deployed = json.loads((small_bundle / "evals" / "deployed.json").read_text())
+    if "static" in policy["deployed"]:  # then the deployed evaluation is that set's
+        assert policy["deployed"] == {"static": fair}
+        fixed = json.loads((small_bundle / "evals" / f"set{fair}.json").read_text())
+        assert {t: r["per_doc"] for t, r in deployed["tasks"].items()} == {t: r["per_doc"] for t, r in fixed["tasks"].items()}
+    report = (small_bundle / "report.md").read_text()
+    assert "## Deployed policy" in report and "fair best static" in report

@@ -170,7 +170,6 @@ def test_candidates_pool_in_a_bundle(tmp_path, smollm2):
     [
         (["search", "--blocks", "30", "--output", "x.json"], "cannot remove 30 blocks"),
         (["search", "--blocks", "0", "--output", "x.json"], "at least 1"),
-        (["search", "--task", "mathqa", "--output", "x.json"], "no train split"),
         (["search", "--task", "pubmedqa", "--samples", "600", "--output", "x.json"], "fewer than the 600"),
         (["search", "--loss", "mse", "--output", "x.json"], "unknown loss 'mse'"),
         (["search", "--method", "magic", "--output", "x.json"], "unknown method 'magic'"),

@@ -108,9 +108,14 @@ def test_sample_is_seeded_and_without_replacement():
         get_task("pubmedqa").sample("train", 10_000, seed=0)
 
 
-def test_task_without_train_split_says_so():
-    with pytest.raises(PuddingError, match="no train split"):
-        get_task("mathqa").require_calibration_split()
+def test_a_split_cut_from_another_keeps_its_rows():
+    """MathQA has no train split offline: its calibration split is the first 1000 test rows, same documents."""
+    task = get_task("mathqa")
+    assert task.require_calibration_split() == "calibration"
+    calibration, test = task.docs("calibration").docs, task.docs("test").docs
+    assert len(calibration) == 1000 and len(test) > 2000
+    assert [d.requests for d in calibration[:5]] == [d.requests for d in test[:5]]
+    assert calibration[-1].requests == test[999].requests and calibration[-1].index == 999
 
 
 def test_unknown_and_repeated_tasks():

@@ -38,7 +38,7 @@ def main() -> None:
             with tarfile.open(target) as tar:
                 tar.extractall(MODELS)
         print(f"{name}: {target} ok", file=sys.stderr)
-    if not (DATA / "data").exists():
+    if not (DATA / "data").exists() and (SHIP / "data.tgz").exists():
         with tarfile.open(SHIP / "data.tgz") as tar:
             tar.extractall(DATA)
     wheels = sorted((SHIP / "wheels").glob("*.whl"))

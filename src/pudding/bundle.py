@@ -5,7 +5,9 @@
     searches/            one search result per (task, loss), plus checkpoints while a search runs
     baselines/           static baselines (sleb, shortened-ppl, shortgpt) for the same model and k
     labels.parquet       soft labels for router training (made by `pudding label`)
-    router/              the trained router (made by `pudding train-router`)
+    router/              the trained router (made by `pudding train-router`); router-NAME/: other routers
+    heldout.json         held-out training prompts scored under every set, for choosing the deployed policy
+    policy.json          the deployed policy (the default wherever the bundle is used) and the evidence for it
     evals/, report.md    evaluations and the report (made by `pudding eval`, `pudding pipeline`)
     checksums.json       sha256 of every file written through the bundle, checked whenever the bundle is opened
 
@@ -29,6 +31,7 @@ from .storage import (
 FORMAT = "pudding-bundle/1"
 PACKED_MODEL = "model"  # the subdirectory of a pack (`pudding pack`) that holds the decoder the bundle was made for
 CHECKSUMS = "checksums.json"
+MAIN_ROUTER = "router"  # the paper's router; others are router-NAME/
 
 
 @dataclass
@@ -202,6 +205,13 @@ class Bundle:
     def baseline_path(self, method: str) -> Path:
         return self.path / "baselines" / f"{method}.json"
 
+    def baseline(self, method: str):
+        """A static baseline's search for this bundle's k (cut from a longer one a sweep made), or None."""
+        from .search import load_search
+
+        path = self.baseline_path(method)
+        return load_search(path).prefix(self.k) if path.exists() else None
+
     def write_candidates(self, sets: list[CandidateSet], settings: dict) -> None:
         self.write_json("candidates.json", {
             "sets": [{"blocks": s.blocks, "sources": s.sources} for s in sets],
@@ -228,24 +238,35 @@ class Bundle:
     def labels_path(self) -> Path:
         return self.path / "labels.parquet"
 
-    def router_dir(self, objective: str = "mse", must_exist: bool = False) -> Path:
-        """Where the router trained with this objective lives (router/, or router-OBJECTIVE/ for the ablations)."""
-        directory = self.path / ("router" if objective == "mse" else f"router-{objective}")
+    def router_dir(self, name: str = MAIN_ROUTER, must_exist: bool = False) -> Path:
+        """Where a router lives: router/ for the main one, router-NAME/ for the others (the ablations' objectives,
+        encoders and label sets)."""
+        directory = self.path / (MAIN_ROUTER if name == MAIN_ROUTER else f"{MAIN_ROUTER}-{name}")
         if must_exist and not (directory / "router.json").exists():
-            trained = "" if objective == "mse" else f" trained with {objective}"
-            command = "`pudding train-router`" if objective == "mse" else f"`pudding train-router --objective {objective}`"
-            raise PuddingError(f"bundle {self.path} has no router{trained}: make one with `pudding label` then {command}")
+            which = "" if name == MAIN_ROUTER else f" named {name}"
+            raise PuddingError(f"bundle {self.path} has no router{which}: make one with `pudding label` then "
+                               "`pudding train-router`" + ("" if name == MAIN_ROUTER else f" --objective {name}"))
         return directory
 
-    def router(self, objective: str = "mse", device: str = "cpu"):
-        """The bundle's trained router, routing to the bundle's candidate sets (refused if it was trained on others)."""
+    def routers(self) -> list[str]:
+        """Names of the routers the bundle holds, the main one first."""
+        found = sorted(p.name[len(MAIN_ROUTER) + 1:] for p in self.path.glob(f"{MAIN_ROUTER}-*") if (p / "router.json").exists())
+        return ([MAIN_ROUTER] if (self.router_dir() / "router.json").exists() else []) + found
+
+    def router(self, name: str = MAIN_ROUTER, device: str = "cpu"):
+        """A trained router of the bundle, routing to the bundle's candidate sets (refused if trained on others)."""
         from .router import LoadedRouter
 
-        router = LoadedRouter(self.router_dir(objective, must_exist=True), device, self.model["num_blocks"])
+        router = LoadedRouter(self.router_dir(name, must_exist=True), device, self.model["num_blocks"])
         if router.sets != self.omission_sets():
-            raise PuddingError(f"the router in {self.router_dir(objective)} was trained on other sets than the bundle's "
+            raise PuddingError(f"the router in {self.router_dir(name)} was trained on other sets than the bundle's "
                                "candidates: train it again (`pudding train-router`)")
         return router
+
+    @property
+    def policy_path(self) -> Path:
+        """The deployed policy and the held-out evidence for it (`selection.py`)."""
+        return self.path / "policy.json"
 
     def omission_set(self, index: int) -> OmissionSet:
         sets = self.omission_sets()

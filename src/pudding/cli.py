@@ -37,6 +37,7 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registry name (see
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Task data folder (default: $PUDDING_DATA_DIR or ../shared/data).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu or cuda[:N] (default: cuda if available).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")]
+RawRouterOpt = Annotated[bool, typer.Option("--router", help="With --bundle: route with the bundle's router itself instead of the policy it deploys (policy.json).")]
 BatchTokensOpt = Annotated[Optional[int], typer.Option("--batch-tokens", min=64, help="Tokens per forward pass (default: 2048 on CPU, 16384 on GPU).")]
 
 
@@ -102,7 +103,9 @@ def tasks_list(data_dir: DataDirOpt = None) -> None:
 
 
 def _print_results(document: dict) -> None:
-    table = Table(title=f"{document['model']['name']} · omitted: {document['omission']['label']}")
+    omission = document["omission"]
+    how = "" if omission["kind"] == "static" else f"{omission['kind']} · "
+    table = Table(title=f"{document['model']['name']} · {how}omitted: {omission['label']}")
     for column in ("task", "split", "n", "acc", "acc_norm", "primary"):
         table.add_column(column, justify="right" if column not in ("task", "split") else "left")
     for name, result in document["tasks"].items():
@@ -154,6 +157,7 @@ def eval_command(
     search_file: Annotated[Optional[Path], typer.Option("--search", help="Evaluate the omission set of a `pudding search` output.")] = None,
     oracle: Annotated[bool, typer.Option("--oracle", help="With --bundle: the per-question best set in the pool (an upper bound), and the lowest-tl pick.")] = False,
     per_prompt: Annotated[bool, typer.Option("--sleb-per-prompt", help="SLEB per prompt: a perplexity search on each question's own prompt (slow).")] = False,
+    raw_router: RawRouterOpt = False,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N documents of each task.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.")] = None,
     data_dir: DataDirOpt = None,
@@ -168,7 +172,10 @@ def eval_command(
     from .policy import PolicySpec
     from .tasks import parse_task_list, resolve_data_dir
 
-    spec = PolicySpec(omit=omit, set=set_index, method=method, search=search_file, per_prompt=per_prompt)
+    spec = PolicySpec(omit=omit, set=set_index, method=method, search=search_file, per_prompt=per_prompt,
+                      router="router" if raw_router else None)
+    if raw_router and (bundle is None or spec.chosen()):
+        raise PuddingError("--router needs --bundle" if bundle is None else f"give only one of --router, {', '.join(spec.chosen())}")
     if oracle and (spec.chosen() or bundle is None):
         raise PuddingError("--oracle needs --bundle" if bundle is None else f"give only one of --oracle, {', '.join(spec.chosen())}")
     task_list = parse_task_list(tasks)
@@ -393,7 +400,7 @@ def train_router_command(
     if [list(s) for s in opened.omission_sets()] != table.sets:
         raise PuddingError(f"the labels in {opened.path} are for other candidate sets: rerun `pudding label`")
     device = check_device(device or default_device())
-    target = train_bundle_router(opened, table, settings, device, log_line)
+    target = train_bundle_router(opened, table, settings, device, log_line, "router" if objective == "mse" else objective)
     out.print(f"router → {target} (training curve: {target / 'training.png'})")
 
 
@@ -401,7 +408,7 @@ def train_router_command(
 def route_command(
     prompt: Annotated[str, typer.Argument(help="The prompt, as a user would send it.")],
     bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle with a trained router.")],
-    objective: Annotated[str, typer.Option("--objective", help="Which router of the bundle (mse unless trained otherwise).")] = "mse",
+    router: Annotated[str, typer.Option("--router", help="Which router of the bundle: router (the paper's), or another one's name (ce-soft, mpnet, nocap, ...).")] = "router",
     device: DeviceOpt = None,
 ) -> None:
     """Which candidate set a prompt goes to, the predicted loss of every set, and how long routing took."""
@@ -412,7 +419,7 @@ def route_command(
     opened = Bundle.open(bundle)
     if not prompt.strip():
         raise PuddingError("cannot route an empty prompt")
-    policy = PolicySpec(objective=objective).build(opened.model["num_blocks"], opened, check_device(device or "cpu"))
+    policy = PolicySpec(router=router).build(opened.model["num_blocks"], opened, check_device(device or "cpu"))
     choice, predicted, truncated = policy.explain(prompt)
     table = Table(title=f"set {choice.index} chosen: omit {choice.omit.label()}")
     table.add_column("set")
@@ -432,7 +439,7 @@ def route_command(
 
 
 def _engine_and_policy(bundle: Optional[Path], model: Optional[str], omit: Optional[str], device: Optional[str],
-                       dtype: str, budget: Optional[int], max_len: int):
+                       dtype: str, budget: Optional[int], max_len: int, raw_router: bool = False):
     """An engine and the policy that chooses its blocks: a bundle's (routed), or --omit's (fixed; dense without it).
     Every set the policy can choose is compiled and captured ahead, so no prompt pays for it."""
     from .engine import open_engine
@@ -440,7 +447,9 @@ def _engine_and_policy(bundle: Optional[Path], model: Optional[str], omit: Optio
     from .policy import PolicySpec
 
     opened, ref = (_open_bundle_for(bundle, model) if bundle else (None, resolve_model(model or "smollm2-135m")))
-    spec = PolicySpec(omit=omit)
+    if raw_router and (opened is None or omit is not None):
+        raise PuddingError("--router needs --bundle" if opened is None else "give only one of --router, --omit")
+    spec = PolicySpec(omit=omit, router="router" if raw_router else None)
     spec.check(opened, ref.num_blocks)
     device = check_device(device or default_device())
     engine = open_engine(ref, device, dtype, budget, max_len)
@@ -456,6 +465,7 @@ def generate_command(
     bundle: Annotated[Optional[Path], typer.Option("--bundle", "-b", help="Route with this bundle's router.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Without a bundle: the model (default smollm2-135m).")] = None,
     omit: Annotated[Optional[str], typer.Option("--omit", help="Blocks to skip instead of routing, e.g. 11,17,20.")] = None,
+    raw_router: RawRouterOpt = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")] = False,
     budget: Annotated[Optional[int], typer.Option("--budget", min=1, help="Memory budget in blocks: keep only this many on the device.")] = None,
@@ -466,7 +476,7 @@ def generate_command(
     """Generate text: route once, make the chosen blocks resident, pre-fill and decode on the shorter stack."""
     if not prompt.strip():
         raise PuddingError("the prompt is empty")
-    engine, policy, _ = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len)
+    engine, policy, _ = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router)
     text = prompt
     if chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -489,6 +499,7 @@ def serve_command(
     bundle: Annotated[Optional[Path], typer.Option("--bundle", "-b", help="Route every request with this bundle's router.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Without a bundle: the model (default smollm2-135m).")] = None,
     omit: Annotated[Optional[str], typer.Option("--omit", help="Without a bundle: blocks to skip for every request, e.g. 11,17,20 (default: none).")] = None,
+    raw_router: RawRouterOpt = False,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests that may wait behind the running one; more are answered 503.")] = 16,
@@ -506,7 +517,7 @@ def serve_command(
         raise PuddingError("--omit is for a model served without a router; with --bundle every request is routed "
                            "(a request can force a set with the `pudding` body field)")
     check_port(host, port)
-    engine, policy, ref = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len)
+    engine, policy, ref = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router)
     serve(engine, policy, ref.name, host, port, queue_size)
 
 
@@ -524,7 +535,7 @@ def bench_command(
     import platform
     from datetime import datetime, timezone
 
-    from .bench import LLAMA_31_8B, BenchSettings, benchmark_bundle, benchmark_shape, markdown
+    from .bench import LLAMA_31_8B, BenchSettings, benchmark_bundle, benchmark_shape, markdown, shape_goals
     from .models import check_device, default_device
     from .omission import OmissionSet
     from .policy import RoutedPolicy
@@ -550,6 +561,8 @@ def bench_command(
         router = LoadedRouter.untrained(router_encoder, [OmissionSet(PAPER_SET, config.num_hidden_layers)] * 10, device)
         report["shape"] = benchmark_shape(config, device, settings, RoutedPolicy(router), log)
     report["bundles"] = [benchmark_bundle(b, device, settings, log) for b in (bundle or [])]
+    if shape:
+        report["goals"] = [{k: g[k] for k in ("figure", "measured", "target", "met")} for g in shape_goals(report["shape"])]
     atomic_write_json(output, report)
     table = markdown(report)
     atomic_write_text(output.with_suffix(".md"), table)
@@ -560,48 +573,93 @@ def bench_command(
 # pipeline
 
 
-@app.command("pipeline")
-def pipeline_command(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle directory (created, or resumed if it exists).")],
-    model: ModelOpt = "smollm2-135m",
-    blocks: Annotated[Optional[int], typer.Option("--blocks", "-k", help="Blocks to remove (default: 20% of the model's blocks).")] = None,
-    samples: Annotated[Optional[int], typer.Option("--samples", min=1, help="Calibration samples per search (default 128).")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluation documents per task (default: all).")] = None,
-    label_limit: Annotated[Optional[int], typer.Option("--label-limit", min=1, help="Training prompts per task (default: the whole train split).")] = None,
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Evaluation tasks (default: the six of Table 2 and the five of Table 5).")] = None,
-    encoder: Annotated[Optional[str], typer.Option("--encoder", help="Router encoder: minilm-l6 (default) or mpnet-base.")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Router training epochs (default 10).")] = None,
-    per_prompt: Annotated[Optional[int], typer.Option("--per-prompt", min=0, help="Documents per task for the SLEB-per-prompt comparison (default 100; 0 skips it).")] = None,
-    stages: Annotated[Optional[str], typer.Option("--stages", help="Comma-separated subset of: candidates, baselines, static, labels, router, routed, per-prompt, report; or none.")] = None,
-    ablations: Annotated[Optional[str], typer.Option("--ablations", help="Also run ablations: all, or some of sets-5, sets-30, ppl-candidates, objectives.")] = None,
-    small: Annotated[bool, typer.Option("--small", help="Small sizes that finish on 2 CPU cores in about 15 minutes.")] = False,
-    data_dir: DataDirOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = "auto",
-    batch_tokens: BatchTokensOpt = None,
-) -> None:
-    """Run PuDDing end to end into a bundle: candidates, baselines, evaluations, labels, router, routed evaluation,
-    report.md. Every stage is kept in the bundle; rerunning resumes where it stopped."""
-    from .models import check_device, default_device, resolve_model
-    from .pipeline import ABLATIONS, STAGES, Pipeline, PipelineConfig, run_ablations
-    from .search import check_k
-    from .tasks import parse_task_list, resolve_data_dir
+SamplesPipelineOpt = Annotated[Optional[int], typer.Option("--samples", min=1, help="Calibration samples per search (default 128).")]
+BaselineSamplesOpt = Annotated[Optional[int], typer.Option("--baseline-samples", min=1, help="Text windows of 2048 tokens for SLEB, Shortened LLaMA and ShortGPT (default 128).")]
+LimitPipelineOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluation documents per task (default: all).")]
+LabelLimitOpt = Annotated[Optional[int], typer.Option("--label-limit", min=1, help="Training prompts per task (default: the whole train split).")]
+EncoderOpt = Annotated[Optional[str], typer.Option("--encoder", help="Router encoder: minilm-l6 (default) or mpnet-base.")]
+EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1, help="Router training epochs (default 10).")]
+PerPromptOpt = Annotated[Optional[int], typer.Option("--per-prompt", min=0, help="Documents per task for the SLEB-per-prompt comparison (default 100; 0 skips it).")]
+VariantsOpt = Annotated[Optional[str], typer.Option("--variants", help="Other routers to train and compare: some of ce-soft, ce-onehot, mpnet, nocap.")]
+StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated subset of: candidates, baselines, static, labels, heldout, router, routed, variants, select, deployed, per-prompt, report; or none.")]
+SmallOpt = Annotated[bool, typer.Option("--small", help="Small sizes that finish on 2 CPU cores in about 15 minutes.")]
+
+
+def _pipeline_config(small: bool, samples, baseline_samples, limit, label_limit, encoder, epochs, per_prompt, variants):
+    """The pipeline's settings from the command line's options (the paper's sizes unless --small or an option)."""
+    from .pipeline import ROUTER_VARIANTS, PipelineConfig
 
     config = PipelineConfig.small() if small else PipelineConfig()
-    for name, value in (("k", blocks), ("samples", samples), ("limit", limit), ("label_limit", label_limit),
-                        ("per_prompt_limit", per_prompt)):
+    for name, value in (("samples", samples), ("baseline_samples", baseline_samples), ("limit", limit),
+                        ("label_limit", label_limit), ("per_prompt_limit", per_prompt)):
         if value is not None:
             setattr(config, name, value)
     if encoder is not None:
         config.router.encoder = encoder
     if epochs is not None:
         config.router.epochs = epochs
-    if tasks is not None:
-        config.eval_tasks = [t.name for t in parse_task_list(tasks)]
+    if variants:
+        config.variants = [v.strip() for v in variants.split(",") if v.strip()]
+        for name in config.variants:
+            if name not in ROUTER_VARIANTS:
+                raise PuddingError(f"unknown router variant '{name}' (variants: {', '.join(ROUTER_VARIANTS)})")
+    return config
+
+
+def _stages(stages: Optional[str]) -> tuple[str, ...]:
+    from .pipeline import STAGES
+
     chosen = () if stages == "none" else tuple(x.strip() for x in stages.split(",")) if stages else STAGES
     for stage in chosen:
         if stage not in STAGES:
             raise PuddingError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+    return chosen
+
+
+def _check_resumable(output: Path, ref) -> None:
+    """Resuming: the bundle must be this model's, checked before loading the model."""
+    if (output / "bundle.json").exists():
+        from .bundle import Bundle
+
+        Bundle.open(output).check_model({"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks})
+
+
+@app.command("pipeline")
+def pipeline_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle directory (created, or resumed if it exists).")],
+    model: ModelOpt = "smollm2-135m",
+    blocks: Annotated[Optional[int], typer.Option("--blocks", "-k", help="Blocks to remove (default: 20% of the model's blocks).")] = None,
+    samples: SamplesPipelineOpt = None,
+    baseline_samples: BaselineSamplesOpt = None,
+    limit: LimitPipelineOpt = None,
+    label_limit: LabelLimitOpt = None,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Evaluation tasks (default: the six of Table 2 and the five of Table 5).")] = None,
+    encoder: EncoderOpt = None,
+    epochs: EpochsOpt = None,
+    per_prompt: PerPromptOpt = None,
+    variants: VariantsOpt = None,
+    stages: StagesOpt = None,
+    ablations: Annotated[Optional[str], typer.Option("--ablations", help="Also run ablations: all, or some of sets-5, sets-30, ppl-candidates, objectives.")] = None,
+    small: SmallOpt = False,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+    batch_tokens: BatchTokensOpt = None,
+) -> None:
+    """Run PuDDing end to end into a bundle: candidates, baselines, evaluations, labels, router, routed evaluation,
+    the deployed policy chosen on held-out prompts, report.md. Every stage is kept in the bundle; rerunning resumes
+    where it stopped."""
+    from .models import check_device, default_device, resolve_model
+    from .pipeline import ABLATIONS, Pipeline, run_ablations
+    from .search import check_k
+    from .tasks import parse_task_list, resolve_data_dir
+
+    config = _pipeline_config(small, samples, baseline_samples, limit, label_limit, encoder, epochs, per_prompt, variants)
+    if blocks is not None:
+        config.k = blocks
+    if tasks is not None:
+        config.eval_tasks = [t.name for t in parse_task_list(tasks)]
+    chosen = _stages(stages)
     extra = () if not ablations else (ABLATIONS if ablations == "all" else tuple(a.strip() for a in ablations.split(",")))
     for name in extra:
         if name not in ABLATIONS:
@@ -610,10 +668,7 @@ def pipeline_command(
     resolve_model(config.router.encoder, kind="encoder")
     if config.k is not None:
         check_k(config.k, ref.num_blocks)
-    if (output / "bundle.json").exists():  # resuming: the bundle must be this model's, checked before loading it
-        from .bundle import Bundle
-
-        Bundle.open(output).check_model({"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks})
+    _check_resumable(output, ref)
     data_path = resolve_data_dir(data_dir)
     device = check_device(device or default_device())
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
@@ -625,6 +680,58 @@ def pipeline_command(
         if "report" in chosen:
             pipeline.report()
     out.print(f"bundle: {pipeline.bundle.path}" + (f" · report: {pipeline.bundle.path / 'report.md'}" if "report" in chosen else ""))
+
+
+@app.command("sweep")
+def sweep_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Sweep directory: one bundle per rate (kK/), summary.json, sweep.md, the figure.")],
+    blocks: Annotated[str, typer.Option("--blocks", "-k", help="Numbers of blocks to remove, e.g. 5,8,11 (searched once, at the largest).")],
+    model: ModelOpt = "smollm2-135m",
+    only: Annotated[Optional[str], typer.Option("--only", help="Run one rate (K, which needs the largest rate's searches and baselines first) or 'multidomain'; then summarize.")] = None,
+    unseen_at: Annotated[Optional[int], typer.Option("--unseen-at", help="Also evaluate Table 5's unseen tasks at this k (default: the middle rate).")] = None,
+    variants_at: Annotated[Optional[int], typer.Option("--variants-at", help="Train the --variants routers at this k (default: the middle rate).")] = None,
+    multidomain_at: Annotated[Optional[int], typer.Option("--multidomain-at", help="Also calibrate with MathQA, PubMedQA and SciQ (paper Table 13) at this k.")] = None,
+    samples: SamplesPipelineOpt = None,
+    baseline_samples: BaselineSamplesOpt = None,
+    limit: LimitPipelineOpt = None,
+    label_limit: LabelLimitOpt = None,
+    encoder: EncoderOpt = None,
+    epochs: EpochsOpt = None,
+    variants: VariantsOpt = None,
+    stages: StagesOpt = None,
+    small: SmallOpt = False,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+    batch_tokens: BatchTokensOpt = None,
+) -> None:
+    """Accuracy against the pruning rate: a pipeline bundle per number of removed blocks, the searches and baselines
+    made once at the largest (a smaller k's sets are their prefixes), then summary.json, sweep.md and a figure.
+    Resumable: rerun the same command."""
+    from .models import check_device, default_device, resolve_model
+    from .sweep import SweepPlan, run_sweep
+    from .tasks import resolve_data_dir
+
+    ref = resolve_model(model)
+    config = _pipeline_config(small, samples, baseline_samples, limit, label_limit, encoder, epochs, 0, variants)
+    plan = SweepPlan.make(output, blocks, ref.num_blocks, config, unseen_at, variants_at, multidomain_at, only)
+    resolve_model(config.router.encoder, kind="encoder")
+    chosen = _stages(stages)
+    for directory in plan.directories():
+        _check_resumable(directory, ref)
+    if not chosen:  # --stages none: only the summary of what the rates' bundles hold; no model needed
+        from .sweep import summarize
+        from .tasks import PAPER_TASKS
+
+        info = {"name": ref.name, "fingerprint": ref.fingerprint, "num_blocks": ref.num_blocks}
+        summary = summarize(plan.root, plan.ks, PAPER_TASKS, info, plan.multidomain_at)
+        out.print(f"sweep: {output} · {len(summary['rates'])} rates summarized in {output / 'sweep.md'}")
+        return
+    data_path = resolve_data_dir(data_dir)
+    device = check_device(device or default_device())
+    loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
+    summary = run_sweep(plan, scorer, loaded.info(), data_path, chosen, log_line, device)
+    out.print(f"sweep: {output} · {len(summary['rates'])} rates summarized in {output / 'sweep.md'}")
 
 
 # ------------------------------------------------------------------------------------------------------------------

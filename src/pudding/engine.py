@@ -24,6 +24,8 @@ from .omission import OmissionSet
 from .policy import Choice
 from .residency import ResidentBlocks, SlotPool
 
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # pre-fill lengths a graph is captured for
+
 
 @dataclass
 class Timings:
@@ -89,7 +91,7 @@ class Engine:
     def __init__(self, shape: Shape, embed: torch.Tensor, final_norm: torch.Tensor, head: torch.Tensor,
                  blocks, layout: BlockLayout, rotary: dict[str, tuple[torch.Tensor, torch.Tensor]], tokenizer=None,
                  max_len: int = 2048, compile: bool | None = None, graphs: bool | None = None, bos: bool = False,
-                 compile_mode: str | None = None) -> None:
+                 compile_mode: str | None = None, buckets: bool | None = None) -> None:
         self.shape = shape
         self.arch = shape.arch
         self.embed, self.final_norm, self.head = embed, final_norm, head
@@ -103,21 +105,32 @@ class Engine:
         on_gpu = self.device.type == "cuda"
         self.use_graphs = on_gpu if graphs is None else graphs and on_gpu
         self.bos = bos
-        step = block_step
-        if (on_gpu if compile is None else compile):
-            step = torch.compile(block_step, fullgraph=True, dynamic=False, mode=compile_mode)
-        self._decode_block = step
+        # Pre-fill pads the prompt to a length bucket, so that one captured graph serves every prompt of the bucket:
+        # the padding comes after the prompt, so causal attention keeps it out of every real token's result.
+        self.bucketed = on_gpu if buckets is None else buckets
+        self._decode_block = self._prefill_block = block_step
+        if on_gpu if compile is None else compile:
+            for limit in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+                if hasattr(torch._dynamo.config, limit):
+                    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+            torch._inductor.config.coordinate_descent_tuning = True  # tunes the fused small kernels of a step
+            self._decode_block = torch.compile(block_step, fullgraph=True, dynamic=False, mode=compile_mode)
+            self._prefill_block = torch.compile(block_step, fullgraph=True, dynamic=None)  # a new bucket: dynamic
         capacity = shape.num_blocks if blocks.mode == "all" else blocks.capacity
         cache_shape = (1, shape.kv_heads, max_len, shape.head_dim)
         self.k_cache = [torch.zeros(cache_shape, dtype=self.dtype, device=self.device) for _ in range(capacity)]
         self.v_cache = [torch.zeros(cache_shape, dtype=self.dtype, device=self.device) for _ in range(capacity)]
         self._token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self._position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._prompt = torch.zeros(1, max_len, dtype=torch.long, device=self.device)  # pre-fill's (padded) input
+        self._positions = torch.arange(max_len, device=self.device)
+        self._last = torch.zeros(1, dtype=torch.long, device=self.device)  # the prompt's last position in the bucket
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self.stack: list[dict] = []
         self.stack_types: list[str] = []
         self.kept: tuple[int, ...] = ()
+        self._events: list = []  # per stack position: the copy bringing its block in (memory budget), or None
 
     # -- construction -----------------------------------------------------------------------------------------
 
@@ -239,17 +252,38 @@ class Engine:
         x = torch.nn.functional.embedding(ids, self.embed)
         return x * torch.tensor(self.shape.embed_scale, dtype=x.dtype) if self.shape.embed_scale != 1.0 else x
 
+    def bucket(self, length: int) -> int:
+        """The padded length a prompt of `length` tokens runs at: the next bucket, or itself beyond the last."""
+        return next((b for b in PREFILL_BUCKETS if length <= b <= self.max_len), length)
+
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
-        """Run the prompt through the current stack, filling the KV cache; returns the last position's logits."""
+        """Run the prompt through the current stack, filling the KV cache; returns the last position's logits (a
+        buffer the next pre-fill or decode step may overwrite). On GPUs a captured graph per (stack, length bucket)
+        runs it, unless a memory-budget swap is still copying blocks in (then the pre-fill waits for each block's
+        copy as it reaches it, eagerly)."""
         length = len(ids)
-        tokens = torch.tensor([list(ids)], device=self.device)
-        positions = torch.arange(length, device=self.device)
+        padded = self.bucket(length) if self.bucketed else length
+        self._prompt[0, :length].copy_(torch.tensor(list(ids)), non_blocking=True)
+        if padded > length:
+            self._prompt[0, length:padded].zero_()
+        self._last.fill_(length - 1)
+        copying = any(event is not None for event in self._events)
+        if self.use_graphs and padded == self.bucket(length) and not copying:
+            graph, logits = self._prefill_graph(padded)
+            graph.replay()
+            return logits
+        logits = self._prefill_padded(padded, wait=True)
+        self._events = [None] * len(self._events)  # the copies are waited for: the stack is resident now
+        return logits
+
+    def _prefill_padded(self, length: int, wait: bool = False) -> torch.Tensor:
+        positions = self._positions[:length]
         # A sliding window shorter than the prompt needs an explicit mask; otherwise plain causal attention.
         needs_mask = self.shape.sliding_window is not None and length > self.shape.sliding_window
         masks = self._masks(positions, length) if needs_mask else None
-        x = self._run_stack(self._embed(tokens), positions, masks, length, block_step, wait=True)
-        return self._logits(x[:, -1])
+        x = self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, length, self._prefill_block, wait)
+        return self._logits(x.index_select(1, self._last)[:, 0])
 
     def _decode_eager(self) -> torch.Tensor:
         masks = self._masks(self._position, self.max_len)
@@ -260,19 +294,26 @@ class Engine:
         return (self.blocks.mode, self.kept if self.blocks.mode == "all" else len(self.kept))
 
     def _decode_graph(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        key = self._graph_key()
+        return self._captured(("decode", *self._graph_key()), self._decode_eager)
+
+    def _prefill_graph(self, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        return self._captured(("prefill", length, *self._graph_key()), lambda: self._prefill_padded(length))
+
+    def _captured(self, key: tuple, step) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """A CUDA graph of `step` (compiled on its first run), captured once per key; all share one memory pool,
+        since they replay one at a time."""
         if key not in self._graphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: compilation, allocator
-                    self._decode_eager()
+                    step()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._decode_eager()
+                logits = step()
             self._graphs[key] = (graph, logits)
         return self._graphs[key]
 

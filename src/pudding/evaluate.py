@@ -118,16 +118,17 @@ def correctness(scored: DocScores) -> dict[str, np.ndarray]:
     return {"acc": correct, "acc_norm": correct_norm}
 
 
-def task_result(task: Task, docs: Sequence[Doc], per_doc: dict[str, np.ndarray], sets: Sequence[OmissionSet],
+def task_result(task: Task, split: str, per_doc: dict[str, np.ndarray], sets: Sequence[OmissionSet],
                 skipped: int = 0) -> TaskResult:
+    """A task's metrics from per-document correctness (one array per metric, in document order)."""
     keep = [m for m in task.metrics if m in per_doc]
     counts: dict[str, int] = defaultdict(int)
     for omit in sets:
         counts[omit.label()] += 1
     return TaskResult(
         task.name,
-        docs[0].split if docs else task.eval_split,
-        len(docs),
+        split,
+        len(per_doc[keep[0]]) if keep else 0,
         task.primary,
         {m: float(per_doc[m].mean()) for m in keep},
         {m: mean_stderr(per_doc[m]) for m in keep},
@@ -138,9 +139,13 @@ def task_result(task: Task, docs: Sequence[Doc], per_doc: dict[str, np.ndarray],
     )
 
 
+def _split_of(task: Task, docs: Sequence[Doc]) -> str:
+    return docs[0].split if docs else task.eval_split
+
+
 def evaluate_multiple_choice(scorer: Scorer, task: Task, docs: Sequence[Doc], policy: Policy, skipped: int = 0) -> TaskResult:
     scored = score_docs(scorer, docs, policy, task.name)
-    return task_result(task, docs, correctness(scored), scored.sets, skipped)
+    return task_result(task, _split_of(task, docs), correctness(scored), scored.sets, skipped)
 
 
 def evaluate_perplexity(scorer: Scorer, task: Task, omit: OmissionSet, limit: int | None, data_dir, window: int = 2048) -> TaskResult:
@@ -195,16 +200,17 @@ def evaluate_sets(scorer: Scorer, tasks: Sequence[Task], doc_sets: dict, sets: d
         doc_set = doc_sets[task.name]
         docs = doc_set.docs[:limit] if limit else doc_set.docs
         scored = score_docs_under_sets(scorer, docs, [sets[n] for n in names], task.name)
+        split = _split_of(task, docs)
         per_set = [correctness(s) for s in scored]
         for name, s, c in zip(names, scored, per_set):
-            results[name].append(task_result(task, docs, c, s.sets, doc_set.skipped))
+            results[name].append(task_result(task, split, c, s.sets, doc_set.skipped))
         if pool:
             any_right = {m: np.max([per_set[i][m] for i in pool], axis=0) for m in per_set[0]}
-            results["oracle"].append(task_result(task, docs, any_right, [], doc_set.skipped))
+            results["oracle"].append(task_result(task, split, any_right, [], doc_set.skipped))
             tl = np.stack([scored[i].gold_task_likelihood() for i in pool])  # sets x docs
             pick = [pool[j] for j in np.argmin(tl, axis=0)]
             by_label = {m: np.array([per_set[p][m][d] for d, p in enumerate(pick)]) for m in per_set[0]}
-            results["oracle-tl"].append(task_result(task, docs, by_label, [sets[names[p]] for p in pick], doc_set.skipped))
+            results["oracle-tl"].append(task_result(task, split, by_label, [sets[names[p]] for p in pick], doc_set.skipped))
     return results
 
 

@@ -172,6 +172,9 @@ def model_card(bundle) -> str:
         lines += ["", "## Router", "", f"{s['encoder']} + linear head, {s['objective']} objective, {s['epochs']} epochs"
                   + (f"; on held-out prompts it picks the best set {100 * last['picks_best_set']:.1f}% of the time."
                      if "picks_best_set" in last else ".")]
+    if bundle.policy_path.exists():
+        policy = read_json(bundle.policy_path, "policy choice")
+        lines += ["", "## Deployed policy", "", f"**{policy['name']}** (the default of `--bundle`): {policy['reason']}."]
     evals = sorted((bundle.path / "evals").glob("*.json")) if (bundle.path / "evals").is_dir() else []
     rows = []
     for path in evals:

@@ -37,6 +37,14 @@ class LabelTable:
         return LabelTable([self.tasks[i] for i in rows], [self.indices[i] for i in rows],
                           [self.prompts[i] for i in rows], self.labels[rows], self.sets, self.meta)
 
+    def digest(self) -> str:
+        """Identity of the table's content (prompts, sets and labels), for checkpoints and derived results."""
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps([self.prompts, self.sets]).encode())
+        digest.update(np.ascontiguousarray(self.labels, dtype=np.float32).tobytes())
+        return digest.hexdigest()[:16]
+
     def save(self, path: Path) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -73,6 +81,16 @@ class LabelTable:
 
 
 LABEL_CHUNK = 512  # prompts scored between two checkpoints
+
+
+def heldout_split(rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of a label table: a seeded permutation, the first `fraction` held out. The
+    router validates on the held-out rows, and the deployed policy is chosen on them (`selection.py`)."""
+    order = np.random.default_rng(seed).permutation(rows)
+    held = int(round(fraction * rows)) if fraction else 0
+    return order[held:], order[:held]
+
+
 
 
 def training_docs(task_name: str, limit_per_task: int | None, seed: int, data_dir) -> list:
@@ -131,16 +149,17 @@ def label_prompts(scorer: Scorer, sets: list[OmissionSet], tasks: list[str], lim
 
 
 def label_bundle(bundle, scorer: Scorer, tasks: list[str], limit_per_task: int | None, seed: int, data_dir,
-                 model_info: dict, log=None, chunk_size: int = LABEL_CHUNK) -> LabelTable:
-    """Label the train prompts of `tasks` under every candidate set of a bundle and save the table in it. Resumable:
-    a checkpoint beside the table holds the finished chunks until the table is recorded."""
+                 model_info: dict, log=None, chunk_size: int = LABEL_CHUNK, path: Path | None = None) -> LabelTable:
+    """Label the train prompts of `tasks` under every candidate set of a bundle and save the table in it (at
+    labels.parquet unless `path` says otherwise). Resumable: a checkpoint beside the table holds the finished chunks
+    until the table is recorded."""
     import time
 
     from .storage import partial_path
     from .tasks import data_versions
 
     bundle.record_data(data_versions(tasks, data_dir))
-    path = bundle.labels_path
+    path = path or bundle.labels_path
     started = time.perf_counter()
     identity = {"model": model_info["fingerprint"], "data": bundle.manifest["data"]}
     table = label_prompts(scorer, bundle.omission_sets(), tasks, limit_per_task, seed, data_dir, log, partial_path(path),

@@ -23,16 +23,25 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .bundle import Bundle, CandidateSet, deduplicate
+import numpy as np
+
+from .bundle import MAIN_ROUTER, Bundle, CandidateSet, deduplicate
 from .errors import PuddingError
 from .evaluate import ORACLES, evaluate_sets, evaluate_tasks, oracle_description, results_document
-from .labels import LabelTable, label_bundle
+from .labels import LabelTable, heldout_split, label_bundle
 from .omission import OmissionSet
-from .policy import BASELINE_METHODS, FixedPolicy, PerPromptPolicy, RoutedPolicy
+from .policy import (
+    BASELINE_METHODS, FixedPolicy, PerPromptPolicy, RoutedPolicy, apply_rule, deployed_policy, neighbour_predictions,
+    policy_from_spec, save_neighbours,
+)
 from .router import RouterSettings
 from .router_training import train_bundle_router
 from .scoring import Scorer
 from .report import FIGURES, write_report
+from .selection import (
+    HeldOut, choose_deployed, fair_best_static, lookup_results, neighbour_candidates, routed_candidates, score_heldout,
+    static_candidates,
+)
 from .search import BASELINE_CORPUS, SearchSpec, default_k, load_search, run_search
 from .storage import partial_path, read_json
 from .tasks import CALIBRATION_TASKS, PAPER_TASKS, UNSEEN_TASKS, data_versions, get_task, parse_task_list
@@ -54,6 +63,7 @@ class PipelineConfig:
     label_limit: int | None = None  # training prompts per task (None: the whole train split, as the paper)
     router: RouterSettings = field(default_factory=RouterSettings)
     per_prompt_limit: int = 100  # documents per task for SLEB per prompt (0: skip it)
+    variants: list[str] = field(default_factory=list)  # other routers to train and compare (ROUTER_VARIANTS)
 
     @classmethod
     def small(cls) -> PipelineConfig:
@@ -62,7 +72,16 @@ class PipelineConfig:
                    router=RouterSettings(epochs=3, warmup_steps=10, max_length=128), per_prompt_limit=0)
 
 
-STAGES = ("candidates", "baselines", "static", "labels", "router", "routed", "per-prompt", "report")
+STAGES = ("candidates", "baselines", "static", "labels", "heldout", "router", "routed", "variants", "select", "deployed",
+          "per-prompt", "report")
+
+# Routers besides the paper's, trained on the same bundle: what each changes in the main router's settings
+ROUTER_VARIANTS = {
+    "ce-soft": {"objective": "ce-soft"},  # paper Table 12
+    "ce-onehot": {"objective": "ce-onehot"},
+    "mpnet": {"encoder": "mpnet-base"},  # BERT-base size, as the paper
+    "nocap": {"labels": "all"},  # every training prompt labelled (no per-task cap), as many steps as the main router
+}
 
 
 class Pipeline:
@@ -103,7 +122,7 @@ class Pipeline:
             path = self.bundle.baseline_path(method)
             spec = SearchSpec(method, k=self.config.k, samples=self.config.baseline_samples,
                               seqlen=self.config.baseline_seqlen, seed=self.config.seeds[0])
-            if path.exists() and load_search(path).settings == asdict(spec):
+            if path.exists() and load_search(path).same_search(asdict(spec), self.model["fingerprint"]):
                 continue
             result = run_search(spec, self.scorer, self.model, self.data_dir, partial_path(path))
             self.bundle.write_json(path, result.to_json())  # drops the checkpoint
@@ -135,8 +154,9 @@ class Pipeline:
     def static_methods(self) -> dict[str, OmissionSet]:
         methods = {"dense": OmissionSet.dense(self.model["num_blocks"])}
         for method in BASELINES:
-            if self.bundle.baseline_path(method).exists():
-                methods[method] = load_search(self.bundle.baseline_path(method)).omission()
+            baseline = self.bundle.baseline(method)
+            if baseline is not None:
+                methods[method] = baseline.omission()
         for i, omit in enumerate(self.bundle.omission_sets()):
             methods[f"set{i}"] = omit
         return methods
@@ -163,43 +183,181 @@ class Pipeline:
     # -- router --------------------------------------------------------------------------------------------
 
     def labels(self) -> None:
-        path = self.bundle.labels_path
+        self._labels(self.bundle.labels_path, self.config.label_limit)
+
+    def _labels(self, path: Path, limit: int | None) -> LabelTable:
         sets = self.bundle.omission_sets()
         wanted = {"sets": [list(s) for s in sets], "tasks": self.config.calibration_tasks,
-                  "limit_per_task": self.config.label_limit, "seed": self.config.seeds[0]}
+                  "limit_per_task": limit, "seed": self.config.seeds[0]}
         if path.exists():
             table = LabelTable.load(path)
             if {"sets": table.sets, **table.meta.get("settings", {})} == wanted:
-                return
-        self.log(f"labels: tl of the right answer under {len(sets)} sets")
-        label_bundle(self.bundle, self.scorer, self.config.calibration_tasks, self.config.label_limit,
-                     self.config.seeds[0], self.data_dir, self.model, self.log)
+                return table
+        self.log(f"labels: tl of the right answer under {len(sets)} sets" + ("" if limit else ", every training prompt"))
+        return label_bundle(self.bundle, self.scorer, self.config.calibration_tasks, limit, self.config.seeds[0],
+                            self.data_dir, self.model, self.log, path=path)
 
-    def router(self, objective: str | None = None) -> None:
-        settings = replace(self.config.router, objective=objective or self.config.router.objective)
-        directory = self.bundle.router_dir(settings.objective)
+    def _heldout_rows(self, table: LabelTable):
+        """The label rows the routers do not train on: the main table's held-out tenth."""
+        return heldout_split(len(table), self.config.router.val_fraction, self.config.router.seed)[1]
+
+    def heldout(self) -> None:
+        """Every answer of the held-out training prompts scored under every candidate set: what the deployed policy
+        is chosen on."""
         table = LabelTable.load(self.bundle.labels_path)
+        rows = self._heldout_rows(table)
+        settings = {"sets": table.sets, "labels": table.digest(), "fraction": self.config.router.val_fraction,
+                    "seed": self.config.router.seed}
+        path = self.bundle.path / "heldout.json"
+        if path.exists() and read_json(path, "held-out scores").get("settings") == settings:
+            return
+        self.log(f"held-out: {len(rows)} training prompts, every answer under {len(table.sets)} sets")
+        tasks = score_heldout(self.scorer, self.bundle.omission_sets(), table, rows, self.data_dir)
+        self.bundle.write_json(path, {"settings": settings, "tasks": tasks})
+
+    def _router_inputs(self, name: str) -> tuple[RouterSettings, LabelTable, object]:
+        """A router's settings, label table and held-out rows: the main router's, changed as its variant says."""
+        variant = dict(ROUTER_VARIANTS.get(name, {}))
+        if name != MAIN_ROUTER and name not in ROUTER_VARIANTS:
+            raise PuddingError(f"unknown router variant '{name}' (variants: {', '.join(ROUTER_VARIANTS)})")
+        main = LabelTable.load(self.bundle.labels_path)
+        if variant.pop("labels", None) != "all":
+            return replace(self.config.router, **variant), main, None
+        table = self._labels(self.bundle.path / "labels-all.parquet", None)
+        held = {(main.tasks[i], main.indices[i]) for i in self._heldout_rows(main)}
+        val_rows = [i for i in range(len(table)) if (table.tasks[i], table.indices[i]) in held]
+        # as many optimisation steps as the main router: more prompts, not more training
+        epochs = max(1, round(self.config.router.epochs * len(main) / len(table)))
+        return replace(self.config.router, epochs=epochs, **variant), table, val_rows
+
+    def router(self, name: str = MAIN_ROUTER) -> None:
+        settings, table, val_rows = self._router_inputs(name)
+        directory = self.bundle.router_dir(name)
         if (directory / "router.json").exists():
             previous = read_json(directory / "router.json", "router config")
             if previous["settings"] == asdict(settings) and previous["sets"] == table.sets:
                 return
-        self.log(f"router: {settings.encoder}, {settings.objective}, {len(table)} prompts, {settings.epochs} epochs")
-        train_bundle_router(self.bundle, table, settings, self.device, self.log)
+        self.log(f"router {name}: {settings.encoder}, {settings.objective}, {len(table)} prompts, {settings.epochs} epochs")
+        train_bundle_router(self.bundle, table, settings, self.device, self.log, name, val_rows)
 
-    def routed(self, objective: str | None = None) -> None:
-        objective = objective or self.config.router.objective
-        name = "pudding" if objective == "mse" else f"pudding-{objective}"
-        directory = self.bundle.router_dir(objective, must_exist=True)
-        router_config = read_json(directory / "router.json", "router config")
-        settings = self._eval_settings(router=router_config["settings"], trained=router_config["training"])
-        if self._evaluated(name, settings):
+    def _router_eval_settings(self, name: str) -> dict:
+        router_config = read_json(self.bundle.router_dir(name, must_exist=True) / "router.json", "router config")
+        return self._eval_settings(router=router_config["settings"], trained=router_config["training"])
+
+    def routed(self) -> None:
+        """PuDDing itself: every question routed once by the main router and scored under the set it chose."""
+        settings = self._router_eval_settings(MAIN_ROUTER)
+        if self._evaluated("pudding", settings):
             return
-        policy = RoutedPolicy(self.bundle.router(objective, self.device), kind=name)
+        self._evaluate_policy("pudding", RoutedPolicy(self.bundle.router(MAIN_ROUTER, self.device)), settings)
+
+    def _evaluate_policy(self, name: str, policy, settings: dict) -> None:
         tasks = parse_task_list(",".join(self.config.eval_tasks))
         started = time.perf_counter()
         results = evaluate_tasks(self.scorer, tasks, self._doc_sets(tasks), policy, self.config.limit, self.data_dir)
+        extra = {} if policy.fixed is not None else {"routing": policy.stats.to_json()}
+        self._write_eval(name, policy.describe(), results, settings, time.perf_counter() - started, **extra)
+
+    def variants(self, names: Sequence[str] | None = None) -> None:
+        """Routers other than the paper's (another objective, encoder or label set), each trained and evaluated; the
+        evaluation is looked up from the candidate sets' static evaluations when they exist (no model compute)."""
+        for name in names if names is not None else self.config.variants:
+            self.router(name)
+            settings = self._router_eval_settings(name)
+            if not self._evaluated(f"pudding-{name}", settings):
+                self._evaluate_variant(f"pudding-{name}", RoutedPolicy(self.bundle.router(name, self.device)), settings)
+
+    def _static_evals(self) -> list[dict] | None:
+        """The static evaluations of every candidate set on the evaluation documents, or None if one is missing."""
+        settings = self._eval_settings()
+        found = []
+        for i, omit in enumerate(self.bundle.omission_sets()):
+            if not self._evaluated(f"set{i}", {**settings, "blocks": list(omit)}):
+                return None
+            found.append(read_json(self._eval_path(f"set{i}"), "evaluation"))
+        return found
+
+    def _evaluate_variant(self, name: str, policy, settings: dict, predicted=None) -> None:
+        set_evals = self._static_evals()
+        if set_evals is None:
+            self._evaluate_policy(name, policy, settings)
+            return
+        started = time.perf_counter()
+        choices = predicted if predicted is not None else self._eval_choices(policy)
+        results = lookup_results(set_evals, choices, self.bundle.omission_sets())
+        extra = {"routing": policy.stats.to_json()} if predicted is None else {}
         self._write_eval(name, policy.describe(), results, settings, time.perf_counter() - started,
-                         routing=policy.stats.to_json())
+                         lookup="accuracy looked up from the static evaluations of the candidate sets", **extra)
+
+    def _eval_documents(self) -> dict[str, list]:
+        tasks = [t for t in parse_task_list(",".join(self.config.eval_tasks)) if t.kind == "multiple_choice"]
+        limit = self.config.limit
+        return {name: doc_set.docs[:limit] if limit else doc_set.docs for name, doc_set in self._doc_sets(tasks).items()}
+
+    def _eval_choices(self, policy) -> dict:
+        return {task: np.array([c.index for c in policy.choose([d.prompt for d in docs])])
+                for task, docs in self._eval_documents().items()}
+
+    def select(self) -> None:
+        """Choose the deployed policy on the held-out prompts (selection.py) and evaluate every routed candidate on
+        the evaluation documents by lookup."""
+        if not (self.bundle.path / "heldout.json").exists():
+            return
+        held = read_json(self.bundle.path / "heldout.json", "held-out scores")
+        routers = [n for n in self.bundle.routers() if n == MAIN_ROUTER or n in self.config.variants]
+        trained = {n: read_json(self.bundle.router_dir(n) / "router.json", "router config")["training"] for n in routers}
+        settings = {"heldout": held["settings"], "routers": trained, "eval": self._eval_settings()}
+        if self.bundle.policy_path.exists() and read_json(self.bundle.policy_path, "policy choice").get("settings") == settings:
+            return
+        heldout = HeldOut.from_json(held["tasks"])
+        fair = fair_best_static(heldout)
+        candidates = static_candidates(heldout)
+        documents = self._eval_documents()
+        eval_prompts = [d.prompt for docs in documents.values() for d in docs]
+        predictions: dict[str, dict] = {}
+        routers_loaded = {}
+        table = LabelTable.load(self.bundle.labels_path)
+        train_rows = heldout_split(len(table), self.config.router.val_fraction, self.config.router.seed)[0]
+        for name in routers:
+            router = routers_loaded[name] = self.bundle.router(name, self.device)
+            policy = RoutedPolicy(router)
+            on_heldout, on_eval = policy.predict(heldout.prompts)[0], policy.predict(eval_prompts)[0]
+            knn_heldout, knn_eval, keys = {}, {}, None
+            if name == MAIN_ROUTER:
+                knn_heldout, keys = neighbour_candidates(router, [table.prompts[i] for i in train_rows],
+                                                         table.labels[train_rows], heldout)
+                queries, _ = router.embed(eval_prompts)
+                knn_eval = {k: neighbour_predictions(queries, keys, table.labels[train_rows], k) for k in knn_heldout}
+            predictions[name] = {"heldout": (on_heldout, knn_heldout), "eval": (on_eval, knn_eval), "keys": keys}
+            candidates += routed_candidates(name, on_heldout, fair, heldout, knn_heldout)
+        record = choose_deployed(heldout, candidates, fair)
+        self.log(f"deployed policy: {record['name']} ({record['reason']})")
+        sizes = [len(docs) for docs in documents.values()]
+        for candidate in candidates:
+            if "static" in candidate.spec:
+                continue
+            name = candidate.spec["router"]
+            raw, knn = predictions[name]["eval"]
+            values = knn[candidate.spec["knn"]] if "knn" in candidate.spec else raw
+            picked = apply_rule(candidate.spec, values)
+            choices = dict(zip(documents, np.split(picked, np.cumsum(sizes)[:-1])))
+            policy = policy_from_spec(candidate.spec, routers_loaded[name], table.labels[train_rows], predictions[name]["keys"])
+            if "gate" in candidate.spec or "knn" in candidate.spec:  # a router alone is the routed/variants stages' row
+                self._evaluate_variant(f"pudding-{candidate.name}", policy, self._eval_settings(policy=candidate.spec), choices)
+        deployed = record["deployed"]
+        if "knn" in deployed:  # the neighbours a deployed nearest-neighbour router needs, kept in the bundle
+            save_neighbours(self.bundle, deployed["router"], predictions[deployed["router"]]["keys"], table.labels[train_rows])
+        self.bundle.write_json(self.bundle.policy_path, {"settings": settings, **record})
+
+    def deployed(self) -> None:
+        """The deployed policy (policy.json), evaluated for real: routed once per question, scored under its set."""
+        if not self.bundle.policy_path.exists():
+            return
+        record = read_json(self.bundle.policy_path, "policy choice")
+        settings = self._eval_settings(policy=record["deployed"], chosen=record["settings"])
+        if self._evaluated("deployed", settings):
+            return
+        self._evaluate_policy("deployed", deployed_policy(self.bundle, self.device), settings)
 
     def per_prompt(self) -> None:
         if self.config.per_prompt_limit <= 0:
@@ -250,9 +408,10 @@ def build_pool(bundle, scorer: Scorer, model_info: dict, tasks: Sequence[str], l
     for spec in specs:
         path = bundle.search_path(spec.task, spec.loss, spec.seed)
         result = load_search(path) if path.exists() else None
-        if result is None or result.settings != asdict(spec) or result.model["fingerprint"] != model_info["fingerprint"]:
+        if result is None or not result.same_search(asdict(spec), model_info["fingerprint"]):
             result = run_search(spec, scorer, model_info, data_dir, partial_path(path), evaluator_factory)
             bundle.write_json(path, result.to_json())  # drops the checkpoint
+        result = result.prefix(spec.k)  # a sweep's longer search serves this k too
         if on_done:
             on_done(spec, result)
         found.append((result.blocks, {"task": spec.task, "loss": spec.loss, "seed": spec.seed,
@@ -281,9 +440,7 @@ def run_ablations(pipeline: Pipeline, which: tuple[str, ...] = ABLATIONS) -> Non
         if name not in ABLATIONS:
             raise PuddingError(f"unknown ablation '{name}' (ablations: {', '.join(ABLATIONS)})")
         if name == "objectives":
-            for objective in ("ce-soft", "ce-onehot"):
-                pipeline.router(objective)
-                pipeline.routed(objective)
+            pipeline.variants(["ce-soft", "ce-onehot"])
             continue
         directory = pipeline.bundle.path / "ablations" / name
         sub = Pipeline(directory, pipeline.scorer, pipeline.model, variants[name], pipeline.data_dir,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bundle import MAIN_ROUTER
 from .errors import PuddingError
 from .omission import OmissionSet
 
@@ -126,7 +127,8 @@ class RoutedPolicy(Policy):
         return result.predicted, result.truncated, result.seconds
 
     def pick(self, predicted: np.ndarray) -> np.ndarray:
-        return predicted.argmin(1) if self.gate is None else gate_choices(predicted, *self.gate)
+        gate = None if self.gate is None else {"default": self.gate[0], "margin": self.gate[1]}
+        return apply_rule({"gate": gate} if gate else {}, predicted)
 
     def choose(self, prompts: Sequence[str]) -> list[Choice]:
         if not prompts:
@@ -183,6 +185,66 @@ class NearestNeighbourPolicy(RoutedPolicy):
         return neighbour_predictions(queries, self.keys, self.labels, self.k), truncated, time.perf_counter() - started
 
 
+def apply_rule(spec: dict, predicted: np.ndarray) -> np.ndarray:
+    """The sets a routed policy spec picks from its predictions: the lowest, or gated (see `gate_choices`)."""
+    gate = spec.get("gate")
+    return predicted.argmin(1) if gate is None else gate_choices(predicted, gate["default"], gate["margin"])
+
+
+def policy_from_spec(spec: dict, router, neighbour_labels: np.ndarray | None = None, keys: np.ndarray | None = None,
+                     kind: str = "deployed") -> Policy:
+    """A policy from its description in policy.json: {"static": i}, or {"router": NAME} with optional "knn": k and
+    "gate": {"default": i, "margin": m}. `router` is the named router, loaded; a nearest-neighbour policy also needs
+    the training prompts' embeddings (`keys`) and labels."""
+    gate = (spec["gate"]["default"], spec["gate"]["margin"]) if "gate" in spec else None
+    if "knn" in spec:
+        return NearestNeighbourPolicy(router, keys, neighbour_labels, spec["knn"], kind, gate)
+    return RoutedPolicy(router, kind, gate)
+
+
+NEIGHBOURS_FILE = "neighbours-{name}.safetensors"
+
+
+def save_neighbours(bundle, name: str, keys: np.ndarray, labels: np.ndarray) -> None:
+    """The training prompts' embeddings and labels a nearest-neighbour policy routes with, kept in the bundle."""
+    import torch
+    from safetensors.torch import save
+
+    from .storage import atomic_write_bytes
+
+    path = bundle.path / NEIGHBOURS_FILE.format(name=name)
+    tensors = {"keys": torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float16)),
+               "labels": torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))}
+    with bundle.writing(path):
+        atomic_write_bytes(path, save(tensors))
+
+
+def load_neighbours(bundle, name: str) -> tuple[np.ndarray, np.ndarray]:
+    from safetensors.torch import load_file
+
+    path = bundle.path / NEIGHBOURS_FILE.format(name=name)
+    if not path.exists():
+        raise PuddingError(f"bundle {bundle.path} deploys a nearest-neighbour router but has no {path.name}: rerun the "
+                           "pipeline's select stage")
+    tensors = load_file(str(path))
+    return tensors["keys"].float().numpy(), tensors["labels"].numpy()
+
+
+def deployed_policy(bundle, device: str = "cpu") -> Policy:
+    """The policy a bundle deploys (policy.json, chosen on held-out prompts by `selection.py`)."""
+    from .storage import read_json
+
+    record = read_json(bundle.policy_path, "policy choice")
+    spec = record["deployed"]
+    if "static" in spec:
+        return FixedPolicy(bundle.omission_set(spec["static"]), "deployed", bundle.omission_sets())
+    router = bundle.router(spec["router"], device)
+    keys, labels = load_neighbours(bundle, spec["router"]) if "knn" in spec else (None, None)
+    policy = policy_from_spec(spec, router, labels, keys)
+    policy.label = f"deployed: {record['name']}" + ("" if policy.label == "routed" else f" ({policy.label})")
+    return policy
+
+
 class PerPromptPolicy(Policy):
     """The paper's "SLEB per prompt": a greedy perplexity search on each prompt alone (one search per question)."""
 
@@ -209,15 +271,15 @@ class PerPromptPolicy(Policy):
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """What the user asked for; at most one field set. None of them: with a bundle, the bundle's router; without,
-    the dense model."""
+    """What the user asked for; at most one field set. None of them: with a bundle, the policy it deploys
+    (policy.json; its main router for bundles made before policies were chosen); without, the dense model."""
 
     omit: str | Sequence[int] | None = None  # blocks to skip for every prompt ("11,17,20" or a list)
     set: int | None = None  # a bundle's candidate set
     method: str | None = None  # a bundle's static baseline (sleb, shortened-ppl, shortgpt)
     search: Path | None = None  # the set of a `pudding search` result
     per_prompt: bool = False  # SLEB per prompt
-    objective: str = "mse"  # with a bundle and nothing else: which of its routers routes
+    router: str | None = None  # a router of the bundle by name ("router": the paper's), instead of the deployed policy
     # How the caller's users spell these (command-line options by default), for messages
     names: dict = field(default_factory=lambda: dict(CLI_NAMES), compare=False)
 
@@ -249,8 +311,11 @@ class PolicySpec:
             bundle.omission_set(self.set)
         if self.omit is not None and num_blocks is not None:
             parse_blocks(self.omit, num_blocks)
-        if self.routed and bundle is not None:
-            bundle.router_dir(self.objective, must_exist=True)
+        if not self.routed or bundle is None:
+            return
+        if self.router is None and bundle.policy_path.exists():
+            return
+        bundle.router_dir(self.router or MAIN_ROUTER, must_exist=True)
 
     def build(self, num_blocks: int, bundle=None, device: str = "cpu", scorer=None, model_info: dict | None = None,
               data_dir=None) -> Policy:
@@ -280,7 +345,9 @@ class PolicySpec:
             return PerPromptPolicy(scorer, bundle.k if bundle is not None else default_k(num_blocks))
         if bundle is None:
             return FixedPolicy(OmissionSet.dense(num_blocks), "static")
-        return RoutedPolicy(bundle.router(self.objective, device), "pudding")
+        if self.router is None and bundle.policy_path.exists():
+            return deployed_policy(bundle, device)
+        return RoutedPolicy(bundle.router(self.router or MAIN_ROUTER, device), "pudding")
 
 
 def parse_blocks(omit: str | Sequence[int], num_blocks: int) -> OmissionSet:
@@ -293,11 +360,12 @@ def parse_blocks(omit: str | Sequence[int], num_blocks: int) -> OmissionSet:
 
 def baseline_set(bundle, method: str, scorer, model_info: dict | None, data_dir) -> OmissionSet:
     """A static baseline's set for the bundle's k: read from the bundle, or searched once and kept there."""
-    from .search import SearchSpec, load_search, run_search
+    from .search import SearchSpec, run_search
 
+    found = bundle.baseline(method)
+    if found is not None:
+        return found.omission()
     path = bundle.baseline_path(method)
-    if path.exists():
-        return load_search(path).omission()
     if scorer is None:
         raise PuddingError(f"bundle {bundle.path} has no {method} baseline yet: run `pudding eval --bundle ... --method {method}`")
     result = run_search(SearchSpec(method, k=bundle.k), scorer, model_info, data_dir)

@@ -237,8 +237,14 @@ def write_report(bundle, config):
     main_tasks = [t for t in PAPER_TASKS if t in config.eval_tasks]
     unseen = [t for t in UNSEEN_TASKS if t in config.eval_tasks]
     best = best_set(evals, sources, main_tasks)
-    order = ["dense", "sleb", "shortened-ppl", "shortgpt"] + ([best] if best else []) + ["pudding", "oracle-tl", "oracle"]
-    shown = {("best tl set (" + n + ")" if n == best else n): evals[n] for n in order if n in evals}
+    policy = _policy_record(bundle)
+    fair = f"set{policy['fair_static']}" if policy else None
+    order = ["dense", "sleb", "shortened-ppl", "shortgpt"] + ([fair] if fair else []) + ([best] if best else []) + [
+        "pudding", "deployed", "oracle-tl", "oracle"]
+    labels = {fair: f"fair best static ({fair})", best: f"best tl set ({best})"}
+    if best == fair:
+        labels[best] = f"fair best static ({fair}), also the best tl set here"
+    shown = {labels.get(n, n): evals[n] for n in dict.fromkeys(order) if n in evals}
     reference = "pudding" if "pudding" in shown else None
     lines = [
         f"# PuDDing report: {model['name']} ({model['num_blocks']} blocks), k = {bundle.k}",
@@ -250,8 +256,11 @@ def write_report(bundle, config):
         "(same documents); no mark: within the noise.",
         "",
         "Methods: `dense` (no block removed); `sleb`, `shortened-ppl`, `shortgpt` (static depth pruning calibrated on "
-        "WikiText-2); `best tl set` (the single candidate set with the best average, picked on these very documents, "
-        "so it flatters static pruning); `pudding` (routed per question); `oracle-tl` (each question routed to the set "
+        "WikiText-2); `fair best static` (the candidate set with the best accuracy on held-out training prompts, never "
+        "on these documents); `best tl set` (the single tl candidate set with the best average, picked on these very "
+        "documents, so it flatters static pruning: an upper reference); `pudding` (routed per question by the paper's "
+        "router); `deployed` (the policy the bundle deploys, chosen on held-out prompts: see below); `oracle-tl` (each "
+        "question routed to the set "
         "with the lowest tl of its right answer: a router that predicts its labels perfectly); `oracle` (a question "
         "counts as right if any set in the pool answers it: the pool's upper bound).",
         "",
@@ -295,6 +304,8 @@ def write_report(bundle, config):
                       f"{routing['truncated']} prompts longer than the router reads were truncated.", ""]
         lines += ["## Which blocks the routed sets omit (Figure 4)", "", "![omission heatmap](omission-heatmap.png)", "",
                   "![set usage](set-usage.png)", ""]
+    if policy:
+        lines += _policy_lines(policy)
     router = _router_config(bundle.path / "router")
     if router is not None:
         last = router["history"]["epochs"][-1]
@@ -313,6 +324,28 @@ def write_report(bundle, config):
     lines += _ablation_lines(bundle, main_tasks)
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _policy_record(bundle) -> dict | None:
+    import json
+
+    return json.loads(bundle.policy_path.read_text()) if bundle.policy_path.exists() else None
+
+
+def _policy_lines(policy: dict) -> list[str]:
+    """Which policy the bundle deploys, and the held-out evidence: every candidate's held-out accuracy."""
+    lines = ["## Deployed policy", "",
+             f"**{policy['name']}**: {policy['reason']}. Chosen on {policy['heldout_documents']} held-out training "
+             "prompts (every answer scored under every set); `pudding eval/generate/serve --bundle` use it unless "
+             "`--router` asks for the router itself.", "",
+             "| candidate | held-out accuracy | vs fair best static | picks best |", "|---|---|---|---|"]
+    ranked = sorted(policy["candidates"], key=lambda c: -c["heldout_accuracy"])
+    for c in ranked[:12]:
+        lines.append(f"| {c['name']} | {100 * c['heldout_accuracy']:.2f} | {100 * c['vs_fair_static']:+.2f} ± "
+                     f"{100 * c['vs_fair_static_se']:.2f} | {100 * c['picks_best']:.1f}% |")
+    if len(ranked) > 12:
+        lines.append(f"| ({len(ranked) - 12} more in policy.json) | | | |")
+    return lines + [""]
 
 
 def _router_config(router_dir) -> dict | None:

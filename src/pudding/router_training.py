@@ -3,6 +3,7 @@ prompt under every candidate set), resumable at every epoch end, and save it as 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import PuddingError
-from .labels import LabelTable
+from .labels import LabelTable, heldout_split
 from .progress import progress_bar
 from .router import Router, RouterSettings, batches, objective_loss, predicted_losses
 
@@ -30,15 +31,6 @@ def _routing_quality(predicted: np.ndarray, labels: np.ndarray) -> dict:
     return {"picks_best_set": float((choice == best).mean()), "mean_regret_tl": float(regret.mean())}
 
 
-def labels_digest(table: LabelTable) -> str:
-    """Identity of a label table's content (prompts and labels), for checkpoints."""
-    import hashlib
-
-    digest = hashlib.sha256(json.dumps([table.prompts, table.sets]).encode())
-    digest.update(np.ascontiguousarray(table.labels, dtype=np.float32).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def regression_targets(labels: np.ndarray, objective: str) -> np.ndarray:
     """What the router regresses. For MSE: each prompt's losses minus their mean, in units of their spread over the
     table. Which set is best is unchanged, but the router no longer spends itself on predicting how hard a prompt is
@@ -50,7 +42,7 @@ def regression_targets(labels: np.ndarray, objective: str) -> np.ndarray:
 
 
 def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu", log=None,
-                 checkpoint: Path | None = None):
+                 checkpoint: Path | None = None, val_rows=None):
     """Fine-tune encoder + head on the label table; returns (router, tokenizer, history, split).
 
     With `checkpoint` (a directory), the whole training state is saved at every epoch end and a rerun resumes
@@ -68,9 +60,11 @@ def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu
     encoder = AutoModel.from_pretrained(ref.directory, dtype=torch.float32)
     router = Router(encoder, table.labels.shape[1]).to(device)
     encoded = tokenizer(table.prompts, truncation=True, max_length=settings.max_length)
-    order = np.random.default_rng(settings.seed).permutation(len(table))
-    n_val = int(round(settings.val_fraction * len(table))) if settings.val_fraction else 0
-    val_rows, train_rows = order[:n_val], order[n_val:]
+    if val_rows is None:
+        train_rows, val_rows = heldout_split(len(table), settings.val_fraction, settings.seed)
+    else:  # rows held out elsewhere (the main label table's held-out prompts, for a router trained on other labels)
+        val_rows = np.asarray(val_rows, dtype=np.int64)
+        train_rows = np.setdiff1d(np.arange(len(table)), val_rows)
     labels = torch.tensor(regression_targets(table.labels, settings.objective), dtype=torch.float32, device=device)
     optimizer = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
@@ -79,7 +73,8 @@ def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu
     val_batches = batches(encoded, np.sort(val_rows), 128, device)
     history = TrainingHistory()
     shuffle = np.random.default_rng(settings.seed + 1)
-    identity = {"settings": asdict(settings), "labels": labels_digest(table), "encoder": ref.fingerprint, "device": str(device)}
+    identity = {"settings": asdict(settings), "labels": table.digest(), "encoder": ref.fingerprint, "device": str(device),
+                "held_out": hashlib.sha256(np.sort(val_rows).tobytes()).hexdigest()[:16]}
     store = TrainingCheckpoint(checkpoint, identity)
     first_epoch, spent = store.restore(router, optimizer, scheduler, shuffle, history)
     if first_epoch and log:
@@ -114,14 +109,14 @@ def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu
     return router, tokenizer, history, meta
 
 
-def train_bundle_router(bundle, table: LabelTable, settings: RouterSettings, device: str = "cpu", log=None) -> Path:
-    """Train a router on a bundle's label table and save it in the bundle (router/, or router-OBJECTIVE/ for the
-    ablations). Resumable: the training state is checkpointed beside it at every epoch end until the router is
-    recorded."""
+def train_bundle_router(bundle, table: LabelTable, settings: RouterSettings, device: str = "cpu", log=None,
+                        name: str = "router", val_rows=None) -> Path:
+    """Train a router on a label table and save it in the bundle (router/, or router-NAME/). Resumable: the training
+    state is checkpointed beside it at every epoch end until the router is recorded."""
     from .storage import partial_path
 
-    directory = bundle.router_dir(settings.objective)
-    router, tokenizer, history, meta = train_router(table, settings, device, log, partial_path(directory))
+    directory = bundle.router_dir(name)
+    router, tokenizer, history, meta = train_router(table, settings, device, log, partial_path(directory), val_rows)
     with bundle.writing(directory):  # drops the checkpoint once the router is recorded
         save_router(directory, router, tokenizer, settings, table.sets, history, meta, bundle.model)
     return directory

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +153,29 @@ class SearchResult:
 
     def omission(self) -> OmissionSet:
         return OmissionSet(self.blocks, self.model["num_blocks"])
+
+    def prefix(self, k: int) -> SearchResult:
+        """The same search stopped at k blocks. A greedy search for fewer blocks is the first steps of one for more
+        (same calibration data, same deterministic choices), and a one-shot ranking keeps its k least important
+        blocks: so one search at the largest k serves every smaller k."""
+        if k > self.k:
+            raise PuddingError(f"a search that removed {self.k} blocks cannot give a set of {k}")
+        if k == self.k:
+            return self
+        order = self.removal_order[:k]
+        greedy = self.method in ("greedy", "sleb")
+        return replace(self, blocks=sorted(order), removal_order=order, loss_after_step=self.loss_after_step[:k], k=k,
+                       candidate_losses=self.candidate_losses[:k] if greedy else self.candidate_losses,
+                       settings={**self.settings, "k": k} if self.settings else self.settings)
+
+    def same_search(self, spec_settings: dict, fingerprint: str) -> bool:
+        """Whether this result is the search `spec_settings` asks for, or a longer run of it (same everything but a
+        larger k), on the same model."""
+        if self.model.get("fingerprint") != fingerprint or not self.settings:
+            return False
+        mine = {n: v for n, v in self.settings.items() if n != "k"}
+        wanted = {n: v for n, v in spec_settings.items() if n != "k"}
+        return mine == wanted and self.k >= spec_settings["k"]
 
     def to_json(self) -> dict:
         return asdict(self)

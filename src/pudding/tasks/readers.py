@@ -9,6 +9,7 @@ A file source is data (a dict from tasks.yaml), so adding a task never means wri
     exclude_keys_from: ...                      # ... or drop these
     join: {file: ..., fields: {answer: letter}} # a second, row-aligned file: copy its `answer` into `letter`
     transform: hellaswag                        # a named row function from transforms.py
+    rows: [0, 1000]                             # only these rows (start, stop), after any join: a split cut from another
 """
 
 from __future__ import annotations
@@ -156,6 +157,9 @@ def read_rows(spec: dict, data_dir: Path) -> RawRows:
         out.sources.append(str(path.relative_to(data_dir)))
     if "join" in spec:
         _join_rows(out, spec["join"], data_dir)
+    if "rows" in spec:
+        start, stop = spec["rows"]
+        out.rows = out.rows[start:stop]
     return out
 
 
