@@ -17,6 +17,7 @@ import torch
 
 from .block import block_step
 from .engine import Engine
+from .errors import PuddingError
 from .omission import OmissionSet
 
 
@@ -446,9 +447,9 @@ def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print
     ref = bundle.model_ref()
     engine = open_engine(ref, device, "auto", None, settings.max_len)
     sets = bundle.omission_sets()
-    if bundle.routers() or bundle.policy_path.exists():
+    try:
         policy, timed = PolicySpec().build(ref.num_blocks, bundle, device), "the bundle's policy"
-    else:
+    except PuddingError:  # no router, or its weights were not kept
         policy, timed = RoutedPolicy(LoadedRouter.untrained(RouterSettings().encoder, sets, device)), "an untrained router"
     dense_set = OmissionSet.dense(ref.num_blocks)
     warm = engine.warm_up([dense_set] + sets)

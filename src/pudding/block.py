@@ -167,7 +167,7 @@ def block_step(
     groups = shape.heads // shape.kv_heads
     if mask is None:  # pre-fill from an empty cache: plain causal attention over the new tokens
         attn = torch.nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=tokens > 1, scale=shape.attn_scale)
+            q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=True, scale=shape.attn_scale)
     else:  # attend to the cache; query heads grouped by their KV head, so the cache is read once
         qg = q.reshape(batch, shape.kv_heads, groups * tokens, shape.head_dim)
         scores = torch.matmul(qg, k_cache[:, :, :keys].transpose(2, 3)).float() * shape.attn_scale

@@ -219,6 +219,7 @@ class _GraphedRouter:
         self.graphs: dict[int, tuple] = {}
         self.pool = None  # one memory pool for all lengths: graphs replay one at a time
         self.broken = False  # an encoder whose forward cannot be captured falls back to eager routing
+        self.stream = None  # the side stream captures warm up on
 
     @torch.inference_mode()
     def scores(self, ids: list[int]) -> np.ndarray | None:
@@ -238,7 +239,7 @@ class _GraphedRouter:
     def _capture(self, length: int) -> tuple:
         device = next(self.router.parameters()).device
         static_ids = torch.zeros(1, length, dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device)
+        side = self.stream = self.stream or torch.cuda.Stream(device)  # one stream: one cuBLAS workspace
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up outside the capture: lazy initialisation, allocator
