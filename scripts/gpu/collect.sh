@@ -10,5 +10,5 @@ for root in /root/sweep/*/; do
         --exclude='*/model' --exclude='*.tmp' "$name" 2>/dev/null
     ls -la "$OUT/$name.tgz" | awk '{print $5, $9}'
 done
-[ -d /root/out ] && cp /root/out/* "$OUT"/ 2>/dev/null
+[ -d /root/results ] && cp /root/results/*.json /root/results/*.md "$OUT"/ 2>/dev/null
 ls "$OUT"

@@ -4,7 +4,7 @@
 # accuracy sweeps start when it is done (FORCE=1: at once). Everything runs in the background and survives the call.
 #   bash scripts/gpu/call.sh bash scripts/gpu/lease.sh
 set -u
-out=/root/out
+out=/root/results  # not $OUT: the device tool empties that before every call
 mkdir -p "$out" /root/sweep
 models=/root/models
 
