@@ -246,12 +246,70 @@ def markdown(report: dict) -> str:
     for name, values in lat.items():
         if values:
             lines.append(f"| {name} | {values['p50']} | {values['p90']} | {values['p99']} | {values['max']} | {values['mean']} |")
+    for huge in report.get("huge_prompt") or []:
+        h = huge["health_during_ms"]
+        lines += ["", (f"One request of {huge['megabytes']:g} MB ({huge['prompt']} prompt) among the traffic: answered "
+                       f"{huge['status']} in {huge['seconds']} s ({huge['answer'] or 'ok'}); meanwhile /health answered "
+                       f"in {h.get('p50')} ms (p50), {h.get('p99')} ms (p99), {h.get('max')} ms at most, over "
+                       f"{huge['health_polls']} polls (goal: under 100 ms).")]
     lines += ["", (f"Throughput: {run['requests_per_second']} requests/s, {run['tokens_per_second']} generated tokens/s "
                   f"({run['completion_tokens']} tokens in {run['seconds']} s)."), "",
               ("One engine serves one request at a time (a single worker thread), so latency under load is mostly "
               "time spent waiting in the queue behind the other clients' requests; the server-side columns "
               "(queue, engine TTFT) separate the two."), ""]
     return "\n".join(lines)
+
+
+class HugeRequest(threading.Thread):
+    """Requests of many megabytes sent among the normal traffic, one after the other (a text prompt, then a prompt of
+    token ids, which is valid at any length until it is counted), while /health is asked every 20 ms: the server must
+    read, check and tokenize them off its event loop, so /health keeps answering at once."""
+
+    def __init__(self, url: str, model: str, megabytes: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.model, self.megabytes = url, model, megabytes
+        self.results: list[dict] = []
+
+    def bodies(self) -> dict[str, bytes]:
+        size = int(self.megabytes * 1e6)
+        text = ("The quick brown fox jumps over the lazy dog. " * (size // 45 + 1))[:size]
+        ids = [1234] * (size // 6)  # "1234, " is six bytes
+        small = [1234] * (4_000_000 // 6)  # the most the default --max-body-mb (4) lets through
+        return {"text": json.dumps({"model": self.model, "prompt": text, "max_tokens": 4}).encode(),
+                "token ids": json.dumps({"model": self.model, "prompt": ids, "max_tokens": 4}).encode(),
+                "token ids, 4 MB": json.dumps({"model": self.model, "prompt": small, "max_tokens": 4}).encode()}
+
+    def run(self) -> None:
+        for kind, body in self.bodies().items():
+            self.results.append(self._send(kind, body))
+
+    def _send(self, kind: str, body: bytes) -> dict:
+        done, health_ms = threading.Event(), []
+
+        def poll() -> None:
+            with httpx.Client(timeout=30) as client:
+                while not done.is_set():
+                    started = time.perf_counter()
+                    client.get(f"{self.url}/health")
+                    health_ms.append(1000 * (time.perf_counter() - started))
+                    time.sleep(0.02)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        time.sleep(0.2)
+        started = time.perf_counter()
+        response = httpx.post(f"{self.url}/v1/completions", content=body, timeout=300,
+                              headers={"content-type": "application/json"})
+        seconds = time.perf_counter() - started
+        done.set()
+        poller.join()
+        answer = response.json().get("error", {}).get("message", "")[:160] if response.status_code != 200 else ""
+        return {"prompt": kind, "megabytes": round(len(body) / 1e6, 1), "status": response.status_code,
+                "seconds": round(seconds, 2), "answer": answer, "health_during_ms": percentiles(health_ms),
+                "health_polls": len(health_ms)}
+
+    def report(self) -> list[dict]:
+        return self.results
 
 
 def main() -> None:
@@ -271,6 +329,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--huge-prompt-mb", type=float, default=20,
+                        help="one request with a prompt this large among the traffic (0: none); /health is timed meanwhile")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
 
@@ -280,7 +340,7 @@ def main() -> None:
              for chat in ((False, True) if args.chat else (False,))]
     source = ["--bundle", str(args.bundle)] if args.bundle else ["--model", args.model]
     serve_args = [*source, "--max-len", str(args.max_len), "--device", args.device,
-                  "--queue-size", str(args.clients + 1)]
+                  "--queue-size", str(args.clients + 2), "--max-body-mb", str(args.huge_prompt_mb + 4)]
     load_before = os.getloadavg()[0]
     log = Path(tempfile.mkdtemp(prefix="pudding-load-")) / "serve.log"
     print(f"starting: pudding serve {' '.join(serve_args)} (log {log})", file=sys.stderr)
@@ -302,8 +362,13 @@ def main() -> None:
               f"{args.clients} clients", file=sys.stderr)
 
         work = plan(specs, args.requests, args.hang_ups, args.stream_fraction, args.seed)
+        huge = HugeRequest(server.url, model, args.huge_prompt_mb) if args.huge_prompt_mb else None
+        if huge:
+            huge.start()
         results, problems, seconds = run_clients(make_client, work, args.clients, references,
                                                  hang_up_tokens=min(256, args.max_len // 2))
+        if huge:
+            huge.join()
         up = server.healthy()
         after = server.health() if up else {}
         again = reference_client.ask(specs[0]) if up else Answer(-1)
@@ -333,6 +398,7 @@ def main() -> None:
             "completion_tokens": tokens, "tokens_per_second": round(tokens / seconds, 1),
             "references_seconds": round(reference_seconds, 2),
         },
+        "huge_prompt": huge.report() if huge else None,
         "latency_ms": {
             "end to end, all": percentiles([a.latency_ms for a in answers]),
             "end to end, streamed": percentiles([a.latency_ms for a in streamed]),

@@ -4,12 +4,15 @@ process, and a synthetic label table a router can learn."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -79,6 +82,22 @@ def pudding(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
         [sys.executable, "-m", "pudding.cli", *args],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+def cli(*args: str) -> SimpleNamespace:
+    """`pudding ARGS` through the real entry point, in this process; an escaping exception counts as a traceback."""
+    from pudding.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            main(list(args))
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+        except Exception as problem:  # noqa: BLE001 - what a user would see as a traceback
+            code, stderr = 1, io.StringIO(f"Traceback (escaped): {type(problem).__name__}: {problem}")
+    return SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, fragment: str) -> None:

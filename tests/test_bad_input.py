@@ -4,8 +4,6 @@ torch); those that need a process of their own (file size limit, read-only mount
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import resource
@@ -13,30 +11,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from conftest import assert_clean_failure, pudding
+from conftest import assert_clean_failure, cli, pudding
 
 from pudding.bundle import Bundle, CandidateSet
 
 SETS = [[3, 9], [11, 20], [0, 29]]
-
-
-def cli(*args: str) -> SimpleNamespace:
-    """`pudding ARGS` through the real entry point, in this process; an escaping exception counts as a traceback."""
-    from pudding.cli import main
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            main(list(args))
-        except SystemExit as done:
-            code = done.code if isinstance(done.code, int) else 1
-        except Exception as problem:  # noqa: BLE001 - what a user would see as a traceback
-            code, stderr = 1, io.StringIO(f"Traceback (escaped): {type(problem).__name__}: {problem}")
-    return SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 def no_leftovers(directory: Path) -> list[str]:

@@ -163,3 +163,124 @@ def test_a_bundle_whose_router_loses_deploys_its_static_set_and_the_choice_survi
     assert json.loads(out.read_text())["omission"] == {"kind": "deployed", "blocks": FOUR_SETS[winner], "label": "3,20"}
     raw = pudding("eval", "--bundle", str(unpacked), "--router", "--tasks", "piqa", "--limit", "4", "--output", str(out))
     assert raw.returncode == 0 and json.loads(out.read_text())["omission"]["kind"] == "pudding"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pruned GGUF files
+
+
+def _gguf_reader(path):
+    from gguf import GGUFReader
+
+    return GGUFReader(str(path))
+
+
+def _smollm2_gguf():
+    from pudding.models import gguf_source, resolve_model
+
+    [path] = gguf_source(resolve_model("smollm2-135m"))
+    return path
+
+
+def test_gguf_export_copies_the_kept_blocks_byte_for_byte(tmp_path, bundle):
+    import numpy as np
+
+    from conftest import cli
+
+    out = tmp_path / "all"
+    result = cli("export", "--bundle", str(bundle), "--all", "--format", "gguf", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    source = _gguf_reader(_smollm2_gguf())
+    by_name = {t.name: t for t in source.tensors}
+    for i, omitted in enumerate(SETS):
+        pruned = _gguf_reader(out / f"set{i}.gguf")
+        kept = [b for b in range(30) if b not in omitted]
+        assert pruned.get_field("llama.block_count").contents() == 28
+        assert pruned.get_field("pudding.omitted_blocks").contents() == omitted
+        expected = [t.name for t in source.tensors if not t.name.startswith("blk.")]
+        expected += [f"blk.{kept.index(int(t.name.split('.')[1]))}.{t.name.split('.', 2)[2]}" for t in source.tensors
+                     if t.name.startswith("blk.") and int(t.name.split(".")[1]) in kept]
+        assert sorted(t.name for t in pruned.tensors) == sorted(expected)
+        for tensor in pruned.tensors:
+            name = tensor.name
+            if name.startswith("blk."):
+                _, new, rest = name.split(".", 2)
+                name = f"blk.{kept[int(new)]}.{rest}"
+            original = by_name[name]
+            assert tensor.tensor_type == original.tensor_type and tensor.shape.tolist() == original.shape.tolist()
+            assert np.array_equal(tensor.data, original.data), tensor.name  # the same bytes: no re-quantization
+        for field in source.fields.values():
+            if not field.name.startswith("GGUF.") and field.name != "llama.block_count":
+                assert pruned.get_field(field.name).contents() == field.contents(), field.name
+
+
+@pytest.mark.slow
+def test_exported_gguf_loads_in_transformers_with_the_logits_of_the_omission_set(tmp_path, smollm2):
+    from conftest import cli
+
+    result = cli("export", "--model", "smollm2-135m", "--omit", "0,17,29", "--format", "gguf",
+                 "--output", str(tmp_path / "pruned.gguf"))
+    assert result.returncode == 0, result.stderr
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="pruned.gguf", dtype=torch.float32)
+    assert plain.config.num_hidden_layers == 27
+    with torch.no_grad():  # pudding's copy of a GGUF model holds its dequantized weights in bfloat16
+        for parameter in plain.parameters():
+            parameter.copy_(parameter.bfloat16().float())
+    ids = smollm2.tokenizer("The capital of France is Paris, and the capital of Germany is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = plain(ids).logits.float()
+    ours = smollm2.decoder.full_logits(ids, OmissionSet([0, 17, 29], 30))
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def _tiny_gguf(path, arch: str, blocks: int):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(blocks)
+    writer.add_array(f"{arch}.attention.head_count", [4] * blocks)
+    for b in range(blocks):
+        writer.add_tensor(f"blk.{b}.attn_norm.weight", np.full(8, b, dtype=np.float32))
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_export_slices_per_block_metadata_and_refuses_positional_families(tmp_path):
+    from pudding.errors import PuddingError
+    from pudding.export import export_gguf
+
+    source = _tiny_gguf(tmp_path / "tiny.gguf", "qwen2", 4)
+    out = export_gguf([source], OmissionSet([1, 2], 4), tmp_path / "out.gguf", {"source_model": "tiny"})
+    pruned = _gguf_reader(out)
+    assert pruned.get_field("qwen2.block_count").contents() == 2
+    assert pruned.get_field("qwen2.attention.head_count").contents() == [4, 4]
+    assert [(t.name, float(t.data[0])) for t in pruned.tensors if t.name.startswith("blk.")] == [
+        ("blk.0.attn_norm.weight", 0.0), ("blk.1.attn_norm.weight", 3.0)]
+    with pytest.raises(PuddingError, match="has 4 blocks"):
+        export_gguf([source], OmissionSet([1], 6), tmp_path / "wrong.gguf", {})
+    gemma = _tiny_gguf(tmp_path / "gemma.gguf", "gemma3", 4)
+    with pytest.raises(PuddingError, match="sliding-window"):
+        export_gguf([gemma], OmissionSet([1], 4), tmp_path / "g.gguf", {})
+    assert not (tmp_path / "wrong.gguf").exists() and not (tmp_path / "g.gguf").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_gguf_export_needs_a_gguf_model(tmp_path, tiny_model_dir):
+    result = pudding("export", "--model", str(tiny_model_dir), "--omit", "1", "--format", "gguf",
+                     "--output", str(tmp_path / "x.gguf"))
+    assert_clean_failure(result, "not a GGUF model")
+    assert_clean_failure(pudding("export", "--omit", "1", "--format", "gguf", "--dtype", "float32",
+                                 "--output", str(tmp_path / "x.gguf")), "--dtype is for --format hf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    directory = tmp_path / "tiny-llama"
+    build_tiny("llama").save_pretrained(directory)
+    return directory

@@ -122,6 +122,76 @@ def test_cli_routes_once_per_document_like_pudding_eval(harness_lm, routed_bundl
     assert info["sets_used"] == expected_sets and len(expected_sets) > 1
 
 
+def _lm_eval_over_http(url: str, names: list[str], limit: int, task_manager) -> dict:
+    """Stock lm-eval's `local-completions` model (echo + logprobs requests, one per answer) against a server."""
+    import lm_eval
+
+    from pudding.models import resolve_model
+
+    args = (f"model=smollm2-135m,base_url={url}/v1/completions,tokenizer_backend=huggingface,"
+            f"tokenizer={resolve_model('smollm2-135m').directory},max_retries=1")
+    return lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=names, limit=limit,
+                                   task_manager=task_manager, log_samples=True)
+
+
+@pytest.mark.slow
+def test_stock_lm_eval_over_http_with_a_fixed_set_equals_pudding_eval(harness_lm, task_manager, tmp_path):
+    from conftest import ServerProcess
+    from pudding.policy import FixedPolicy
+
+    names, limit = ["arc_easy", "piqa"], 6
+    server = ServerProcess(["--model", "smollm2-135m", "--omit", "11,17,20", "--max-len", "512", "--device", "cpu"],
+                           tmp_path / "serve.log")
+    try:
+        harness = _lm_eval_over_http(server.url, names, limit, task_manager)
+    finally:
+        server.stop()
+    reference = _pudding_eval(harness_lm.scorer, names, FixedPolicy(OMIT), limit)
+    for name in names:
+        expected, scored = reference[name]
+        for metric, value in expected.metrics.items():
+            assert harness["results"][name][f"{metric},none"] == pytest.approx(value, abs=1e-12), (name, metric)
+        samples = sorted(harness["samples"][name], key=lambda s: s["doc_id"])
+        for sample, lls in zip(samples, scored.loglikelihoods):
+            np.testing.assert_allclose([float(ll) for ll, _ in sample["filtered_resps"]], lls, rtol=1e-3, atol=1e-3)
+        assert "".join(str(int(s["acc"])) for s in samples) == expected.per_doc["acc"]
+
+
+@pytest.mark.slow
+def test_stock_lm_eval_over_http_routes_every_request(harness_lm, task_manager, routed_bundle, tmp_path):
+    """Routed over HTTP, the server routes each request on its own text: the context with one answer. So each
+    answer's log-likelihood is the plain decoder's under the set the router picks for that text (one document's
+    answers may be scored under different sets: per-document routing, as the paper, needs `--model pudding`)."""
+    import torch
+
+    from conftest import ServerProcess
+    from pudding.bundle import Bundle
+    from pudding.policy import RoutedPolicy
+
+    names, limit = ["arc_easy", "piqa"], 4
+    server = ServerProcess(["--bundle", str(routed_bundle), "--max-len", "512", "--device", "cpu"], tmp_path / "serve.log")
+    try:
+        assert server.health()["routed"]
+        harness = _lm_eval_over_http(server.url, names, limit, task_manager)
+    finally:
+        server.stop()
+    policy = RoutedPolicy(Bundle.open(routed_bundle).router())
+    tokenizer, decoder = harness_lm.loaded.tokenizer, harness_lm.loaded.decoder
+    sets_seen = set()
+    for name in names:
+        for sample in harness["samples"][name]:
+            for (context, answer), (ll, _) in zip(sample["arguments"], sample["filtered_resps"]):
+                whole = tokenizer(context + answer, add_special_tokens=False)["input_ids"]
+                start = len(tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"])  # as lm-eval splits
+                chosen = policy.choose_one(tokenizer.decode(whole)).omit
+                sets_seen.add(chosen)
+                with torch.inference_mode():
+                    logprobs = decoder.full_logits(torch.tensor([whole]), chosen)[0, :-1].log_softmax(-1)
+                expected = logprobs[start - 1 :].gather(1, torch.tensor(whole[start:])[:, None]).sum()
+                assert float(ll) == pytest.approx(float(expected), abs=1e-3), (name, sample["doc_id"], answer)
+    assert len(sets_seen) > 1
+
+
 def test_generate_until_is_greedy_and_stops_at_the_stop_string(harness_lm):
     from lm_eval.api.instance import Instance
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from conftest import SETS, ServerProcess, assert_clean_failure, pudding, synthetic_table
 from pudding.bundle import Bundle, CandidateSet
@@ -148,7 +149,23 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "   \n"}, 400),
-    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": []}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": [[]]}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 10**9]}, 400),  # a token id outside the vocabulary
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"], "stream": True}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 2, "stream": True}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "best_of": 2}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "end"}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"50256": -100}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": 1}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "stream": True}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -3}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": MAX_LEN}, 400),  # beyond the context
@@ -194,6 +211,133 @@ def test_the_openai_client_sees_the_error_message(server):
         server.client.completions.create(model=MODEL, prompt="hi", max_tokens=10_000)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         server.client.completions.create(model="gpt-9", prompt="hi")
+
+
+SURROGATES = [  # raw JSON with an escaped lone surrogate, and the field the error must name
+    (b'{"model": "smollm2-135m", "prompt": "caf\\ud800"}', "prompt"),
+    (b'{"model": "smollm2-135m", "prompt": ["ok", "x\\udfff"]}', "prompt[1]"),
+    (b'{"model": "smollm2-135m", "prompt": "hi", "stop": ["\\ud83d"]}', "stop[0]"),
+    (b'{"model": "smollm2-135m", "prompt": "hi", "stream": true, "user": "\\udc00"}', "user"),
+    (b'{"model": "smollm2-135m", "prompt": "hi", "\\ud800": 1}', "\\ud800"),  # a key: named escaped
+    (b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+    (b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a\\ud800"}]}]}',
+     "messages[0].content[0].text"),
+]
+
+
+@pytest.mark.parametrize("body, param", SURROGATES, ids=range(len(SURROGATES)))
+def test_text_that_is_not_unicode_is_refused_naming_its_field(server, body, param):
+    path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    response = server.post(path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_text" and "surrogate" in error["message"]
+    assert error["param"] == param
+    assert server.healthy()
+
+
+def test_a_body_that_is_not_json_is_refused_saying_why(server):
+    sent = httpx.post(f"{server.url}/v1/completions", content=b"prompt=hi", timeout=30,
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    assert sent.status_code == 400 and sent.json()["error"]["code"] == "invalid_content_type"
+    assert "application/json" in sent.json()["error"]["message"]
+    bare = httpx.post(f"{server.url}/v1/completions", content=b'{"model": "smollm2-135m", "prompt": "hi"}', timeout=30)
+    assert bare.status_code == 400 and "no Content-Type" in bare.json()["error"]["message"]
+
+
+def test_a_body_over_the_limit_is_refused_413_declared_or_chunked(server):
+    """The default limit is 4 MB; a bigger body is refused before it is read whole, whether it declares its length
+    or arrives in chunks without one."""
+    big = json.dumps({"model": MODEL, "prompt": "word " * 1_000_000}).encode()  # 5 MB
+    declared = server.post("/v1/completions", big)
+    assert declared.status_code == 413 and declared.json()["error"]["code"] == "request_too_large"
+
+    def pieces():
+        for start in range(0, len(big), 65536):
+            yield big[start : start + 65536]
+
+    chunked = httpx.post(f"{server.url}/v1/completions", content=pieces(), timeout=60,
+                         headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and "--max-body-mb" in chunked.json()["error"]["message"]
+    assert server.healthy()
+
+
+def test_neutral_values_of_unsupported_parameters_are_accepted(server):
+    response = server.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1, "best_of": 1,
+                                               "presence_penalty": 0, "logit_bias": {}, "suffix": None, "seed": 7})
+    assert response.status_code == 200, response.text
+
+
+def _reference_logprobs(smollm2, ids: list[int]) -> torch.Tensor:
+    """Each token's log-probability given the ones before it, from a plain transformers forward (dense)."""
+    with torch.inference_mode():
+        logits = smollm2.model(torch.tensor([ids])).logits[0].float()
+    return logits[:-1].log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_echo_returns_the_prompt_and_its_log_probabilities(server, smollm2, engine):
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    ids = engine.encode(prompt)
+    reference = _reference_logprobs(smollm2, ids)
+    body = {"model": MODEL, "prompt": prompt, "echo": True, "logprobs": 3, "max_tokens": 0, "pudding": {"set": "dense"}}
+    only_prompt = server.post("/v1/completions", body).json()
+    [choice] = only_prompt["choices"]
+    scored = choice["logprobs"]
+    assert choice["text"] == prompt and "".join(scored["tokens"]) == prompt and len(scored["tokens"]) == len(ids)
+    assert scored["token_logprobs"][0] is None and scored["top_logprobs"][0] is None
+    assert torch.allclose(torch.tensor(scored["token_logprobs"][1:]), reference, atol=1e-3)
+    for logprob, top in zip(scored["token_logprobs"][1:], scored["top_logprobs"][1:]):
+        assert len(top) == 3 and max(top.values()) >= logprob - 1e-5
+    assert scored["text_offset"][1] == len(scored["tokens"][0])
+    assert only_prompt["usage"]["completion_tokens"] == 0
+
+    generated = server.post("/v1/completions", {**body, "max_tokens": 4}).json()["choices"][0]
+    expected = engine.generate(prompt, engine.omission([]), max_new_tokens=4)
+    assert generated["text"] == prompt + expected.text
+    tail = generated["logprobs"]
+    assert len(tail["tokens"]) == len(ids) + 4
+    assert tail["token_logprobs"][1 : len(ids)] == pytest.approx(scored["token_logprobs"][1:], abs=1e-4)
+    for logprob, top in zip(tail["token_logprobs"][len(ids):], tail["top_logprobs"][len(ids):]):
+        assert logprob == pytest.approx(max(top.values()), abs=1e-5)  # greedy: the chosen token is the likeliest
+
+
+def test_several_prompts_and_token_ids_get_one_choice_each(server, engine):
+    first, second = "Water boils at", "The sky is"
+    ids = [engine.encode(first), engine.encode(second)]
+    response = server.post("/v1/completions", {"model": MODEL, "prompt": ids, "max_tokens": 3,
+                                               "pudding": {"omit": [11, 17, 20]}}).json()
+    texts = [c["text"] for c in response["choices"]]
+    assert [c["index"] for c in response["choices"]] == [0, 1]
+    assert texts == [engine.generate(p, engine.omission([11, 17, 20]), max_new_tokens=3).text for p in (first, second)]
+    assert response["usage"]["prompt_tokens"] == len(ids[0]) + len(ids[1])
+    assert [p["omitted_blocks"] for p in response["pudding"]] == [[11, 17, 20]] * 2
+    as_text = server.post("/v1/completions", {"model": MODEL, "prompt": [first, second], "max_tokens": 3,
+                                              "pudding": {"omit": [11, 17, 20]}}).json()
+    assert [c["text"] for c in as_text["choices"]] == texts
+
+
+def test_chat_log_probabilities_follow_the_generated_tokens(server):
+    response = server.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=5, logprobs=True,
+        top_logprobs=2)
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens == 5
+    assert "".join(t.token for t in content).startswith(response.choices[0].message.content)
+    for token in content:
+        assert len(token.top_logprobs) == 2 and token.logprob == pytest.approx(token.top_logprobs[0].logprob, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_client_leaving_before_a_whole_answer_stops_its_generation(server):
+    before = server.health()["requests"]["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "Once upon a time",
+                                                         "max_tokens": MAX_LEN - 16}, timeout=1.5)
+    deadline = time.monotonic() + 60
+    while server.health()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    health = server.health()
+    assert not health["busy"] and health["requests"]["cancelled"] == before + 1
 
 
 @pytest.mark.slow

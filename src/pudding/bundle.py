@@ -159,13 +159,18 @@ class Bundle:
             atomic_write_text(path, text)
         return path
 
-    def record_data(self, versions: dict[str, str]) -> None:
-        """Remember which task data (a hash per task) the bundle's results come from; refuse data that changed."""
-        recorded = self.manifest.setdefault("data", {})
+    def check_data(self, versions: dict[str, str]) -> None:
+        """Refuse task data that differs from what the bundle's results were made with (tasks it never saw pass)."""
+        recorded = self.manifest.get("data", {})
         changed = sorted(t for t, v in versions.items() if t in recorded and recorded[t] != v)
         if changed:
             raise PuddingError(f"the task data of {', '.join(changed)} differs from the data bundle {self.path} was made with: "
                                "use that data (--data-dir) or a new bundle")
+
+    def record_data(self, versions: dict[str, str]) -> None:
+        """Remember which task data (a hash per task) the bundle's results come from; refuse data that changed."""
+        self.check_data(versions)
+        recorded = self.manifest.setdefault("data", {})
         if all(t in recorded for t in versions):
             return
         recorded.update(versions)
@@ -244,7 +249,9 @@ class Bundle:
         directory = self.path / (MAIN_ROUTER if name == MAIN_ROUTER else f"{MAIN_ROUTER}-{name}")
         if must_exist and not (directory / "router.json").exists():
             which = "" if name == MAIN_ROUTER else f" named {name}"
-            raise PuddingError(f"bundle {self.path} has no router{which}: make one with `pudding label` then "
+            held = self.routers()
+            has = f" (it has: {', '.join(held)})" if held else ""
+            raise PuddingError(f"bundle {self.path} has no router{which}{has}: make one with `pudding label` then "
                                "`pudding train-router`" + ("" if name == MAIN_ROUTER else f" --objective {name}"))
         return directory
 

@@ -3,6 +3,7 @@ problem as one line (`error: ...`) with a non-zero exit code, never a traceback.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -170,7 +171,8 @@ def eval_command(
     from .evaluate import Timer, evaluate_tasks, results_document, write_results
     from .models import resolve_model
     from .policy import PolicySpec
-    from .tasks import parse_task_list, resolve_data_dir
+    from .storage import check_output_file
+    from .tasks import data_versions, parse_task_list, resolve_data_dir
 
     spec = PolicySpec(omit=omit, set=set_index, method=method, search=search_file, per_prompt=per_prompt,
                       router="router" if raw_router else None)
@@ -178,9 +180,12 @@ def eval_command(
         raise PuddingError("--router needs --bundle" if bundle is None else f"give only one of --router, {', '.join(spec.chosen())}")
     if oracle and (spec.chosen() or bundle is None):
         raise PuddingError("--oracle needs --bundle" if bundle is None else f"give only one of --oracle, {', '.join(spec.chosen())}")
+    check_output_file(output)
     task_list = parse_task_list(tasks)
     data_path = resolve_data_dir(data_dir)
     opened = Bundle.open(bundle) if bundle else None
+    if opened is not None:  # its sets were made on certain data: evaluating on other data is a different experiment
+        opened.check_data(data_versions([t.name for t in task_list], data_path))
     ref = opened.model_ref(model) if opened else resolve_model(model or "smollm2-135m")
     if not oracle:
         spec.check(opened, ref.num_blocks)
@@ -205,6 +210,15 @@ def eval_command(
     if output:
         write_results(output, document)
         out.print(f"results written to {output}")
+
+
+def _text_argument(text: str, what: str = "the prompt") -> str:
+    """Command-line text must be text: bytes that are not UTF-8 reach Python as lone surrogates no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PuddingError(f"{what} is not valid UTF-8 text") from None
+    return text
 
 
 def _evaluate_oracles(opened, scorer, loaded, task_list, doc_sets, limit, settings, output) -> None:
@@ -258,9 +272,10 @@ def search_command(
     """Find an omission set: greedy task-likelihood search (SLEB-style) or a static baseline."""
     from .models import resolve_model
     from .search import SearchSpec, run_search
-    from .storage import atomic_write_json, partial_path, remove_partial
+    from .storage import atomic_write_json, check_output_file, partial_path, remove_partial
     from .tasks import get_task, resolve_data_dir
 
+    check_output_file(output)
     ref = resolve_model(model)
     if method == "greedy" and task is None:
         task = "arc_easy" if loss != "ppl" else "wikitext2"
@@ -362,6 +377,8 @@ def label_command(
         opened.manifest.get("settings", {}).get("pipeline", {}).get("calibration_tasks") or
         ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"])
     for name in names:
+        if get_task(name).kind != "multiple_choice":
+            raise PuddingError(f"task {name} is a {get_task(name).kind} task, not a multiple-choice one: it has no prompts to label")
         get_task(name).require_calibration_split()
     data_path = resolve_data_dir(data_dir)
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
@@ -417,6 +434,7 @@ def route_command(
     from .policy import PolicySpec
 
     opened = Bundle.open(bundle)
+    _text_argument(prompt)
     if not prompt.strip():
         raise PuddingError("cannot route an empty prompt")
     policy = PolicySpec(router=router).build(opened.model["num_blocks"], opened, check_device(device or "cpu"))
@@ -474,6 +492,7 @@ def generate_command(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Generate text: route once, make the chosen blocks resident, pre-fill and decode on the shorter stack."""
+    _text_argument(prompt)
     if not prompt.strip():
         raise PuddingError("the prompt is empty")
     engine, policy, _ = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router)
@@ -503,6 +522,7 @@ def serve_command(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests that may wait behind the running one; more are answered 503.")] = 16,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body accepted, in MB; larger ones are answered 413.")] = 4.0,
     budget: Annotated[Optional[int], typer.Option("--budget", min=1, help="Memory budget in blocks: keep only this many on the device.")] = None,
     max_len: Annotated[int, typer.Option("--max-len", min=16, help="Context the engine allocates (prompt + new tokens).")] = 2048,
     device: DeviceOpt = None,
@@ -518,7 +538,7 @@ def serve_command(
                            "(a request can force a set with the `pudding` body field)")
     check_port(host, port)
     engine, policy, ref = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router)
-    serve(engine, policy, ref.name, host, port, queue_size)
+    serve(engine, policy, ref.name, host, port, queue_size, max_body_mb)
 
 
 @app.command("bench")
@@ -540,8 +560,9 @@ def bench_command(
     from .omission import OmissionSet
     from .policy import RoutedPolicy
     from .router import LoadedRouter
-    from .storage import atomic_write_json, atomic_write_text, environment
+    from .storage import atomic_write_json, atomic_write_text, check_output_file, environment
 
+    check_output_file(output)
     device = check_device(device or default_device())
     if not device.startswith("cuda") and shape:
         raise PuddingError("the random-weight 8B benchmark needs a GPU; use --shape '' with --bundle on CPU")
@@ -746,14 +767,20 @@ def export_command(
     all_sets: Annotated[bool, typer.Option("--all", help="Export every candidate set of the bundle: OUTPUT/set0, OUTPUT/set1, ...")] = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Without a bundle: the model (default smollm2-135m).")] = None,
     omit: Annotated[Optional[str], typer.Option("--omit", help="Without a bundle: blocks to delete, e.g. 11,17,20.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Weights dtype of the checkpoint: bfloat16, float16 or float32.")] = "bfloat16",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights dtype of a checkpoint (hf): bfloat16 (default), float16 or float32.")] = None,
+    file_format: Annotated[str, typer.Option("--format", help="hf: a Hugging Face checkpoint directory; gguf: a GGUF file for llama.cpp (from a GGUF model, tensors copied as they are).")] = "hf",
 ) -> None:
-    """Write a standard Hugging Face checkpoint of the depth-pruned model (blocks deleted and renumbered, per-block
-    config sliced) that plain `AutoModelForCausalLM.from_pretrained` loads."""
+    """Write the depth-pruned model (blocks deleted and renumbered, per-block config sliced): a Hugging Face
+    checkpoint that plain `AutoModelForCausalLM.from_pretrained` loads, or a GGUF file for llama.cpp."""
     from .export import export_checkpoint
     from .models import load_decoder, resolve_model
     from .omission import OmissionSet
 
+    if file_format not in ("hf", "gguf"):
+        raise PuddingError(f"unknown --format '{file_format}' (hf or gguf)")
+    if file_format == "gguf" and dtype is not None:
+        raise PuddingError("--dtype is for --format hf: a GGUF export copies the source's tensors as they are")
+    dtype = dtype or "bfloat16"
     if dtype not in ("bfloat16", "float16", "float32"):
         raise PuddingError(f"unknown --dtype '{dtype}' (bfloat16, float16 or float32)")
     if bundle is None:
@@ -766,8 +793,12 @@ def export_command(
             raise PuddingError("with --bundle, give exactly one of --set i or --all (not --omit)")
         opened, ref = _open_bundle_for(bundle, model)
         indices = range(len(opened.candidates())) if all_sets else [set_index]
-        targets = [(opened.omission_set(i), Path(output) / f"set{i}" if all_sets else Path(output),
+        suffix = ".gguf" if file_format == "gguf" else ""
+        targets = [(opened.omission_set(i), Path(output) / f"set{i}{suffix}" if all_sets else Path(output),
                     {"bundle": str(opened.path), "set": i}) for i in indices]
+    if file_format == "gguf":
+        _export_gguf_files(ref, targets, all_sets, Path(output))
+        return
     for _, path, _ in targets:
         if path.exists() and any(path.iterdir()):
             raise PuddingError(f"{path} already exists: choose a new directory (nothing was overwritten)")
@@ -775,6 +806,27 @@ def export_command(
     for blocks, path, extra in targets:
         provenance = {"source_model": ref.name, "source_fingerprint": ref.fingerprint, **extra}
         export_checkpoint(loaded.model, loaded.tokenizer, blocks, path, provenance)
+        out.print(f"omit {','.join(map(str, blocks))}: {ref.num_blocks - len(blocks)} blocks → {path}")
+
+
+def _export_gguf_files(ref, targets: list, all_sets: bool, output: Path) -> None:
+    from .export import export_gguf
+    from .models import gguf_source
+    from .storage import check_output_file, check_parent_writable
+
+    parts = gguf_source(ref)
+    for _, path, _ in targets:
+        if path.exists():
+            raise PuddingError(f"{path} already exists: choose a new file name (nothing was overwritten)")
+        if not all_sets:
+            check_output_file(path)
+    if all_sets:
+        if output.exists() and not output.is_dir():
+            raise PuddingError(f"{output} exists and is not a directory: with --all, --output is a directory of files")
+        check_parent_writable(output)
+        output.mkdir(exist_ok=True)
+    for blocks, path, extra in targets:
+        export_gguf(parts, blocks, path, {"source_model": ref.name, **extra})
         out.print(f"omit {','.join(map(str, blocks))}: {ref.num_blocks - len(blocks)} blocks → {path}")
 
 
@@ -799,11 +851,9 @@ def unpack_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="New directory to unpack into.")],
 ) -> None:
     """Unpack a packed bundle (.tar) into a directory."""
-    from .bundle import Bundle
     from .export import unpack
 
-    written = unpack(archive, output)
-    Bundle.open(written)  # checks what was unpacked
+    written = unpack(archive, output)  # checks what was unpacked before it takes the output's name
     out.print(f"unpacked → {written}")
 
 
@@ -811,12 +861,29 @@ def unpack_command(
 # entry point
 
 
+class _WarningLines(logging.Handler):
+    """The package's warnings (rows of task data that could not be read, ...) as one `warning:` line each on the
+    standard error of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"warning: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_warnings() -> None:
+    logger = logging.getLogger("pudding")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
+        logger.addHandler(_WarningLines(logging.WARNING))
+
+
 def main(argv: list[str] | None = None) -> None:
+    _show_warnings()
     try:
         code = app(args=argv, standalone_mode=False)
     except PuddingError as problem:
         _fail(str(problem))
     except typer.Exit as done:
+        if done.exit_code == 130:  # Ctrl-C (see below)
+            _fail("interrupted", 130)
         raise SystemExit(done.exit_code) from None
     except (typer.Abort, KeyboardInterrupt):
         _fail("interrupted", 130)
@@ -834,6 +901,8 @@ def main(argv: list[str] | None = None) -> None:
             print(problem.format_message())
             raise SystemExit(0) from None
         _fail(problem.format_message(), problem.exit_code or 2)
+    if code == 130:  # typer turns Ctrl-C into Exit(130), which click returns when not in standalone mode
+        _fail("interrupted", 130)
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

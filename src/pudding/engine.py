@@ -53,6 +53,7 @@ class Generation:
     prompt_tokens: int = 0
     finish_reason: str = "length"
     routed: bool = False  # a router chose the set for this prompt
+    logprobs: list[tuple[float, dict[int, float]]] | None = None  # per generated token: its log-prob, the top ones
 
 
 class TextStream:
@@ -105,6 +106,7 @@ class Engine:
         on_gpu = self.device.type == "cuda"
         self.use_graphs = on_gpu if graphs is None else graphs and on_gpu
         self.bos = bos
+        self._longest_token_bytes: int | None = None  # see tokens_at_least
         # Pre-fill pads the prompt to a length bucket, so that one captured graph serves every prompt of the bucket:
         # the padding comes after the prompt, so causal attention keeps it out of every real token's result.
         self.bucketed = on_gpu if buckets is None else buckets
@@ -278,12 +280,38 @@ class Engine:
         return logits
 
     def _prefill_padded(self, length: int, wait: bool = False) -> torch.Tensor:
+        x = self._prompt_hidden(length, wait)
+        return self._logits(x.index_select(1, self._last)[:, 0])
+
+    def _prompt_hidden(self, length: int, wait: bool = False) -> torch.Tensor:
+        """The last hidden states of the first `length` tokens of the pre-fill buffer, filling the KV cache."""
         positions = self._positions[:length]
         # A sliding window shorter than the prompt needs an explicit mask; otherwise plain causal attention.
         needs_mask = self.shape.sliding_window is not None and length > self.shape.sliding_window
         masks = self._masks(positions, length) if needs_mask else None
-        x = self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, length, self._prefill_block, wait)
-        return self._logits(x.index_select(1, self._last)[:, 0])
+        return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, length, self._prefill_block, wait)
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, ids: Sequence[int], chosen: Choice | OmissionSet, top: int = 0,
+                        chunk: int = 512) -> tuple[list[float | None], list[dict[int, float] | None]]:
+        """Log-probability of every prompt token given the ones before it (None for the first), and the `top` most
+        likely tokens at each position, under the chosen set: what an OpenAI `echo` request returns."""
+        choice = chosen if isinstance(chosen, Choice) else Choice(chosen)
+        self.use(choice.omit)
+        ids = list(ids)
+        if len(ids) > self.max_len:
+            raise PuddingError(f"the prompt ({len(ids)} tokens) exceeds the engine's context of {self.max_len} tokens")
+        self._prompt[0, : len(ids)].copy_(torch.tensor(ids))
+        hidden = self._prompt_hidden(len(ids), wait=True)[0]
+        self._events = [None] * len(self._events)
+        token_logprobs: list[float | None] = [None]
+        tops: list[dict[int, float] | None] = [None]
+        targets = torch.tensor(ids[1:], device=self.device)
+        for start in range(0, len(ids) - 1, chunk):  # logits over the vocabulary a chunk of positions at a time
+            logprobs = self._logits(hidden[start : start + chunk][: len(ids) - 1 - start]).log_softmax(-1)
+            token_logprobs += logprobs.gather(1, targets[start : start + len(logprobs), None])[:, 0].tolist()
+            tops += _top(logprobs, top)
+        return token_logprobs, tops
 
     def _decode_eager(self) -> torch.Tensor:
         masks = self._masks(self._position, self.max_len)
@@ -352,10 +380,20 @@ class Engine:
             ids = [self.tokenizer.bos_token_id] + ids
         return ids
 
+    def tokens_at_least(self, text: str) -> int:
+        """A lower bound on the number of tokens of `text`, without tokenizing it: no token spans more bytes than the
+        vocabulary's longest string (at most 4 bytes a character), halved again for normalizers that shorten text.
+        Lets a server refuse a prompt of megabytes at once instead of spending seconds (and the interpreter lock)
+        tokenizing it."""
+        if self._longest_token_bytes is None:
+            self._longest_token_bytes = 4 * max(map(len, self.tokenizer.get_vocab()))
+        return len(text.encode("utf-8", "replace")) // (2 * max(1, self._longest_token_bytes))
+
     def stream(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet, max_new_tokens: int = 128,
-               stop_ids: Sequence[int] | None = None) -> Iterator[tuple[str, Generation]]:
+               stop_ids: Sequence[int] | None = None, logprobs: int | None = None) -> Iterator[tuple[str, Generation]]:
         """Yield (new text, generation so far) as tokens arrive, under the chosen set (a policy's `Choice`, whose
-        routing time counts in the time to first token, or a plain omission set)."""
+        routing time counts in the time to first token, or a plain omission set). With `logprobs` (the number of most
+        likely alternatives to keep), each generated token's log-probability is recorded too."""
         choice = chosen if isinstance(chosen, Choice) else Choice(chosen)
         self._check_set(choice.omit)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -374,13 +412,15 @@ class Engine:
         logits = self.prefill(ids)
         token = logits.argmax(-1)
         first = int(token)
+        scored = [] if logprobs is None else [_scored(logits, token, logprobs)]
         sync()
         timings.prefill_ms = 1000 * (time.perf_counter() - swap_started) - timings.swap_ms
         timings.ttft_ms = choice.ms + 1000 * (time.perf_counter() - started)
         generated = [first]
         detokenizer = TextStream(self.tokenizer)
         decode_started = time.perf_counter()
-        result = Generation("", generated, list(choice.omit), choice.index, timings, len(ids), routed=choice.routed)
+        result = Generation("", generated, list(choice.omit), choice.index, timings, len(ids), routed=choice.routed,
+                            logprobs=scored if logprobs is not None else None)
         position = len(ids)
         while True:
             text = detokenizer.push(generated[-1])
@@ -393,8 +433,11 @@ class Engine:
             yield text, result
             if done:
                 break
-            token = self.decode_step(token, position).argmax(-1)
+            logits = self.decode_step(token, position)
+            token = logits.argmax(-1)
             generated.append(int(token))
+            if logprobs is not None:
+                scored.append(_scored(logits, token, logprobs))
             position += 1
 
     def generate(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet, max_new_tokens: int = 128,
@@ -418,6 +461,19 @@ class Engine:
         blocks = sum(size(f) for f in (self.blocks.flats if self.blocks.mode == "all" else self.blocks.slots))
         return {"blocks": blocks, "embed_head_norm": size(self.embed) + size(self.head) + size(self.final_norm),
                 "kv_cache": sum(size(t) for t in self.k_cache + self.v_cache), "block_bytes": self.layout.numel * self.embed.element_size()}
+
+
+def _top(logprobs: torch.Tensor, k: int) -> list[dict[int, float]]:
+    """Per row, the k most likely token ids and their log-probabilities."""
+    if k <= 0:
+        return [{} for _ in range(len(logprobs))]
+    values, indices = logprobs.topk(k, dim=-1)
+    return [dict(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
+
+
+def _scored(logits: torch.Tensor, token: torch.Tensor, k: int) -> tuple[float, dict[int, float]]:
+    logprobs = logits.float().log_softmax(-1).view(1, -1)
+    return float(logprobs[0, int(token)]), _top(logprobs, k)[0]
 
 
 def open_engine(ref, device: str | None = None, dtype: str = "auto", budget: int | None = None,

@@ -17,7 +17,7 @@ from .architectures import architecture_for, resolve
 from .bundle import PACKED_MODEL
 from .errors import PuddingError
 from .omission import OmissionSet
-from .storage import atomic_directory, atomic_write_json, atomic_write_text, check_parent_writable
+from .storage import atomic_directory, atomic_file, atomic_write_json, atomic_write_text, check_parent_writable
 
 
 def delete_blocks(model, omit: Sequence[int]):
@@ -93,15 +93,104 @@ def _checkpoint_card(info: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Pruned GGUF files, for llama.cpp and other GGUF runtimes: the kept blocks' tensors copied byte for byte
+
+
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")  # no per-block layout implied by a block's number
+
+
+def export_gguf(parts: Sequence[Path], omit: OmissionSet, output: Path, provenance: dict) -> Path:
+    """A GGUF file of the source GGUF (one file, or its parts in order) without the blocks in `omit`: the other
+    tensors copied byte for byte (no re-quantization), blocks renumbered 0..n-1, `{arch}.block_count` and any
+    per-block metadata array sliced."""
+    output = Path(output)
+    if len(parts) == 1:
+        return _export_gguf_file(Path(parts[0]), omit, output, provenance)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.source-") as scratch:
+        joined = Path(scratch) / "source.gguf"  # GGUF readers map one file
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as handle:
+                    shutil.copyfileobj(handle, out, 8 << 20)
+        return _export_gguf_file(joined, omit, output, provenance)
+
+
+def _export_gguf_file(source: Path, omit: OmissionSet, output: Path, provenance: dict) -> Path:
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise PuddingError(f"GGUF export handles {', '.join(GGUF_ARCHITECTURES)} files, not {arch}: in other families a "
+                           "block's number decides its layout (e.g. Gemma 3's sliding-window layers), which deleting "
+                           "blocks would shift; export a checkpoint (--format hf) instead")
+    count_key = f"{arch}.block_count"
+    num_blocks = _gguf_field(reader, count_key)
+    if num_blocks != omit.num_blocks:
+        raise PuddingError(f"{source} has {num_blocks} blocks, the omission set is for {omit.num_blocks}")
+    kept = omit.kept()
+    renumber = {old: new for new, old in enumerate(kept)}
+    with atomic_file(output) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch, endianess=reader.endianess)
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name == "general.architecture":
+                continue  # the writer writes these itself
+            value, kind = field.contents(), field.types[0]
+            sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            if field.name == count_key:
+                value = len(kept)
+            elif field.name.startswith(f"{arch}.") and isinstance(value, list) and len(value) == num_blocks:
+                value = [value[i] for i in kept]  # per-block hyper-parameters (head counts, FFN widths, ...)
+            elif field.name == "general.alignment":
+                writer.data_alignment = value
+            writer.add_key_value(field.name, value, kind, sub_type=sub_type)
+        writer.add_array("pudding.omitted_blocks", list(omit))
+        writer.add_string("pudding.source", str(provenance.get("source_model", "")))
+        tensors = []
+        for tensor in reader.tensors:
+            name = _renumbered(tensor.name, renumber)
+            if name is not None:
+                tensors.append(tensor)
+                writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor in tensors:
+            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+        writer.close()
+    return output
+
+
+def _gguf_field(reader, key: str):
+    field = reader.get_field(key)
+    if field is None:
+        raise PuddingError(f"the GGUF file has no '{key}'")
+    return field.contents()
+
+
+def _renumbered(name: str, renumber: dict[int, int]) -> str | None:
+    """A tensor's name in the pruned file ('blk.12.attn_q.weight' -> 'blk.9.attn_q.weight'), None if its block goes."""
+    parts = name.split(".")
+    if parts[0] != "blk" or len(parts) < 3 or not parts[1].isdigit():
+        return name
+    new = renumber.get(int(parts[1]))
+    return None if new is None else ".".join(["blk", str(new), *parts[2:]])
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Packs: a bundle and its model in one self-contained directory (or .tar file), with a model card
+
+
+TAR_SUFFIXES = {".tar": "", ".tar.gz": ":gz", ".tgz": ":gz"}  # pack outputs that are archives, and their compression
 
 
 def pack_bundle(bundle, model_dir: Path, output: Path) -> Path:
     """Copy the bundle (minus checkpoints and scratch files) and the model's directory into one directory, with a
-    README.md model card; `output` ending in .tar gives a tar file of that directory instead."""
+    README.md model card; `output` ending in .tar (or .tar.gz, .tgz: compressed) gives a tar file of it instead."""
     output = Path(output)
-    as_tar = output.suffix == ".tar"
-    directory = output.with_suffix("") if as_tar else output
+    compression = next((c for suffix, c in TAR_SUFFIXES.items() if output.name.endswith(suffix)), None)
+    as_tar = compression is not None
+    directory = output.parent / output.name[: -len(next(x for x in TAR_SUFFIXES if output.name.endswith(x)))] if as_tar else output
 
     def fill(tmp: Path) -> None:
         shutil.copytree(bundle.path, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
@@ -117,7 +206,7 @@ def pack_bundle(bundle, model_dir: Path, output: Path) -> Path:
     try:
         with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.staging-") as staging:
             fill(Path(staging))
-            with tarfile.open(tmp_tar, "w") as tar:
+            with tarfile.open(tmp_tar, f"w{compression}") as tar:
                 tar.add(staging, arcname=directory.name)
         os.replace(tmp_tar, output)
     finally:
@@ -128,6 +217,8 @@ def pack_bundle(bundle, model_dir: Path, output: Path) -> Path:
 def unpack(archive: Path, output: Path) -> Path:
     """Extract a packed .tar into `output` (its single top-level directory becomes `output`)."""
     archive, output = Path(archive), Path(output)
+    if archive.is_dir():
+        raise PuddingError(f"{archive} is a directory: a packed bundle (.tar) is unpacked; a pack directory is used as it is")
     if not archive.is_file():
         raise PuddingError(f"{archive} does not exist")
     try:
@@ -138,11 +229,14 @@ def unpack(archive: Path, output: Path) -> Path:
                 raise PuddingError(f"{archive} is not a pudding pack (one directory holding bundle.json)")
 
             def fill(tmp: Path) -> None:
+                from .bundle import Bundle
+
                 tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of the tree, devices
                 inner = tmp / tops.pop()
                 for item in inner.iterdir():
                     item.rename(tmp / item.name)
                 inner.rmdir()
+                Bundle.open(tmp)  # a pack whose bundle does not open leaves nothing behind
 
             return _write_dir_atomically(output, fill)
     except tarfile.TarError as err:

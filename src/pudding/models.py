@@ -254,8 +254,12 @@ def convert_gguf(parts: list[Path], sha: str, source: str) -> Path:
                     with open(part, "rb") as handle:
                         while block := handle.read(8 << 20):
                             out.write(block)
+        check_gguf(gguf_path, source)
         folder, name = str(gguf_path.parent), gguf_path.name
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        except Exception as err:  # transformers' GGUF reader raises many kinds of errors on files it cannot map
+            raise PuddingError(f"{source} could not be read as a model ({type(err).__name__}: {_first_line(err)})") from None
         if model.config.model_type.startswith("gemma3") and Version(transformers.__version__) < Version("5.23"):
             raise PuddingError(
                 f"transformers {transformers.__version__} mis-reads the Gemma 3 GGUF tokenizer; "
@@ -281,6 +285,27 @@ def convert_gguf(parts: list[Path], sha: str, source: str) -> Path:
             },
         )
     return target
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:300]
+
+
+def check_gguf(path: Path, source: str | None = None) -> None:
+    """Refuse a file that is not a whole GGUF file (wrong magic, unknown version, truncated tensors) in one line."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise PuddingError("reading GGUF needs the 'gguf' package: pip install gguf") from None
+    if path.stat().st_size == 0:
+        raise PuddingError(f"{source or path} is empty, not a GGUF file")
+    try:
+        reader = GGUFReader(str(path))
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception as err:
+        raise PuddingError(f"{source or path} is not a readable GGUF file ({type(err).__name__}: {_first_line(err)})") from None
+    if end > path.stat().st_size:
+        raise PuddingError(f"{source or path} is truncated: its tensors end at byte {end}, the file at {path.stat().st_size}")
 
 
 def _unzip_once(parts: list[Path], sha: str, source: str) -> Path:
@@ -370,7 +395,11 @@ class ModelRef:
 
     @functools.cached_property
     def config(self) -> dict:
-        return read_json(self.directory / "config.json", "model config")
+        config = read_json(self.directory / "config.json", "model config")
+        if not isinstance(config, dict) or not isinstance(config.get("num_hidden_layers"), int) or isinstance(
+                config.get("num_hidden_layers"), bool) or config["num_hidden_layers"] < 1:
+            raise PuddingError(f"{self.directory}/config.json is not a decoder's config (no positive num_hidden_layers)")
+        return config
 
     @property
     def num_blocks(self) -> int:
@@ -449,8 +478,10 @@ def load_decoder(ref: ModelRef | str = DEFAULT_DECODER, device: str | None = Non
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.directory, dtype=parse_dtype(dtype, device), attn_implementation="sdpa")
         tokenizer = AutoTokenizer.from_pretrained(ref.directory)
-    except (OSError, ValueError) as err:
-        raise PuddingError(f"could not load a causal LM from {ref.directory}: {str(err).splitlines()[0]}") from None
+    except (PuddingError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # a damaged or foreign directory: truncated weights, broken config, missing tokenizer
+        raise PuddingError(f"could not load a causal LM from {ref.directory} ({type(err).__name__}: {_first_line(err)})") from None
     model.to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(ref, model, tokenizer, PrunableDecoder(model))
@@ -470,6 +501,28 @@ def model_table() -> list[dict]:
             }
         )
     return rows
+
+
+def gguf_source(ref: ModelRef) -> list[Path]:
+    """The GGUF file (or its parts, in order) a model was converted from, checked to be the file it was converted
+    from; a model that did not come from GGUF is refused."""
+    meta = read_model_meta(ref.directory)
+    source, sha = meta.get("source"), meta.get("source_sha256")
+    if source is None or not meta.get("source_sha256"):
+        raise PuddingError(f"{ref.name} is not a GGUF model (a Hugging Face directory): GGUF export copies the "
+                           "tensors of a GGUF source; export it as a checkpoint (--format hf)")
+    if source in REGISTRY:
+        spec = REGISTRY[source]
+        if spec.file_format != "gguf":
+            raise PuddingError(f"{ref.name} is not a GGUF model: export it as a checkpoint (--format hf)")
+        parts = require_installed(spec)
+    else:
+        parts = [Path(source).expanduser().resolve()]
+        if not parts[0].is_file():
+            raise PuddingError(f"the GGUF file {source} that {ref.name} was converted from is gone")
+    if content_sha256(parts) != sha:
+        raise PuddingError(f"the GGUF file {source} changed since {ref.name} was converted from it")
+    return parts
 
 
 def read_model_meta(directory: Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from .errors import PuddingError
@@ -36,10 +37,9 @@ class OmissionSet(tuple):
         blocks = []
         for piece in text.split(","):
             piece = piece.strip()
-            try:
-                blocks.append(int(piece))
-            except ValueError:
-                raise PuddingError(f"block list '{text}' is not a comma-separated list of integers") from None
+            if not re.fullmatch(r"-?[0-9]+", piece):  # ASCII digits only: int() would also take '１２' or '1_2'
+                raise PuddingError(f"block list '{text}' is not a comma-separated list of integers (0-based block numbers)")
+            blocks.append(int(piece))
         return cls(blocks, num_blocks)
 
     @classmethod

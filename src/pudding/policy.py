@@ -309,6 +309,9 @@ class PolicySpec:
         self.check_options(bundle is not None)
         if self.set is not None:
             bundle.omission_set(self.set)
+        if isinstance(self.omit, str) and not self.omit.strip():
+            raise PuddingError(f"{self.names['omit']} is empty: give the blocks to skip (e.g. 11,17,20), or leave it "
+                               "out for the dense model")
         if self.omit is not None and num_blocks is not None:
             parse_blocks(self.omit, num_blocks)
         if not self.routed or bundle is None:

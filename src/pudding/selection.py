@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import heldout_split
 from .omission import OmissionSet
 from .policy import apply_rule, neighbour_predictions
 from .scoring import Scorer

@@ -79,26 +79,63 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def output_file(path: Path | str) -> tuple[Path, bool]:
+    """Where a file output really goes, and whether it is written atomically: a symbolic link is followed (the file
+    it points to is replaced, the link stays); a regular file or a new path is replaced atomically; a device, pipe
+    or socket that exists (/dev/stdout) is written into directly, never replaced; a directory is refused."""
+    path = Path(path)
+    target = path.resolve() if path.is_symlink() else path
+    if target.is_dir():
+        raise PuddingError(f"{path} is a directory: give a file name for the output")
+    if target.exists() and not target.is_file():
+        return target, False
+    return target, True
+
+
+def check_output_file(path: Path | str | None) -> None:
+    """Refuse, before any work, an output that cannot be written: a directory, or a folder we may not write in."""
+    if path is None:
+        return
+    target, atomic = output_file(path)
+    if atomic:
+        check_parent_writable(target)
+
+
 def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename: readers see old or new, never half."""
+    """Write to a temporary file in the same directory, then rename: readers see old or new, never half (see
+    `output_file` for links, devices and pipes)."""
+    target, atomic = output_file(path)
+    if not atomic:
+        try:
+            with open(target, "wb") as handle:
+                handle.write(data)
+        except OSError as err:
+            raise PuddingError(f"could not write {target}: {err.strerror or err}") from None
+        return
+    with atomic_file(target) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write a file at; renamed to `path` (synced first) once the block ends
+    without error, removed otherwise."""
     path = Path(path)
     check_parent_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise PuddingError(f"could not write {path}: {err.strerror or err}") from None
-    except BaseException:
+    finally:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+            tmp.unlink()
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -127,6 +164,8 @@ def read_json(path: Path | str, what: str = "file") -> Any:
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Build a directory under a temporary name and move it into place only when complete."""
     path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise PuddingError(f"{path} exists and is not a directory: choose another output directory")
     check_parent_writable(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o777 & ~_UMASK)

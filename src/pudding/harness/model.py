@@ -27,6 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import lm_eval.models  # noqa: F401  (lm-eval fills its registry with its own models only while it is empty: do it first)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 

@@ -15,10 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..engine import Generation, Timings
 from ..errors import PuddingError
 from ..omission import OmissionSet
 from ..policy import Choice, Policy
-from .wire import MAX_STOP_STRINGS, ApiError, ChatMessage, OpenAIRequest, PuddingOptions
+from .wire import (
+    MAX_STOP_STRINGS, ApiError, ChatMessage, OpenAIRequest, PuddingOptions, chat_logprobs, completion_logprobs,
+)
 
 
 @dataclass(eq=False)  # kept in a set by identity
@@ -26,8 +29,10 @@ class Job:
     ids: list[int]
     route_text: str  # what the router reads: the prompt, or the last user message of a chat
     forced: Choice | None  # a set the request imposes; None: the policy chooses
-    max_tokens: int
+    max_tokens: int  # 0: no completion, only the echoed prompt's log-probabilities
     stops: list[str]
+    logprobs: int | None = None  # record log-probabilities, with this many alternatives per token
+    echo: bool = False  # also score the prompt (completions with echo and logprobs)
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -37,6 +42,7 @@ class Outcome:
     generation: object  # engine.Generation
     finish_reason: str | None  # None when cancelled
     queue_ms: float
+    prompt_scores: tuple | None = None  # with echo: per prompt token its log-probability and the top alternatives
 
 
 class StopScanner:
@@ -98,15 +104,36 @@ class Service:
             raise ApiError(404, f"the model '{name}' does not exist: this server serves '{self.model_name}'",
                            "model", "model_not_found")
 
-    def job(self, text: str, route_text: str, request: OpenAIRequest, requested: int | None, default_max: int | None,
-            param: str) -> Job:
-        """Validate what every request shares: the set, the context, max_tokens, stop strings."""
+    def job(self, prompt: str | list[int], route_text: str | None, request: OpenAIRequest, requested: int | None,
+            default_max: int | None, param: str, logprobs: int | None = None, echo: bool = False) -> Job:
+        """Validate what every request shares: the set, the context (text, or token ids), max_tokens, stop strings.
+        Runs off the event loop: tokenizing a long prompt takes a while."""
+        if isinstance(prompt, str) and (least := self.engine.tokens_at_least(prompt)) >= self.engine.max_len:
+            raise ApiError(400, f"the prompt has at least {least} tokens, more than this server's context of "
+                                f"{self.engine.max_len} tokens", param, "context_length_exceeded")
+        ids = self.engine.encode(prompt) if isinstance(prompt, str) else self._token_ids(prompt, param)
+        route_text = route_text if route_text is not None else self.engine.tokenizer.decode(ids)
         if not route_text.strip():
             raise ApiError(400, "the prompt is empty", param, "empty_prompt")
         forced = self._forced(request.pudding)
-        ids = self.engine.encode(text)
-        return Job(ids, route_text, forced, self._max_tokens(len(ids), requested, default_max, param),
-                   _stop_strings(request.stop))
+        return Job(ids, route_text, forced, self._max_tokens(len(ids), requested, default_max, param, zero_ok=echo),
+                   _stop_strings(request.stop), logprobs, echo)
+
+    def check_length(self, tokens: int, param: str = "prompt") -> None:
+        """A prompt of token ids must leave room for one token in the context."""
+        if tokens >= self.engine.max_len:
+            raise ApiError(400, f"the prompt has {tokens} tokens, which leaves no room in this server's context of "
+                                f"{self.engine.max_len} tokens", param, "context_length_exceeded")
+
+    def _token_ids(self, ids: list[int], param: str) -> list[int]:
+        vocab = len(self.engine.tokenizer)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param, "empty_prompt")
+        self.check_length(len(ids), param)
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is not in the vocabulary (0 to {vocab - 1})", param, "invalid_value")
+        return list(ids)
 
     def _forced(self, options: PuddingOptions | None) -> Choice | None:
         """The set a request forces with the `pudding` field, or None (the policy chooses)."""
@@ -132,15 +159,19 @@ class Service:
             raise ApiError(400, str(err), "pudding") from None
         return self.policy.forced(chosen)
 
-    def _max_tokens(self, prompt_tokens: int, requested: int | None, default: int | None, param: str) -> int:
+    def _max_tokens(self, prompt_tokens: int, requested: int | None, default: int | None, param: str,
+                    zero_ok: bool = False) -> int:
         room = self.engine.max_len - prompt_tokens
+        if requested == 0 and zero_ok and room >= 0:  # echo with nothing generated: the prompt's log-probabilities
+            return 0
         if room < 1:
             raise ApiError(400, f"the prompt has {prompt_tokens} tokens, which leaves no room in this server's context "
                                 f"of {self.engine.max_len} tokens", param, "context_length_exceeded")
         if requested is None:
             return min(default, room) if default else room
         if requested < 1:
-            raise ApiError(400, f"max_tokens must be at least 1, not {requested}", "max_tokens", "invalid_value")
+            why = "" if requested != 0 else " (0 only with echo, for the prompt's log-probabilities)"
+            raise ApiError(400, f"max_tokens must be at least 1{why}, not {requested}", "max_tokens", "invalid_value")
         if requested > room:
             raise ApiError(400, f"this server's context is {self.engine.max_len} tokens: the prompt takes "
                                 f"{prompt_tokens} and max_tokens asks for {requested}", "max_tokens",
@@ -196,25 +227,31 @@ class Service:
     def _generate(self, job: Job, emit: Callable[[str], None]) -> Outcome:
         """On the engine thread: route (unless forced), swap, pre-fill, decode; emit text as it becomes safe."""
         queue_ms = 1000 * (time.perf_counter() - job.queued_at)
+        if job.cancelled.is_set():
+            return Outcome(None, None, queue_ms)
+        choice = job.forced or self.policy.choose_one(job.route_text)
+        scores = self.engine.prompt_logprobs(job.ids, choice, job.logprobs or 0) if job.echo and job.logprobs is not None else None
+        if job.max_tokens == 0:  # the prompt's log-probabilities only
+            generation = Generation("", [], list(choice.omit), choice.index, Timings(route_ms=choice.ms), len(job.ids),
+                                    routed=choice.routed, logprobs=[])
+            return Outcome(generation, "length", queue_ms, scores)
         scanner = StopScanner(job.stops)
         result, finish = None, None
-        if not job.cancelled.is_set():
-            choice = job.forced or self.policy.choose_one(job.route_text)
-            for piece, result in self.engine.stream(job.ids, choice, job.max_tokens):
-                if job.cancelled.is_set():
-                    break
-                text, stopped = scanner.feed(piece)
-                if text:
-                    emit(text)
-                if stopped:
-                    finish = "stop"
-                    break
-            else:
-                rest = scanner.flush()
-                if rest:
-                    emit(rest)
-                finish = result.finish_reason
-        return Outcome(result, finish, queue_ms)
+        for piece, result in self.engine.stream(job.ids, choice, job.max_tokens, logprobs=job.logprobs):
+            if job.cancelled.is_set():
+                break
+            text, stopped = scanner.feed(piece)
+            if text:
+                emit(text)
+            if stopped:
+                finish = "stop"
+                break
+        else:
+            rest = scanner.flush()
+            if rest:
+                emit(rest)
+            finish = result.finish_reason
+        return Outcome(result, finish, queue_ms, scores)
 
     def _finished(self, job: Job, future: Future) -> None:
         with self._lock:
@@ -234,12 +271,30 @@ class Service:
 
     # -- describing -----------------------------------------------------------------------------------------------
 
+    def prompt_text(self, prompt: str | list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)
+
+    def _piece(self, token: int) -> str:
+        return self.engine.tokenizer.decode([token])
+
+    def logprobs(self, job: Job, outcome: Outcome, chat: bool) -> dict | None:
+        """The `logprobs` field of a choice, in the shape of its endpoint (None unless asked for)."""
+        if job.logprobs is None or outcome.generation is None:
+            return None
+        if chat:
+            return chat_logprobs(self._piece, outcome.generation)
+        return completion_logprobs(self._piece, job.ids if job.echo else None, outcome.prompt_scores, outcome.generation)
+
     def pudding_field(self, outcome: Outcome) -> dict:
         generation = outcome.generation
         t = generation.timings
         return {"set_index": generation.set_index, "omitted_blocks": generation.blocks, "routed": generation.routed,
                 "router_ms": round(t.route_ms, 3), "swap_ms": round(t.swap_ms, 3), "ttft_ms": round(t.ttft_ms, 3),
                 "queue_ms": round(outcome.queue_ms, 3), "tokens_per_second": round(t.tokens_per_second, 2)}
+
+    def count(self, what: str) -> None:
+        with self._lock:
+            self.counts[what] += 1
 
     def health(self) -> dict:
         with self._lock:

@@ -9,7 +9,8 @@ import uuid
 from typing import Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic_core import PydanticCustomError
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_STOP_STRINGS = 4
@@ -40,6 +41,8 @@ def validation_body(error: RequestValidationError) -> dict:
     if first["type"] == "json_invalid":
         reason = first.get("ctx", {}).get("error", "")
         return error_body(f"the request body is not valid JSON ({reason})", param=None, code="invalid_json")
+    if first["type"] == "invalid_text":  # says which field itself
+        return error_body(first["msg"], param=first["ctx"]["param"], code="invalid_text")
     param = _param_path(first["loc"], getattr(error, "body", None), first["type"] == "missing")
     where = f"'{param}'" if param else "the request body"
     return error_body(f"{where}: {first['msg'][0].lower()}{first['msg'][1:]}", param=param, code=first["type"])
@@ -78,6 +81,40 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+_SCALARS = (int, float, bool, type(None))
+
+
+def lone_surrogate(value, path: str = "") -> str | None:
+    """The path of the first string (key or value, at any depth) that is not valid text: JSON can escape half of a
+    UTF-16 surrogate pair, which Python keeps as a lone surrogate and no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "the request body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if type(item) in _SCALARS and type(key) is int:  # the bulk of a list of token ids
+            continue
+        # A key is named with its bad characters escaped: the error body must itself be valid text.
+        name = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else key
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{name}".lstrip(".")
+        found = lone_surrogate(key, where) if isinstance(key, str) else None
+        found = found or lone_surrogate(item, where)
+        if found:
+            return found
+    return None
+
+
+# Parameters OpenAI defines that this server does not honour, with the values that ask for nothing (accepted)
+UNSUPPORTED = {
+    "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+}
+
+
 class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # other OpenAI fields (top_p, seed, user, ...) are accepted and ignored
     model: StrictStr
@@ -90,9 +127,35 @@ class OpenAIRequest(BaseModel):
     n: StrictInt = Field(1, ge=1, le=1)
     pudding: PuddingOptions | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        where = lone_surrogate(data)
+        if where:
+            raise PydanticCustomError("invalid_text", "'{param}' is not valid text: it holds a lone UTF-16 surrogate "
+                                      "(\\ud800-\\udfff)", {"param": where})
+        return data
+
+    def refuse_unsupported(self) -> None:
+        """A parameter that would change the answer and is not implemented is refused, never silently ignored."""
+        for name, neutral in UNSUPPORTED.items():
+            value = (self.model_extra or {}).get(name)
+            if value not in neutral:
+                raise ApiError(400, f"'{name}' is not supported by this server (greedy decoding of plain text, one "
+                                    "completion per prompt)", name, "unsupported_parameter")
+
 
 class CompletionRequest(OpenAIRequest):
-    prompt: StrictStr | list[StrictStr]
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]  # text or token ids, one or several
+    echo: StrictBool = False  # the prompt comes back before the completion (with its log-probabilities)
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)  # log-probability of each token, and this many alternatives
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(x, int) for x in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)
 
 
 class TextPart(BaseModel):
@@ -111,6 +174,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -126,13 +191,14 @@ class Envelope:
         self.base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                      "model": model}
 
-    def full(self, text: str, finish: str | None) -> dict:
+    def full(self, choices: list[dict]) -> dict:
+        return {**self.base, "object": "chat.completion" if self.chat else "text_completion", "choices": choices}
+
+    def choice(self, index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self.base, "object": "chat.completion" if self.chat else "text_completion", "choices": [choice]}
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict:
         if self.chat:
@@ -143,11 +209,42 @@ class Envelope:
         return {**self.base, "object": self.chunk_object, "choices": [choice]}
 
 
-def usage(generation) -> dict:
-    """OpenAI's token counts of a finished generation (`engine.Generation`)."""
-    completion = len(generation.tokens)
-    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": generation.prompt_tokens + completion}
+def usage(generations) -> dict:
+    """OpenAI's token counts of finished generations (`engine.Generation`)."""
+    prompt = sum(g.prompt_tokens for g in generations)
+    completion = sum(len(g.tokens) for g in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_logprobs(piece, prompt_ids: list[int] | None, prompt_scores, generation) -> dict:
+    """The `logprobs` of a /v1/completions choice (OpenAI's legacy shape): the echoed prompt's tokens first (the
+    first has no log-probability), then the generated ones. `piece` turns a token id into its text."""
+    tokens, token_logprobs, top_logprobs = [], [], []
+    if prompt_ids is not None:
+        scores, tops = prompt_scores
+        for i, token in enumerate(prompt_ids):
+            tokens.append(piece(token))
+            token_logprobs.append(scores[i])
+            top_logprobs.append(None if i == 0 else {piece(t): lp for t, lp in tops[i].items()})
+    for token, (logprob, top) in zip(generation.tokens, generation.logprobs or []):
+        tokens.append(piece(token))
+        token_logprobs.append(logprob)
+        top_logprobs.append({piece(t): lp for t, lp in top.items()})
+    offsets, position = [], 0
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def chat_logprobs(piece, generation) -> dict:
+    """The `logprobs` of a /v1/chat/completions choice: per generated token, its log-probability and alternatives."""
+    def entry(token: int, logprob: float) -> dict:
+        text = piece(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+    return {"content": [{**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top.items()]}
+                        for token, (logprob, top) in zip(generation.tokens, generation.logprobs or [])]}
 
 
 def sse(payload: dict | str) -> str:

@@ -148,8 +148,9 @@ def read_rows(spec: dict, data_dir: Path) -> RawRows:
     for path in _resolve(data_dir, spec["file"]):
         try:
             rows, bad = _read_one(path, spec, data_dir)
-        except (UnicodeDecodeError, json.JSONDecodeError, csv.Error, zipfile.BadZipFile) as err:
-            raise PuddingError(f"cannot read {path}: {type(err).__name__}: {err}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, csv.Error, zipfile.BadZipFile, OSError, ValueError) as err:
+            # ValueError covers pyarrow's ArrowInvalid (a truncated or damaged Arrow stream)
+            raise PuddingError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
         for row in rows:
             row.setdefault("source_file", path.stem)
         out.rows.extend(rows)

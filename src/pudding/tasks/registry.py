@@ -7,6 +7,7 @@ one and the prompt a user would send (what the router sees). Perplexity tasks gi
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import yaml
 from ..errors import PuddingError
 from .readers import read_rows, source_files
 from .transforms import TRANSFORMS
+
+log = logging.getLogger("pudding")
 
 DATA_DIR_ENV = "PUDDING_DATA_DIR"
 
@@ -185,6 +188,8 @@ def _load_docs(name: str, split: str, data_dir: Path) -> DocSet:
             skipped += 1
     if not docs:
         raise PuddingError(f"task {name} split {split}: no usable documents in {', '.join(raw.sources)}")
+    if skipped:  # once per split (this function is cached): they are left out of every result
+        log.warning("%s: %d rows of its %s split could not be read and are left out", name, skipped, split)
     return DocSet(name, split, docs, skipped, raw.sources)
 
 
