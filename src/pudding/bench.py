@@ -57,14 +57,14 @@ def measure_bandwidth(device, gigabytes: float = 2.0) -> float:
 def weight_bytes_per_token(engine: Engine, kept: int) -> int:
     """Weights decode reads per generated token: the blocks that run, the final norm and the LM head."""
     size = engine.embed.element_size()
-    return kept * engine.layout.numel * size + engine.final_norm.numel() * size + engine.head.numel() * size
+    return kept * engine.layout.nbytes + engine.final_norm.numel() * size + engine.head.numel() * size
 
 
 def prefill_flops(engine: Engine, kept: int, prompt: int) -> float:
     """Matrix-multiply FLOPs of a pre-fill: every block that runs on every prompt token (attention included), and
     the LM head once (pre-fill computes only the last position's logits)."""
     s = engine.shape
-    block = 2 * engine.layout.numel  # one multiply-add per weight
+    block = 2 * engine.layout.params  # one multiply-add per weight
     attention = 2 * 2 * s.heads * s.head_dim * (prompt + 1) / 2  # QK^T and PV, causal: half the square on average
     return kept * prompt * (block + attention) + 2 * engine.head.numel()
 
@@ -304,6 +304,7 @@ class BenchSettings:
     repeats: int = 5
     max_len: int = 4096
     compile_mode: str | None = None  # torch.compile mode of the decode block step (None: inductor's default)
+    quantize: str | None = None  # weight-only quantization of the blocks (int8, int4)
 
 
 def _row(t: SetTimings) -> dict:
@@ -384,7 +385,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()  # the router, which lives beside the model
     results["router_gb"] = baseline / 1e9
-    engine = Engine.random(config, device, max_len=settings.max_len, compile_mode=settings.compile_mode)
+    engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, compile_mode=settings.compile_mode)
     started = time.perf_counter()
     dense_set = OmissionSet.dense(num_blocks)
     warm = engine.warm_up([dense_set, pruned_set] + [OmissionSet(s, num_blocks) for s in SWAP_SETS.values()])
@@ -413,7 +414,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     torch.cuda.empty_cache()
 
     kept = num_blocks - len(PAPER_SET)
-    engine = Engine.random(config, device, max_len=settings.max_len, budget=kept, compile_mode=settings.compile_mode)
+    engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, budget=kept, compile_mode=settings.compile_mode)
     engine.warm_up([pruned_set] + [OmissionSet(s, num_blocks) for s in SWAP_SETS.values()])
     budget_pruned = time_set(engine, pruned_set, "pruned (memory budget)", settings.prompt_lengths, settings.base_prompt,
                              settings.gen_lengths, settings.repeats)
@@ -445,7 +446,7 @@ def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print
 
     bundle = Bundle.open(bundle_dir)
     ref = bundle.model_ref()
-    engine = open_engine(ref, device, "auto", None, settings.max_len)
+    engine = open_engine(ref, device, "auto", None, settings.max_len, settings.quantize)
     sets = bundle.omission_sets()
     try:
         policy, timed = PolicySpec().build(ref.num_blocks, bundle, device), "the bundle's policy"
@@ -474,7 +475,8 @@ def markdown(report: dict) -> str:
     if shape:
         ar = shape["all_resident"]
         settings = shape["settings"]
-        lines += [f"## {shape['model']} (bf16, batch 1)", "",
+        weights = f"{settings['quantize']} weights, bf16 activations" if settings.get("quantize") else "bf16"
+        lines += [f"## {shape['model']} ({weights}, batch 1)", "",
                   f"HBM bandwidth measured in the same run: {shape['hbm_bandwidth_gb_s']:.0f} GB/s (copy, read + write). "
                   f"Router (batch 1, same device): {shape['router_ms']:.2f} ms. Warm-up (compile + graph capture): {shape['warm_up_s']:.1f} s.", ""]
         lines += _table(ar["dense"], ar["pruned"], shape["router_ms"], settings)
@@ -498,7 +500,8 @@ def markdown(report: dict) -> str:
                   f"memory budget ({mb['slots']} slots + 1 spare) {mb['memory']['peak_allocated_gb']:.2f} GB. "
                   f"Memory-budget pruned decode: {mb['pruned']['decode_tok_s']:.1f} tok/s.", ""]
     for bundle in report.get("bundles", []):
-        lines += [f"## {bundle['model']} with its bundle", "",
+        quantized = report["settings"].get("quantize")
+        lines += [f"## {bundle['model']} with its bundle{f' ({quantized} weights)' if quantized else ''}", "",
                   f"Router {bundle['router_ms']:.2f} ms; decode speedup {bundle['comparison']['decode_speedup']:.3f}x "
                   f"(ideal {bundle['comparison']['decode_ideal_speedup']:.3f}x).", ""]
         lines += _table(bundle["dense"], bundle["pruned"], bundle["router_ms"], report["settings"])

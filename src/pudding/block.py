@@ -16,6 +16,7 @@ import torch
 
 from .architectures import OPTIONAL_BLOCK, ARCHITECTURES, Architecture, architecture_for
 from .errors import PuddingError
+from .quantize import quantized_linear, quantized_shapes
 
 
 def engine_architecture(model_type: str) -> Architecture:
@@ -85,29 +86,59 @@ class Shape:
         return {name: s for name, s in shapes.items() if name in present}
 
 
-class BlockLayout:
-    """Offsets of a block's tensors inside one flat buffer, so host copies, slots and views share a layout."""
+MATRICES = ("qkv", "o", "gate_up", "down")  # the tensors weight-only quantization applies to
 
-    def __init__(self, shape: Shape, present: set[str]) -> None:
-        self.shapes = shape.tensor_shapes(present)
+
+class BlockLayout:
+    """Where each of a block's tensors sits in one flat byte buffer, so host copies, slots and views share a layout.
+
+    Tensors may differ in dtype (a quantized matrix's codes beside its scales); each starts on a 64-byte boundary."""
+
+    ALIGN = 64
+
+    def __init__(self, entries: dict[str, tuple[tuple[int, ...], torch.dtype]], params: int) -> None:
+        self.entries = entries
+        self.params = params  # weights of the block as the model defines it: multiply-adds per token
         self.offsets, total = {}, 0
-        for name, s in self.shapes.items():
+        for name, (s, dtype) in entries.items():
+            total = -(-total // self.ALIGN) * self.ALIGN
             self.offsets[name] = total
-            total += math.prod(s)
-        self.numel = total
+            total += math.prod(s) * dtype.itemsize
+        self.nbytes = -(-total // self.ALIGN) * self.ALIGN
+
+    @classmethod
+    def of(cls, shape: Shape, present: set[str], dtype: torch.dtype, quantize: str | None = None) -> BlockLayout:
+        """The layout of a block of this shape; with `quantize`, its four matrices as codes + scales."""
+        entries = {}
+        for name, s in shape.tensor_shapes(present).items():
+            if quantize and name in MATRICES:
+                entries[name], entries[name + "_scales"] = quantized_shapes(*s, quantize, dtype)
+            else:
+                entries[name] = (s, dtype)
+        return cls(entries, sum(math.prod(s) for s in shape.tensor_shapes(present).values()))
+
+    def empty(self, device, pin: bool = False) -> torch.Tensor:
+        return torch.empty(self.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: flat[o : o + math.prod(s)].view(s) for (n, s), o in zip(self.shapes.items(), self.offsets.values())}
+        out = {}
+        for name, (s, dtype) in self.entries.items():
+            start = self.offsets[name]
+            out[name] = flat[start : start + math.prod(s) * dtype.itemsize].view(dtype).view(s)
+        return out
 
 
 def block_tensors(block: torch.nn.Module, arch: Architecture) -> dict[str, torch.Tensor]:
-    """A transformers block's weights under the engine's names (QKV and gate/up concatenated)."""
-    params = dict(block.named_parameters())
+    """A transformers block's weights under the engine's names (QKV and gate/up concatenated). A block quantized by
+    `quantize.quantize_blocks` gives its matrices' codes under the same names and their scales as NAME_scales."""
+    params = {**dict(block.named_parameters()), **dict(block.named_buffers())}
     tensors = {}
     for name, sources in {**arch.block_weights, **OPTIONAL_BLOCK}.items():
-        if all(s in params for s in sources):
-            parts = [params[s].detach() for s in sources]
-            tensors[name] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        for suffix, key in (("", name), ("_codes", name), ("_scales", name + "_scales")):
+            parts = [params.get(s + suffix) for s in sources]
+            if all(p is not None for p in parts):
+                parts = [p.detach() for p in parts]
+                tensors[key] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
     return tensors
 
 
@@ -138,6 +169,13 @@ def _act(x: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.nn.functional.silu(x) if kind == "silu" else torch.nn.functional.gelu(x, approximate="tanh")
 
 
+def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+    scales = w.get(name + "_scales")
+    if scales is None:
+        return torch.nn.functional.linear(x, w[name], bias)
+    return quantized_linear(x, w[name], scales, bias)
+
+
 def block_step(
     x: torch.Tensor,  # (batch, tokens, hidden)
     w: dict[str, torch.Tensor],
@@ -153,7 +191,7 @@ def block_step(
 ) -> torch.Tensor:
     batch, tokens, _ = x.shape
     h = rms_norm(x, w["attn_norm"], shape.eps, arch.norm)
-    qkv = torch.nn.functional.linear(h, w["qkv"], w.get("qkv_bias"))
+    qkv = _linear(h, w, "qkv", w.get("qkv_bias"))
     q_size, kv_size = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     q = qkv[..., :q_size].view(batch, tokens, shape.heads, shape.head_dim).transpose(1, 2)
     k = qkv[..., q_size : q_size + kv_size].view(batch, tokens, shape.kv_heads, shape.head_dim).transpose(1, 2)
@@ -174,13 +212,13 @@ def block_step(
         scores = scores.view(batch, shape.kv_heads, groups, tokens, keys).masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype).view(batch, shape.kv_heads, groups * tokens, keys)
         attn = torch.matmul(probs, v_cache[:, :, :keys]).view(batch, shape.heads, tokens, shape.head_dim)
-    out = torch.nn.functional.linear(attn.transpose(1, 2).reshape(batch, tokens, q_size), w["o"])
+    out = _linear(attn.transpose(1, 2).reshape(batch, tokens, q_size), w, "o")
     if arch.sandwich:
         out = rms_norm(out, w["post_attn_norm"], shape.eps, arch.norm)
     x = x + out
     h = rms_norm(x, w["mlp_norm"], shape.eps, arch.norm)
-    gate, up = torch.nn.functional.linear(h, w["gate_up"]).chunk(2, dim=-1)
-    out = torch.nn.functional.linear(_act(gate, arch.activation) * up, w["down"])
+    gate, up = _linear(h, w, "gate_up").chunk(2, dim=-1)
+    out = _linear(_act(gate, arch.activation) * up, w, "down")
     if arch.sandwich:
         out = rms_norm(out, w["post_mlp_norm"], shape.eps, arch.norm)
     return x + out

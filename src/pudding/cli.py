@@ -38,6 +38,7 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registry name (see
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Task data folder (default: $PUDDING_DATA_DIR or ../shared/data).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu or cuda[:N] (default: cuda if available).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="Weight-only quantization of the blocks: int8 (a scale per output row) or int4 (a scale per 32 weights).")]
 RawRouterOpt = Annotated[bool, typer.Option("--router", help="With --bundle: route with the bundle's router itself instead of the policy it deploys (policy.json).")]
 BatchTokensOpt = Annotated[Optional[int], typer.Option("--batch-tokens", min=64, help="Tokens per forward pass (default: 2048 on CPU, 16384 on GPU).")]
 
@@ -128,11 +129,11 @@ def _print_results(document: dict) -> None:
     out.print(table)
 
 
-def _open_scorer(model, device: str | None, dtype: str, batch_tokens: int | None):
+def _open_scorer(model, device: str | None, dtype: str, batch_tokens: int | None, quantize: str | None = None):
     from .models import load_decoder
     from .scoring import Scorer
 
-    loaded = load_decoder(model, device, dtype)
+    loaded = load_decoder(model, device, dtype, quantize)
     return loaded, Scorer(loaded.decoder, loaded.tokenizer, max_batch_tokens=batch_tokens)
 
 
@@ -164,6 +165,7 @@ def eval_command(
     data_dir: DataDirOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     batch_tokens: BatchTokensOpt = None,
 ) -> None:
     """Zero-shot accuracy of the dense model, an omission set, a bundle's set or a baseline; table and JSON."""
@@ -171,9 +173,11 @@ def eval_command(
     from .evaluate import Timer, evaluate_tasks, results_document, write_results
     from .models import resolve_model
     from .policy import PolicySpec
+    from .quantize import check_scheme
     from .storage import check_output_file
     from .tasks import data_versions, parse_task_list, resolve_data_dir
 
+    check_scheme(quantize)
     spec = PolicySpec(omit=omit, set=set_index, method=method, search=search_file, per_prompt=per_prompt,
                       router="router" if raw_router else None)
     if raw_router and (bundle is None or spec.chosen()):
@@ -195,7 +199,7 @@ def eval_command(
     if dynamic and any(t.kind == "perplexity" for t in task_list):
         raise PuddingError("perplexity tasks (wikitext2) can only be evaluated under one fixed omission set")
     doc_sets = {t.name: t.docs(data_dir=data_path) for t in task_list if t.kind == "multiple_choice"}
-    loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
+    loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens, quantize)
     settings = {"limit": limit, "data_dir": str(data_path), "batch_tokens": scorer.max_batch_tokens, "command": " ".join(sys.argv)}
     if oracle:
         _evaluate_oracles(opened, scorer, loaded, task_list, doc_sets, limit, settings, output)
@@ -457,20 +461,23 @@ def route_command(
 
 
 def _engine_and_policy(bundle: Optional[Path], model: Optional[str], omit: Optional[str], device: Optional[str],
-                       dtype: str, budget: Optional[int], max_len: int, raw_router: bool = False):
+                       dtype: str, budget: Optional[int], max_len: int, raw_router: bool = False,
+                       quantize: Optional[str] = None):
     """An engine and the policy that chooses its blocks: a bundle's (routed), or --omit's (fixed; dense without it).
     Every set the policy can choose is compiled and captured ahead, so no prompt pays for it."""
     from .engine import open_engine
     from .models import check_device, default_device, resolve_model
     from .policy import PolicySpec
+    from .quantize import check_scheme
 
+    check_scheme(quantize)
     opened, ref = (_open_bundle_for(bundle, model) if bundle else (None, resolve_model(model or "smollm2-135m")))
     if raw_router and (opened is None or omit is not None):
         raise PuddingError("--router needs --bundle" if opened is None else "give only one of --router, --omit")
     spec = PolicySpec(omit=omit, router="router" if raw_router else None)
     spec.check(opened, ref.num_blocks)
     device = check_device(device or default_device())
-    engine = open_engine(ref, device, dtype, budget, max_len)
+    engine = open_engine(ref, device, dtype, budget, max_len, quantize)
     policy = spec.build(ref.num_blocks, opened, device)
     engine.warm_up(policy.sets_to_prepare())  # also checks that the sets fit the memory budget
     policy.warm_up()
@@ -490,12 +497,13 @@ def generate_command(
     max_len: Annotated[int, typer.Option("--max-len", min=16, help="Context the engine allocates (prompt + new tokens).")] = 2048,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Generate text: route once, make the chosen blocks resident, pre-fill and decode on the shorter stack."""
     _text_argument(prompt)
     if not prompt.strip():
         raise PuddingError("the prompt is empty")
-    engine, policy, _ = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router)
+    engine, policy, _ = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router, quantize)
     text = prompt
     if chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -527,6 +535,7 @@ def serve_command(
     max_len: Annotated[int, typer.Option("--max-len", min=16, help="Context the engine allocates (prompt + new tokens).")] = 2048,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, streaming): each request is routed once."""
     try:
@@ -537,7 +546,7 @@ def serve_command(
         raise PuddingError("--omit is for a model served without a router; with --bundle every request is routed "
                            "(a request can force a set with the `pudding` body field)")
     check_port(host, port)
-    engine, policy, ref = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router)
+    engine, policy, ref = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router, quantize)
     serve(engine, policy, ref.name, host, port, queue_size, max_body_mb)
 
 
@@ -549,6 +558,7 @@ def bench_command(
     router_encoder: Annotated[str, typer.Option("--router-encoder", help="Encoder of the router timed with the random-weight model.")] = "minilm-l6",
     repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
     compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs.")] = None,
+    quantize: QuantizeOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """The speed benchmark: TTFT, pre-fill + generation, routing, block swaps and memory, dense vs pruned."""
@@ -559,14 +569,16 @@ def bench_command(
     from .models import check_device, default_device
     from .omission import OmissionSet
     from .policy import RoutedPolicy
+    from .quantize import check_scheme
     from .router import LoadedRouter
     from .storage import atomic_write_json, atomic_write_text, check_output_file, environment
 
+    check_scheme(quantize)
     check_output_file(output)
     device = check_device(device or default_device())
     if not device.startswith("cuda") and shape:
         raise PuddingError("the random-weight 8B benchmark needs a GPU; use --shape '' with --bundle on CPU")
-    settings = BenchSettings(repeats=repeats, compile_mode=compile_mode)
+    settings = BenchSettings(repeats=repeats, compile_mode=compile_mode, quantize=quantize)
     report = {"command": " ".join(sys.argv), "device": __import__("torch").cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": environment(), "settings": settings.__dict__.copy()}
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

@@ -22,6 +22,7 @@ from .block import BlockLayout, Shape, block_step, block_tensors, engine_archite
 from .errors import PuddingError
 from .omission import OmissionSet
 from .policy import Choice
+from .quantize import scheme_of
 from .residency import ResidentBlocks, SlotPool
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # pre-fill lengths a graph is captured for
@@ -138,7 +139,8 @@ class Engine:
 
     @classmethod
     def from_model(cls, model, tokenizer=None, device: str | None = None, budget: int | None = None, **options) -> Engine:
-        """Build from a transformers causal LM; its block weights are copied into the engine's layout."""
+        """Build from a transformers causal LM; its block weights are copied into the engine's layout (quantized
+        blocks, see `quantize.quantize_blocks`, as their codes and scales)."""
         config = model.config
         shape = Shape.from_config(config)
         arch = engine_architecture(config.model_type)
@@ -146,12 +148,12 @@ class Engine:
         hf_blocks = getattr(stack, arch.blocks)
         device = torch.device(device or model.device)
         dtype = next(model.parameters()).dtype
-        present = set(block_tensors(hf_blocks[0], arch))
-        layout = BlockLayout(shape, present)
+        present = {name for name in block_tensors(hf_blocks[0], arch) if not name.endswith("_scales")}
+        layout = BlockLayout.of(shape, present, dtype, scheme_of(model))
 
         def flat(block, where, pin=False):
             tensors = block_tensors(block, arch)
-            out = torch.empty(layout.numel, dtype=dtype, device=where, pin_memory=pin)
+            out = layout.empty(where, pin)
             for name, view in layout.views(out).items():
                 view.copy_(tensors[name])
             return out
@@ -169,27 +171,33 @@ class Engine:
 
     @classmethod
     def random(cls, config, device: str = "cuda", dtype=torch.bfloat16, budget: int | None = None, seed: int = 0,
-               **options) -> Engine:
+               quantize: str | None = None, **options) -> Engine:
         """A model of this config with random weights: speed does not depend on weight values."""
         import transformers
 
         shape = Shape.from_config(config)
         arch = engine_architecture(config.model_type)
-        layout = BlockLayout(shape, random_block_tensors(arch, config))
+        layout = BlockLayout.of(shape, random_block_tensors(arch, config), dtype, quantize)
         generator = torch.Generator(device=device).manual_seed(seed)
         on_gpu = torch.device(device).type == "cuda"
 
         def filled(n):
             return torch.empty(n, dtype=dtype, device=device).normal_(0, 0.02, generator=generator)
 
-        def pinned(n):
-            host = torch.empty(n, dtype=dtype, pin_memory=on_gpu)
-            return host.copy_(filled(n))
+        def random_block(where, pin=False):
+            flat = layout.empty(where, pin)
+            for view in layout.views(flat).values():
+                if view.dtype.is_floating_point:
+                    view.copy_(filled(view.numel()).view(view.shape))
+                else:  # codes of a quantized matrix
+                    view.copy_(torch.randint(-127 if view.dtype == torch.int8 else 0, 128 if view.dtype == torch.int8 else 256,
+                                             view.shape, dtype=view.dtype, device=device, generator=generator))
+            return flat
 
         if budget is None:
-            residency = ResidentBlocks([filled(layout.numel) for _ in range(shape.num_blocks)], layout)
+            residency = ResidentBlocks([random_block(device) for _ in range(shape.num_blocks)], layout)
         else:
-            residency = SlotPool([pinned(layout.numel) for _ in range(shape.num_blocks)], layout, budget, device)
+            residency = SlotPool([random_block("cpu", on_gpu) for _ in range(shape.num_blocks)], layout, budget, device)
         with torch.device("meta"):
             skeleton = transformers.AutoModelForCausalLM.from_config(config)
         rotary_module = type(resolve(resolve(skeleton, arch.stack), arch.position_embedding))(config=config)
@@ -460,7 +468,7 @@ class Engine:
 
         blocks = sum(size(f) for f in (self.blocks.flats if self.blocks.mode == "all" else self.blocks.slots))
         return {"blocks": blocks, "embed_head_norm": size(self.embed) + size(self.head) + size(self.final_norm),
-                "kv_cache": sum(size(t) for t in self.k_cache + self.v_cache), "block_bytes": self.layout.numel * self.embed.element_size()}
+                "kv_cache": sum(size(t) for t in self.k_cache + self.v_cache), "block_bytes": self.layout.nbytes}
 
 
 def _top(logprobs: torch.Tensor, k: int) -> list[dict[int, float]]:
@@ -477,7 +485,7 @@ def _scored(logits: torch.Tensor, token: torch.Tensor, k: int) -> tuple[float, d
 
 
 def open_engine(ref, device: str | None = None, dtype: str = "auto", budget: int | None = None,
-                max_len: int = 2048) -> Engine:
+                max_len: int = 2048, quantize: str | None = None) -> Engine:
     """An engine for a resolved model (`models.ModelRef`): loaded, its blocks copied into the engine's layout (to
     pinned host memory with a memory budget), the transformers model then let go."""
     from .models import check_device, default_device, load_decoder
@@ -486,5 +494,5 @@ def open_engine(ref, device: str | None = None, dtype: str = "auto", budget: int
     if context and max_len > context:
         raise PuddingError(f"--max-len {max_len} is longer than {ref.name}'s context of {context} tokens")
     device = check_device(device or default_device())
-    loaded = load_decoder(ref, "cpu" if budget is not None else device, dtype)
+    loaded = load_decoder(ref, "cpu" if budget is not None else device, dtype, quantize)
     return Engine.from_model(loaded.model, loaded.tokenizer, device, budget=budget, max_len=max_len)

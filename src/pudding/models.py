@@ -421,6 +421,7 @@ class LoadedModel:
     model: object  # transformers causal LM
     tokenizer: object
     decoder: object  # PrunableDecoder over `model`
+    quantize: str | None = None  # weight-only quantization of the blocks (int8, int4), if any
 
     @property
     def name(self) -> str:
@@ -432,7 +433,8 @@ class LoadedModel:
 
     def info(self) -> dict:
         return {"name": self.name, "fingerprint": self.fingerprint, "num_blocks": self.decoder.num_blocks,
-                "directory": str(self.ref.directory), "device": str(self.decoder.device), "dtype": str(self.decoder.dtype)}
+                "directory": str(self.ref.directory), "device": str(self.decoder.device), "dtype": str(self.decoder.dtype),
+                **({"quantize": self.quantize} if self.quantize else {})}
 
 
 def default_device() -> str:
@@ -464,12 +466,17 @@ def check_device(device: str) -> str:
     return device
 
 
-def load_decoder(ref: ModelRef | str = DEFAULT_DECODER, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+def load_decoder(ref: ModelRef | str = DEFAULT_DECODER, device: str | None = None, dtype: str | None = None,
+                 quantize: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer; with `quantize` (int8, int4), its blocks' linear layers weight-only
+    quantized (`quantize.py`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from .decoder import PrunableDecoder
+    from .quantize import check_scheme, quantize_blocks
 
+    check_scheme(quantize)
     ref = resolve_model(ref) if isinstance(ref, str) else ref
     device = check_device(device or default_device())
     hf_logging.disable_progress_bar()
@@ -482,9 +489,11 @@ def load_decoder(ref: ModelRef | str = DEFAULT_DECODER, device: str | None = Non
         raise
     except Exception as err:  # a damaged or foreign directory: truncated weights, broken config, missing tokenizer
         raise PuddingError(f"could not load a causal LM from {ref.directory} ({type(err).__name__}: {_first_line(err)})") from None
-    model.to(device).eval()
     model.requires_grad_(False)
-    return LoadedModel(ref, model, tokenizer, PrunableDecoder(model))
+    if quantize:
+        quantize_blocks(model, quantize)  # on the host, before the move: the device never holds the full-size weights
+    model.to(device).eval()
+    return LoadedModel(ref, model, tokenizer, PrunableDecoder(model), quantize)
 
 
 def model_table() -> list[dict]:

@@ -40,7 +40,7 @@ class SlotPool:
     def __init__(self, host: list[torch.Tensor], layout: BlockLayout, slots: int, device) -> None:
         self.host = host
         self.layout = layout
-        self.slots = [torch.empty(layout.numel, dtype=host[0].dtype, device=device) for _ in range(slots + 1)]  # +1 spare
+        self.slots = [layout.empty(device) for _ in range(slots + 1)]  # +1 spare
         self.views = [layout.views(s) for s in self.slots]
         self.holds: list[int | None] = [None] * len(self.slots)
         self.device = torch.device(device)

@@ -113,16 +113,17 @@ def _cut_at_stop(text: str, until: Sequence[str]) -> str | None:
 @register_model("pudding")
 class PuddingLM(LM):
     def __init__(self, bundle=None, model=None, omit=None, set=None, device=None, dtype="auto", batch_tokens=None,
-                 batch_size=None, max_batch_size=None, **unknown) -> None:
+                 quantize=None, batch_size=None, max_batch_size=None, **unknown) -> None:
         super().__init__()
         from ..bundle import Bundle
         from ..models import load_decoder, resolve_model
         from ..policy import PolicySpec
+        from ..quantize import check_scheme
         from ..scoring import Scorer
 
         if unknown:
             raise PuddingError(f"unknown model_args {', '.join(sorted(unknown))} "
-                               "(pudding takes bundle, model, omit, set, device, dtype, batch_tokens)")
+                               "(pudding takes bundle, model, omit, set, device, dtype, batch_tokens, quantize)")
         spec = PolicySpec(omit=None if omit is None else _block_list(omit), set=set,
                           names={"omit": "omit=", "set": "set=", "bundle": "bundle=DIR"})
         spec.check_options(bool(bundle))  # the options alone, before anything is opened
@@ -131,13 +132,14 @@ class PuddingLM(LM):
         ref = opened.model_ref(model) if opened else resolve_model(model or "smollm2-135m")
         if batch_tokens is not None and (isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 64):
             raise PuddingError(f"batch_tokens must be an integer of at least 64, not {batch_tokens!r}")
+        check_scheme(None if quantize is None else str(quantize))
         spec.check(opened, ref.num_blocks)  # before the model loads
         self._device = _pick_device(str(device) if device else None)
         self.bundle = opened
         self.sets_used: Counter = Counter()  # omission set label -> documents run under it
         self._engine = None
         self.policy = spec.build(ref.num_blocks, opened, self._device)
-        self.loaded = load_decoder(ref, self._device, str(dtype))
+        self.loaded = load_decoder(ref, self._device, str(dtype), None if quantize is None else str(quantize))
         self.scorer = Scorer(self.loaded.decoder, self.loaded.tokenizer, max_batch_tokens=batch_tokens)
 
     def _assign(self, documents: Sequence[Document]) -> dict[OmissionSet, list[Document]]:

@@ -1,0 +1,118 @@
+"""Weight-only quantization of the transformer blocks (paper Table 14): int8 and int4 weights, bf16/fp32 activations.
+
+* int8: one scale per output row, codes in [-127, 127]; the product runs on the codes and the row scale is applied to
+  the output (the form gpt-fast uses: no dequantized copy of the matrix is needed).
+* int4: one scale per group of 32 inputs (as llama.cpp's Q4_0), codes in [-8, 7] stored two per byte; the matrix is
+  dequantized group by group before the product.
+
+Both are symmetric (no zero point) and computed from the model's own weights at load time, so there is no
+calibration data. The same `quantized_linear` serves the scorer (transformers modules, `QuantizedLinear`) and the
+engine (`block.block_step` reads codes and scales from the block's flat buffer), so a quantized evaluation and a
+quantized generation run the same arithmetic. Embeddings, norms and the output head stay in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .architectures import architecture_for, resolve
+from .errors import PuddingError
+
+SCHEMES = ("int8", "int4")
+INT4_GROUP = 32
+
+
+def check_scheme(scheme: str | None) -> str | None:
+    if scheme is not None and scheme not in SCHEMES:
+        raise PuddingError(f"unknown --quantize '{scheme}' (use {' or '.join(SCHEMES)})")
+    return scheme
+
+
+def quantized_shapes(out_features: int, in_features: int, scheme: str, dtype: torch.dtype) -> tuple[tuple, tuple]:
+    """((codes shape, codes dtype), (scales shape, scales dtype)) of an (out, in) matrix."""
+    if scheme == "int8":
+        return ((out_features, in_features), torch.int8), ((out_features,), dtype)
+    if in_features % INT4_GROUP:
+        raise PuddingError(f"int4 needs matrices whose input size is a multiple of {INT4_GROUP} (this one has {in_features})")
+    return ((out_features, in_features // 2), torch.uint8), ((out_features, in_features // INT4_GROUP), dtype)
+
+
+def quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of an (out, in) matrix; scales in the weight's dtype, codes computed against the rounded scales."""
+    quantized_shapes(*weight.shape, scheme, weight.dtype)  # checks int4's group size
+    w = weight.detach().float()
+    if scheme == "int8":
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(weight.dtype)
+        codes = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return codes, scales
+    out_features, in_features = w.shape
+    groups = w.view(out_features, in_features // INT4_GROUP, INT4_GROUP)
+    scales = (groups.abs().amax(dim=-1) / 7).clamp(min=1e-10).to(weight.dtype)
+    codes = torch.round(groups / scales.float()[..., None]).clamp(-8, 7).to(torch.int16).view(out_features, in_features)
+    nibbles = (codes + 8).to(torch.uint8)
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scales
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    low = (packed & 0x0F).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    return torch.stack((low, high), dim=-1).view(packed.shape[0], packed.shape[1] * 2)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) matrix the codes stand for, in `dtype`. The scheme is read from the codes' dtype."""
+    if codes.dtype == torch.int8:
+        return codes.to(dtype) * scales.to(dtype)[:, None]
+    values = _unpack_int4(codes)
+    out_features, in_features = values.shape
+    grouped = values.view(out_features, scales.shape[1], in_features // scales.shape[1]).to(dtype)
+    return (grouped * scales.to(dtype)[..., None]).view(out_features, in_features)
+
+
+def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) for a quantized W: int8 multiplies by the codes and scales the output rows, int4 dequantizes."""
+    if codes.dtype == torch.int8:
+        out = torch.nn.functional.linear(x, codes.to(x.dtype)) * scales.to(x.dtype)
+    else:
+        out = torch.nn.functional.linear(x, dequantize(codes, scales, x.dtype))
+    return out if bias is None else out + bias
+
+
+class QuantizedLinear(torch.nn.Module):
+    """A drop-in for `nn.Linear` holding codes and scales instead of the weight (buffers `weight_codes`, `weight_scales`)."""
+
+    def __init__(self, linear: torch.nn.Linear, scheme: str) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        codes, scales = quantize_weight(linear.weight, scheme)
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scales", scales)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(x, self.weight_codes, self.weight_scales, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
+
+
+def quantize_blocks(model: torch.nn.Module, scheme: str) -> int:
+    """Replace every linear layer inside the model's transformer blocks by a `QuantizedLinear`, in place.
+    Returns how many were replaced. Embeddings, the final norm and the head are left as they are."""
+    check_scheme(scheme)
+    arch = architecture_for(model.config.model_type)
+    blocks = getattr(resolve(model, arch.stack), arch.blocks)
+    replaced = 0
+    for block in blocks:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, QuantizedLinear(child, scheme))
+                    replaced += 1
+    return replaced
+
+
+def scheme_of(model: torch.nn.Module) -> str | None:
+    """The scheme a model's blocks were quantized with (None when they were not)."""
+    return next((m.scheme for m in model.modules() if isinstance(m, QuantizedLinear)), None)

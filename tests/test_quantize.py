@@ -1,0 +1,136 @@
+"""Weight-only quantization: codes within half a step of the weights, the quantized product equal to the product
+with the dequantized matrix, the engine equal to transformers running the same quantized modules, and the commands
+that take --quantize."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIGS, assert_clean_failure, build_tiny, cli, pudding
+from pudding.engine import Engine
+from pudding.errors import PuddingError
+from pudding.export import delete_blocks
+from pudding.quantize import (INT4_GROUP, QuantizedLinear, dequantize, quantize_blocks, quantize_weight,
+                              quantized_linear, scheme_of)
+
+
+def _weight(rows=48, cols=96, seed=0):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    w[3] *= 40  # rows (and groups) of very different size: each gets its own scale
+    w[5, :INT4_GROUP] = 0  # an all-zero group must not divide by zero
+    return w
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_dequantized_weights_are_within_half_a_step(scheme):
+    w = _weight()
+    codes, scales = quantize_weight(w, scheme)
+    error = (dequantize(codes, scales, torch.float32) - w).abs()
+    if scheme == "int8":
+        assert codes.dtype == torch.int8 and codes.shape == w.shape and scales.shape == (48,)
+        step = scales[:, None]
+    else:
+        assert codes.dtype == torch.uint8 and codes.shape == (48, 48) and scales.shape == (48, 96 // INT4_GROUP)
+        step = scales.repeat_interleave(INT4_GROUP, dim=1)
+    assert torch.all(error <= step / 2 + 1e-6)
+    assert torch.all(dequantize(codes, scales, torch.float32)[5, :INT4_GROUP] == 0)
+
+
+def test_int4_codes_use_the_full_range_and_keep_their_order():
+    w = torch.arange(-7, 9, dtype=torch.float32).repeat(2, 2)  # 32 columns: one group per row, largest magnitude 8
+    codes, scales = quantize_weight(w, "int4")
+    steps = torch.round(dequantize(codes, scales, torch.float32) / scales.repeat_interleave(INT4_GROUP, 1))
+    assert torch.equal(steps, torch.round(w / scales.repeat_interleave(INT4_GROUP, 1)))  # unpacked in packing order
+    assert steps.max() == 7 and steps.min() >= -8
+    assert torch.all(steps[:, 1:16] >= steps[:, :15])
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_product_equals_the_product_with_the_dequantized_matrix(scheme, dtype):
+    w, x = _weight().to(dtype), torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
+    bias = torch.randn(48, generator=torch.Generator().manual_seed(2)).to(dtype)
+    codes, scales = quantize_weight(w, scheme)
+    reference = torch.nn.functional.linear(x.float(), dequantize(codes, scales, torch.float32), bias.float())
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(quantized_linear(x, codes, scales, bias).float(), reference, rtol=tolerance, atol=tolerance * 10)
+
+
+def test_int4_refuses_matrices_that_do_not_split_into_groups():
+    with pytest.raises(PuddingError, match="multiple of 32"):
+        quantize_weight(torch.randn(8, 40), "int4")
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_every_linear_layer_of_the_blocks_is_replaced_and_nothing_else(family):
+    model = build_tiny(family)
+    head = model.get_output_embeddings().weight.clone()
+    replaced = quantize_blocks(model, "int8")
+    assert replaced == sum(isinstance(m, QuantizedLinear) for m in model.modules()) > 0
+    assert not any(type(m) is torch.nn.Linear for m in model.model.decoder.layers.modules()) if family == "opt" else \
+        not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
+    assert scheme_of(model) == "int8" and scheme_of(build_tiny(family)) is None
+    assert torch.equal(model.get_output_embeddings().weight, head)
+    model(torch.tensor([[3, 4, 5]]))  # transformers runs the quantized modules
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_quantized_engine_matches_transformers_with_the_quantized_modules(family, scheme):
+    model = build_tiny(family, init=0.2)
+    quantize_blocks(model, scheme)
+    engine = Engine.from_model(model, max_len=64)
+    prompt = torch.randint(3, 200, (11,), generator=torch.Generator().manual_seed(2)).tolist()
+    for blocks in [(), (1, 4)]:
+        omit = engine.omission(blocks)
+        ours = engine.generate(prompt, omit, max_new_tokens=8, stop_ids=[])
+        pruned = delete_blocks(model, omit)
+        reference = pruned.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert ours.tokens == reference[0, len(prompt):].tolist()
+        engine.use(omit)
+        expected = pruned(torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(engine.prefill(prompt).reshape(-1).float(), expected.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_blocks_take_a_quarter_of_the_bytes_and_swap_like_the_others():
+    model = build_tiny("llama", init=0.2)
+    full = Engine.from_model(model, max_len=64).layout.nbytes
+    quantize_blocks(model, "int8")
+    engine = Engine.from_model(model, max_len=64, budget=4)
+    assert engine.layout.nbytes < full / 3  # fp32 weights -> int8 codes + a scale per row
+    assert engine.layout.params * 4 == sum(p.numel() for p in build_tiny("llama").model.layers[0].parameters()) * 4
+    prompt = list(range(3, 12))
+    first = engine.generate(prompt, engine.omission((0, 3)), max_new_tokens=5, stop_ids=[])
+    second = engine.generate(prompt, engine.omission((1, 3)), max_new_tokens=5, stop_ids=[])
+    assert second.timings.swap["copied"] == 1
+    resident = Engine.from_model(model, max_len=64)
+    assert first.tokens == resident.generate(prompt, resident.omission((0, 3)), max_new_tokens=5, stop_ids=[]).tokens
+    assert second.tokens == resident.generate(prompt, resident.omission((1, 3)), max_new_tokens=5, stop_ids=[]).tokens
+
+
+def test_random_engine_builds_quantized_layouts():
+    model = build_tiny("llama")
+    for scheme, codes_dtype in (("int8", torch.int8), ("int4", torch.uint8)):
+        engine = Engine.random(model.config, "cpu", dtype=torch.float32, quantize=scheme, max_len=32)
+        views = engine.blocks.views[0]
+        assert views["qkv"].dtype == codes_dtype and views["qkv_scales"].dtype == torch.float32
+        assert len(engine.generate([3, 4, 5], engine.omission(()), max_new_tokens=3, stop_ids=[]).tokens) == 3
+
+
+def test_eval_and_generate_take_quantize(tmp_path):
+    out = tmp_path / "int8.json"
+    result = cli("eval", "--tasks", "piqa", "--limit", "12", "--quantize", "int8", "--omit", "3,7", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    assert document["model"]["quantize"] == "int8"
+    assert 0 <= document["tasks"]["piqa"]["metrics"]["acc"] <= 1
+    generated = cli("generate", "--quantize", "int4", "--omit", "3,7", "--max-new-tokens", "4", "The capital of France is")
+    assert generated.returncode == 0 and "omit 3,7" in generated.stderr, generated.stderr
+
+
+def test_unknown_scheme_is_one_line():
+    for command in (["eval", "--tasks", "piqa", "--limit", "1"], ["generate", "hello"], ["bench", "--output", "x.json", "--shape", ""]):
+        assert_clean_failure(pudding(*command, "--quantize", "int3"), "unknown --quantize 'int3' (use int8 or int4)")
