@@ -182,6 +182,7 @@ def _smollm2_gguf():
     return path
 
 
+@pytest.mark.slow
 def test_gguf_export_copies_the_kept_blocks_byte_for_byte(tmp_path, bundle):
     import numpy as np
 

@@ -53,6 +53,7 @@ def scorer(smollm2):
 unicode_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 
 
+@pytest.mark.slow
 @quick
 @given(pairs=st.lists(st.tuples(unicode_text, unicode_text.filter(lambda t: t.strip())), min_size=1, max_size=4),
        omit=st.sets(st.integers(0, NUM_BLOCKS - 1), max_size=6))

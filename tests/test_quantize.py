@@ -120,6 +120,7 @@ def test_random_engine_builds_quantized_layouts():
         assert len(engine.generate([3, 4, 5], engine.omission(()), max_new_tokens=3, stop_ids=[]).tokens) == 3
 
 
+@pytest.mark.slow
 def test_eval_and_generate_take_quantize(tmp_path):
     out = tmp_path / "int8.json"
     result = cli("eval", "--tasks", "piqa", "--limit", "12", "--quantize", "int8", "--omit", "3,7", "--output", str(out))
@@ -131,6 +132,24 @@ def test_eval_and_generate_take_quantize(tmp_path):
     assert generated.returncode == 0 and "omit 3,7" in generated.stderr, generated.stderr
 
 
+@pytest.mark.slow
 def test_unknown_scheme_is_one_line():
     for command in (["eval", "--tasks", "piqa", "--limit", "1"], ["generate", "hello"], ["bench", "--output", "x.json", "--shape", ""]):
         assert_clean_failure(pudding(*command, "--quantize", "int3"), "unknown --quantize 'int3' (use int8 or int4)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_compiled_quantized_block_step_equals_the_eager_one(scheme):
+    """What GPUs run (the block step compiled by inductor, bucketed pre-fill) computes what the eager step computes."""
+    model = build_tiny("qwen2", init=0.2)
+    quantize_blocks(model, scheme)
+    eager = Engine.from_model(model, max_len=64, compile=False, buckets=True)
+    compiled = Engine.from_model(model, max_len=64, compile=True, buckets=True)
+    ids = torch.randint(3, 200, (13,), generator=torch.Generator().manual_seed(5)).tolist()
+    for blocks in [(), (1, 4)]:
+        results = [e.generate(ids, e.omission(blocks), max_new_tokens=5, stop_ids=[]).tokens for e in (eager, compiled)]
+        assert results[0] == results[1]
+        for engine in (eager, compiled):
+            engine.use(engine.omission(blocks))
+        torch.testing.assert_close(compiled.prefill(ids).clone(), eager.prefill(ids).clone(), rtol=1e-4, atol=1e-4)

@@ -88,8 +88,8 @@ def scorer(smollm2):
     return Scorer(smollm2.decoder, smollm2.tokenizer, max_batch_tokens=1024)
 
 
-@pytest.mark.parametrize("method, task, loss", [("greedy", "piqa", "tl"), ("shortgpt", None, "tl"),
-                                                ("shortened-ppl", None, "tl")])
+@pytest.mark.parametrize("method, task, loss", [pytest.param("greedy", "piqa", "tl", marks=pytest.mark.slow), ("shortgpt", None, "tl"),
+                                                pytest.param("shortened-ppl", None, "tl", marks=pytest.mark.slow)])
 def test_a_search_for_more_blocks_holds_the_search_for_fewer(scorer, smollm2, method, task, loss):
     """The sweep searches once, at the largest k: the first k removals must be the k-block search itself."""
     from pudding.search import SearchSpec, run_search
