@@ -153,3 +153,13 @@ def test_compiled_quantized_block_step_equals_the_eager_one(scheme):
         for engine in (eager, compiled):
             engine.use(engine.omission(blocks))
         torch.testing.assert_close(compiled.prefill(ids).clone(), eager.prefill(ids).clone(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_lm_eval_model_takes_quantize():
+    from pudding.harness.model import PuddingLM
+
+    lm = PuddingLM(model="smollm2-135m", omit="3,7", device="cpu", quantize="int4")
+    assert scheme_of(lm.loaded.model) == "int4" and lm.loaded.info()["quantize"] == "int4"
+    with pytest.raises(PuddingError, match="unknown quantize= 'fp3'"):
+        PuddingLM(model="smollm2-135m", device="cpu", quantize="fp3")

@@ -22,9 +22,9 @@ SCHEMES = ("int8", "int4")
 INT4_GROUP = 32
 
 
-def check_scheme(scheme: str | None) -> str | None:
+def check_scheme(scheme: str | None, option: str = "--quantize") -> str | None:
     if scheme is not None and scheme not in SCHEMES:
-        raise PuddingError(f"unknown --quantize '{scheme}' (use {' or '.join(SCHEMES)})")
+        raise PuddingError(f"unknown {option} '{scheme}' (use {' or '.join(SCHEMES)})")
     return scheme
 
 

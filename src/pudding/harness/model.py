@@ -132,7 +132,7 @@ class PuddingLM(LM):
         ref = opened.model_ref(model) if opened else resolve_model(model or "smollm2-135m")
         if batch_tokens is not None and (isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 64):
             raise PuddingError(f"batch_tokens must be an integer of at least 64, not {batch_tokens!r}")
-        check_scheme(None if quantize is None else str(quantize))
+        check_scheme(None if quantize is None else str(quantize), "quantize=")
         spec.check(opened, ref.num_blocks)  # before the model loads
         self._device = _pick_device(str(device) if device else None)
         self.bundle = opened
