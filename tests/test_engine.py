@@ -101,11 +101,16 @@ def test_bucketed_prefill_equals_the_exact_length_prefill(family):
 
 
 @pytest.mark.slow
-def test_compiled_block_step_equals_the_eager_one():
-    """The compiled block (what GPUs run, fused by inductor) computes what the eager block computes."""
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+def test_compiled_block_step_equals_the_eager_one(scheme):
+    """The compiled block (what GPUs run, fused by inductor, bucketed pre-fill) computes what the eager block computes,
+    in bf16-style full weights and with int8 / int4 weight-only codes."""
     from conftest import build_tiny
+    from pudding.quantize import quantize_blocks
 
     model = build_tiny("qwen2", init=0.2)
+    if scheme:
+        quantize_blocks(model, scheme)
     eager = Engine.from_model(model, max_len=64, compile=False, buckets=True)
     compiled = Engine.from_model(model, max_len=64, compile=True, buckets=True)
     ids = torch.randint(3, 200, (13,), generator=torch.Generator().manual_seed(5)).tolist()

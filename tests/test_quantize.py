@@ -139,23 +139,6 @@ def test_unknown_scheme_is_one_line():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_compiled_quantized_block_step_equals_the_eager_one(scheme):
-    """What GPUs run (the block step compiled by inductor, bucketed pre-fill) computes what the eager step computes."""
-    model = build_tiny("qwen2", init=0.2)
-    quantize_blocks(model, scheme)
-    eager = Engine.from_model(model, max_len=64, compile=False, buckets=True)
-    compiled = Engine.from_model(model, max_len=64, compile=True, buckets=True)
-    ids = torch.randint(3, 200, (13,), generator=torch.Generator().manual_seed(5)).tolist()
-    for blocks in [(), (1, 4)]:
-        results = [e.generate(ids, e.omission(blocks), max_new_tokens=5, stop_ids=[]).tokens for e in (eager, compiled)]
-        assert results[0] == results[1]
-        for engine in (eager, compiled):
-            engine.use(engine.omission(blocks))
-        torch.testing.assert_close(compiled.prefill(ids).clone(), eager.prefill(ids).clone(), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.slow
 def test_the_lm_eval_model_takes_quantize():
     from pudding.harness.model import PuddingLM
 
@@ -163,3 +146,22 @@ def test_the_lm_eval_model_takes_quantize():
     assert scheme_of(lm.loaded.model) == "int4" and lm.loaded.info()["quantize"] == "int4"
     with pytest.raises(PuddingError, match="unknown quantize= 'fp3'"):
         PuddingLM(model="smollm2-135m", device="cpu", quantize="fp3")
+
+
+def test_bench_compares_block_weights_on_one_shape():
+    """`pudding bench --weights int8,int4`: bf16 and each scheme timed on the same shape, with the blocks' bytes."""
+    from transformers import LlamaConfig
+
+    from pudding.bench import benchmark_weights, markdown
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256)
+    compared = benchmark_weights(config, "cpu", ["int8", "int4"], repeats=1, prompt_lengths=(16, 32), log=lambda m: None)
+    rows = compared["weights"]
+    assert list(rows) == ["bf16", "int8", "int4"]
+    assert rows["int8"]["block_bytes"] < rows["bf16"]["block_bytes"] / 1.8
+    assert rows["int4"]["block_bytes"] < rows["int8"]["block_bytes"] / 1.6
+    assert all(r[name]["decode_tok_s"] > 0 and set(r[name]["ttft_ms"]) == {16, 32} for r in rows.values() for name in ("dense", "pruned"))
+    assert [g["figure"].split()[0] for g in compared["goals"]] == ["int8", "int4"]
+    table = markdown({"device": "cpu", "date": "today", "command": "pudding bench", "settings": {}, "weights": compared})
+    assert "| int4 |" in table and "int8 pruned decode, of bf16 pruned decode" in table

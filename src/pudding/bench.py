@@ -435,6 +435,56 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     return results
 
 
+WEIGHT_GOALS = {"int8": 1.7, "int4": 2.5}  # pruned decode, as a multiple of bf16 pruned decode (issue: quantized PuDDing)
+
+
+def benchmark_weights(config, device: str, schemes: Sequence[str], repeats: int, prompt_lengths=(128, 512),
+                      log=print) -> dict:
+    """The same shape with bf16 blocks and with each weight-only scheme (paper Table 14's speed side): decode and
+    pre-fill, dense and the paper-style pruned set, and the bytes the blocks take. One engine at a time."""
+    import gc
+
+    blocks = config.num_hidden_layers
+    sets = {"dense": OmissionSet.dense(blocks), "pruned": OmissionSet(tuple(b for b in PAPER_SET if b < blocks) or (1,), blocks)}
+    rows = {}
+    for scheme in ["bf16", *schemes]:
+        engine = Engine.random(config, device, quantize=None if scheme == "bf16" else scheme, max_len=1024)
+        engine.warm_up(list(sets.values()))
+        row = {"block_bytes": engine.layout.nbytes, "blocks_on_device_gb": engine.memory()["blocks"] / 1e9}
+        for name, omit in sets.items():
+            timed = time_set(engine, omit, name, prompt_lengths, prompt_lengths[0], (128, 256), repeats)
+            row[name] = {"decode_tok_s": round(timed.decode_tok_s, 2), "ttft_ms": timed.ttft_ms,
+                         "weight_bytes_per_token": weight_bytes_per_token(engine, timed.kept)}
+        rows[scheme] = row
+        log(f"{scheme} blocks: pruned decode {row['pruned']['decode_tok_s']:.1f} tok/s")
+        engine = None
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    base = rows["bf16"]["pruned"]["decode_tok_s"]
+    goals = [{"figure": f"{s} pruned decode, of bf16 pruned decode", "measured": rows[s]["pruned"]["decode_tok_s"] / base,
+              "target": f"≥ {WEIGHT_GOALS[s]}x", "met": rows[s]["pruned"]["decode_tok_s"] / base >= WEIGHT_GOALS[s]}
+             for s in rows if s in WEIGHT_GOALS]
+    return {"pruned": "omit " + sets['pruned'].label(), "weights": rows, "goals": goals}
+
+
+def _weights_lines(compared: dict) -> list[str]:
+    rows = compared["weights"]
+    base = rows["bf16"]["pruned"]["decode_tok_s"]
+    lengths = list(rows["bf16"]["pruned"]["ttft_ms"])
+    lines = ["## Weight-only quantized blocks (same shape, random weights)", "", f"Pruned = {compared['pruned']}.", "",
+             f"| weights | block | decode dense | decode pruned | pruned vs bf16 pruned | TTFT {' / '.join(map(str, lengths))}, "
+             "pruned | blocks on device |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        ttft = " / ".join(f"{v:.1f}" for v in r["pruned"]["ttft_ms"].values())
+        lines.append(f"| {name} | {r['block_bytes'] / 1e6:.1f} MB | {r['dense']['decode_tok_s']:.1f} tok/s | "
+                     f"{r['pruned']['decode_tok_s']:.1f} tok/s | {r['pruned']['decode_tok_s'] / base:.2f}x | {ttft} ms | "
+                     f"{r['blocks_on_device_gb']:.2f} GB |")
+    lines += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
+    lines += [f"| {g['figure']} | {g['measured']:.2f}x | {g['target']} | {_yes(g['met'])} |" for g in compared["goals"]]
+    return lines + [""]
+
+
 def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print) -> dict:
     """A real packaged model with a bundle's candidate sets: dense against the first set, with the time the bundle's
     policy takes to choose (a bundle whose router weights were not kept, like those under results/, is timed with an
@@ -499,6 +549,8 @@ def markdown(report: dict) -> str:
         lines += ["", f"Peak GPU memory during pre-fill 512 + 512 tokens: all resident {mem['dense']['peak_allocated_gb']:.2f} GB; "
                   f"memory budget ({mb['slots']} slots + 1 spare) {mb['memory']['peak_allocated_gb']:.2f} GB. "
                   f"Memory-budget pruned decode: {mb['pruned']['decode_tok_s']:.1f} tok/s.", ""]
+    if report.get("weights"):
+        lines += _weights_lines(report["weights"])
     for bundle in report.get("bundles", []):
         quantized = report["settings"].get("quantize")
         lines += [f"## {bundle['model']} with its bundle{f' ({quantized} weights)' if quantized else ''}", "",

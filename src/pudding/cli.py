@@ -559,13 +559,14 @@ def bench_command(
     repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
     compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs.")] = None,
     quantize: QuantizeOpt = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Only compare bf16 blocks with these weight-only schemes on the shape (e.g. int8,int4): decode, pre-fill, memory.")] = None,
     device: DeviceOpt = None,
 ) -> None:
     """The speed benchmark: TTFT, pre-fill + generation, routing, block swaps and memory, dense vs pruned."""
     import platform
     from datetime import datetime, timezone
 
-    from .bench import LLAMA_31_8B, BenchSettings, benchmark_bundle, benchmark_shape, markdown, shape_goals
+    from .bench import LLAMA_31_8B, BenchSettings, benchmark_bundle, benchmark_shape, benchmark_weights, markdown, shape_goals
     from .models import check_device, default_device
     from .omission import OmissionSet
     from .policy import RoutedPolicy
@@ -574,6 +575,7 @@ def bench_command(
     from .storage import atomic_write_json, atomic_write_text, check_output_file, environment
 
     check_scheme(quantize)
+    schemes = [check_scheme(s.strip(), "--weights scheme") for s in weights.split(",")] if weights else []
     check_output_file(output)
     device = check_device(device or default_device())
     if not device.startswith("cuda") and shape:
@@ -591,10 +593,15 @@ def bench_command(
         config._name = "LLaMA-3.1-8B"
         from .bench import PAPER_SET
 
-        router = LoadedRouter.untrained(router_encoder, [OmissionSet(PAPER_SET, config.num_hidden_layers)] * 10, device)
-        report["shape"] = benchmark_shape(config, device, settings, RoutedPolicy(router), log)
+        if schemes:
+            report["weights"] = benchmark_weights(config, device, schemes, repeats, log=log)
+        else:
+            router = LoadedRouter.untrained(router_encoder, [OmissionSet(PAPER_SET, config.num_hidden_layers)] * 10, device)
+            report["shape"] = benchmark_shape(config, device, settings, RoutedPolicy(router), log)
     report["bundles"] = [benchmark_bundle(b, device, settings, log) for b in (bundle or [])]
-    if shape:
+    if shape and schemes:
+        report["goals"] = report["weights"]["goals"]
+    elif shape:
         report["goals"] = [{k: g[k] for k in ("figure", "measured", "target", "met")} for g in shape_goals(report["shape"])]
     atomic_write_json(output, report)
     table = markdown(report)

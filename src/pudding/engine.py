@@ -22,7 +22,7 @@ from .block import BlockLayout, Shape, block_step, block_tensors, engine_archite
 from .errors import PuddingError
 from .omission import OmissionSet
 from .policy import Choice
-from .quantize import scheme_of
+from .quantize import random_codes, scheme_of
 from .residency import ResidentBlocks, SlotPool
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # pre-fill lengths a graph is captured for
@@ -189,9 +189,8 @@ class Engine:
             for view in layout.views(flat).values():
                 if view.dtype.is_floating_point:
                     view.copy_(filled(view.numel()).view(view.shape))
-                else:  # codes of a quantized matrix
-                    view.copy_(torch.randint(-127 if view.dtype == torch.int8 else 0, 128 if view.dtype == torch.int8 else 256,
-                                             view.shape, dtype=view.dtype, device=device, generator=generator))
+                else:
+                    view.copy_(random_codes(view.shape, view.dtype, generator, device))
             return flat
 
         if budget is None:

@@ -53,6 +53,12 @@ def quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, to
     return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scales
 
 
+def random_codes(shape, dtype: torch.dtype, generator: torch.Generator, device) -> torch.Tensor:
+    """Codes of a random quantized matrix (speed benchmarks): int8 codes in [-127, 127], packed int4 bytes in [0, 255]."""
+    low, high = (-127, 128) if dtype == torch.int8 else (0, 256)
+    return torch.randint(low, high, shape, dtype=dtype, device=device, generator=generator)
+
+
 def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     low = (packed & 0x0F).to(torch.int8) - 8
     high = (packed >> 4).to(torch.int8) - 8
