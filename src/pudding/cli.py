@@ -160,6 +160,7 @@ def eval_command(
     oracle: Annotated[bool, typer.Option("--oracle", help="With --bundle: the per-question best set in the pool (an upper bound), and the lowest-tl pick.")] = False,
     per_prompt: Annotated[bool, typer.Option("--sleb-per-prompt", help="SLEB per prompt: a perplexity search on each question's own prompt (slow).")] = False,
     raw_router: RawRouterOpt = False,
+    lora: Annotated[bool, typer.Option("--lora", help="With --bundle: score each set with its LoRA adapter (`pudding lora`).")] = False,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N documents of each task.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.")] = None,
     data_dir: DataDirOpt = None,
@@ -182,6 +183,8 @@ def eval_command(
                       router="router" if raw_router else None)
     if raw_router and (bundle is None or spec.chosen()):
         raise PuddingError("--router needs --bundle" if bundle is None else f"give only one of --router, {', '.join(spec.chosen())}")
+    if lora and bundle is None:
+        raise PuddingError("--lora needs --bundle (the adapters live in it)")
     if oracle and (spec.chosen() or bundle is None):
         raise PuddingError("--oracle needs --bundle" if bundle is None else f"give only one of --oracle, {', '.join(spec.chosen())}")
     check_output_file(output)
@@ -201,10 +204,21 @@ def eval_command(
     doc_sets = {t.name: t.docs(data_dir=data_path) for t in task_list if t.kind == "multiple_choice"}
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens, quantize)
     settings = {"limit": limit, "data_dir": str(data_path), "batch_tokens": scorer.max_batch_tokens, "command": " ".join(sys.argv)}
+    if lora:
+        from .lora import AdapterStore
+
+        scorer.adapters = AdapterStore(opened.path, loaded.model)
+        settings["lora"] = True
+        if oracle:  # refuse before hours of scoring, not at the first set without an adapter
+            for omit in opened.omission_sets():
+                scorer.adapters.get(omit)
     if oracle:
         _evaluate_oracles(opened, scorer, loaded, task_list, doc_sets, limit, settings, output)
         return
     policy = spec.build(ref.num_blocks, opened, str(loaded.decoder.device), scorer, loaded.info(), data_path)
+    if lora:
+        for omit in [policy.fixed] if policy.fixed is not None else opened.omission_sets():
+            scorer.adapters.get(omit)
     with Timer() as timer:
         results = evaluate_tasks(scorer, task_list, doc_sets, policy, limit, data_path)
     document = results_document(loaded.info(), policy.describe(), results, settings, timer.seconds)
@@ -423,6 +437,43 @@ def train_router_command(
     device = check_device(device or default_device())
     target = train_bundle_router(opened, table, settings, device, log_line, "router" if objective == "mse" else objective)
     out.print(f"router → {target} (training curve: {target / 'training.png'})")
+
+
+@app.command("lora")
+def lora_command(
+    bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle whose sets get an adapter each.")],
+    sets: Annotated[str, typer.Option("--sets", help="Comma-separated: candidates (the pool), sleb, shortened-ppl, shortgpt (baselines the bundle holds).")] = "candidates",
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Tasks whose train splits are training data (default: the calibration tasks).")] = None,
+    per_task: Annotated[Optional[int], typer.Option("--per-task", min=1, help="Training questions per task (default: all).")] = None,
+    text_windows: Annotated[int, typer.Option("--text-windows", min=0, help="WikiText-2 train windows added to the data.")] = 1000,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Examples per optimiser step.")] = 64,
+    micro_batch: Annotated[int, typer.Option("--micro-batch", min=1, help="Examples per forward pass.")] = 4,
+    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Tokens per example.")] = 256,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-4,
+    rank: Annotated[int, typer.Option("--rank", min=1)] = 8,
+    alpha: Annotated[int, typer.Option("--alpha", min=1)] = 16,
+    seed: SeedOpt = 0,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Train a LoRA adapter per omission set (paper Table 4), saved in the bundle in peft's format; resumable."""
+    from .bundle import Bundle
+    from .lora import LoraRecipe, bundle_sets, train_bundle_adapters
+    from .models import load_decoder
+    from .tasks import CALIBRATION_TASKS, parse_task_list, resolve_data_dir
+
+    opened = Bundle.open(bundle)
+    chosen = bundle_sets(opened, [g.strip() for g in sets.split(",") if g.strip()])
+    task_names = [t.name for t in parse_task_list(tasks)] if tasks else list(CALIBRATION_TASKS)
+    recipe = LoraRecipe(rank=rank, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch,
+                        max_length=max_length, per_task=per_task, text_windows=text_windows, seed=seed)
+    recipe.validate()
+    data_path = resolve_data_dir(data_dir)
+    loaded = load_decoder(opened.model_ref(), device, dtype)
+    made = train_bundle_adapters(opened, loaded, chosen, recipe, task_names, data_path, log_line)
+    out.print(f"{len(made)} sets with adapters in {opened.path / 'adapters'}")
 
 
 @app.command("route")

@@ -16,6 +16,8 @@ On top of it: task likelihood (tl, eq. 9), its difference form (tld, eq. 10), pe
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -234,6 +236,11 @@ class Scorer:
         window = getattr(decoder.config, "max_position_embeddings", None) or 4096
         self.max_length = max_length or min(window, 4096)
         self.max_logit_rows = 4096  # scored positions per vocabulary projection, bounds the logits' memory
+        self.adapters = None  # a bundle's LoRA adapters (`lora.AdapterStore`): each set is scored with its own
+
+    def adapted(self, omit: OmissionSet):
+        """While scoring under `omit`: its LoRA adapter applied, if the scorer has adapters."""
+        return contextlib.nullcontext() if self.adapters is None else self.adapters.applied(self.decoder.blocks, omit)
 
     def prepare(self, groups: Sequence[Sequence[Request]]) -> Prepared:
         """Pack groups of requests that share a context (e.g. the answers of one question)."""
@@ -283,11 +290,12 @@ class Scorer:
     def score(self, prepared: Prepared, omit: OmissionSet, progress=None) -> Scores:
         kept = omit.kept()
         totals = Accumulator(prepared.num_requests, self.decoder.device)
-        for batch in prepared.batches:
-            hidden = self.run(batch, self.embed(batch), kept)
-            totals.add(batch, *self.read_out(batch, hidden))
-            if progress is not None:
-                progress(batch.num_tokens)
+        with self.adapted(omit):
+            for batch in prepared.batches:
+                hidden = self.run(batch, self.embed(batch), kept)
+                totals.add(batch, *self.read_out(batch, hidden))
+                if progress is not None:
+                    progress(batch.num_tokens)
         return totals.result()
 
     @torch.inference_mode()
@@ -297,6 +305,11 @@ class Scorer:
         The sets form a prefix tree over the blocks: wherever sets agree about a block (kept or skipped) they share
         its computation, and they fork only where they differ. Identical sets cost nothing extra.
         """
+        if self.adapters is not None:  # each set adapts the blocks differently: nothing is shared
+            scores = [self.score(prepared, omit) for omit in sets]
+            if progress is not None:
+                progress(prepared.num_tokens)
+            return scores
         keep = [[b not in omit for b in range(self.decoder.num_blocks)] for omit in sets]
         totals = [Accumulator(prepared.num_requests, self.decoder.device) for _ in sets]
         for batch in prepared.batches:

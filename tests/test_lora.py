@@ -1,0 +1,132 @@
+"""LoRA per omission set: an adapter applied by pudding (unmerged, on the full model under its set) computes what peft's
+own forward of the pruned model computes; merged weights compute the same; training lowers the loss, is saved in the
+bundle in peft's format, and eval --lora scores each set with its adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS, assert_clean_failure, build_tiny, cli, pudding
+
+from pudding.bundle import Bundle, CandidateSet
+from pudding.decoder import PrunableDecoder
+from pudding.errors import PuddingError
+from pudding.export import delete_blocks
+from pudding.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, AdapterStore, LoraRecipe, applied, merge_adapter,
+                          peft_config, save_adapter, target_modules)
+from pudding.omission import OmissionSet
+
+OMIT = (1, 4)
+
+
+def random_adapter(model, omit, directory, rank: int = 4, seed: int = 0):
+    """A peft adapter of the pruned model with nonzero A and B (peft starts B at zero), saved as pudding saves one."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(delete_blocks(model, omit), peft_config(model, LoraRecipe(rank=rank, alpha=2 * rank, dropout=0.0)))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    peft_model.eval()
+    save_adapter(directory, peft_model, {"set": list(omit)})
+    return peft_model
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_adapter_applied_equals_peft_forward(family, tmp_path):
+    model = build_tiny(family, init=0.2)
+    omit = OmissionSet(OMIT, 6)
+    peft_model = random_adapter(model, omit, tmp_path / "a")
+    assert (tmp_path / "a" / ADAPTER_WEIGHTS).is_file() and (tmp_path / "a" / ADAPTER_CONFIG).is_file()
+    ids = torch.randint(3, 250, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = peft_model(input_ids=ids).logits.float()
+    decoder = PrunableDecoder(model)
+    adapter = Adapter.load(tmp_path / "a", model)
+    assert sorted(adapter.weights) == omit.kept()
+    plain = decoder.full_logits(ids, omit)
+    with applied(decoder.blocks, adapter):
+        adapted = decoder.full_logits(ids, omit)
+    torch.testing.assert_close(adapted, reference, rtol=1e-4, atol=1e-4)
+    assert (adapted - plain).abs().max() > 1e-2, "the adapter must change the logits"
+    torch.testing.assert_close(decoder.full_logits(ids, omit), plain)  # hooks removed on leaving
+    merged = delete_blocks(model, omit)
+    merge_adapter(merged, adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits.float(), reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decoder.full_logits(ids, omit), plain)  # merging left the source model alone
+
+
+def test_peft_loads_the_saved_adapter_on_the_exported_model(tmp_path):
+    from peft import PeftModel
+
+    model = build_tiny("llama", init=0.2)
+    omit = OmissionSet(OMIT, 6)
+    peft_model = random_adapter(model, omit, tmp_path / "a")
+    reloaded = PeftModel.from_pretrained(delete_blocks(model, omit), str(tmp_path / "a")).eval()
+    ids = torch.randint(3, 250, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+
+
+def test_targets_are_every_linear_layer_of_a_block():
+    assert target_modules(build_tiny("llama")) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_recipe_rejects_bad_settings():
+    for bad in (dict(rank=0), dict(dropout=1.0), dict(lr=0.0), dict(micro_batch=0)):
+        with pytest.raises(PuddingError, match="LoRA"):
+            LoraRecipe(**bad).validate()
+
+
+def _bundle(path, smollm2, sets):
+    bundle = Bundle.create_or_open(path, smollm2.info(), len(sets[0]), {})
+    bundle.write_candidates([CandidateSet(s, [{"task": "hand-picked"}]) for s in sets], {})
+    return bundle
+
+
+@pytest.mark.slow
+def test_lora_trains_per_set_and_eval_applies_it(smollm2, tmp_path):
+    """`pudding lora` on two sets of the real model: loss falls, adapters land checksummed in the bundle, and
+    `eval --lora` scores a set with its adapter (its accuracy differs from the set's without one on some documents)."""
+    sets = [[3, 9, 11, 17], [4, 14, 18, 24]]
+    bundle = _bundle(tmp_path / "b", smollm2, sets)
+    small = ["--per-task", "6", "--text-windows", "6", "--batch-size", "4", "--micro-batch", "4", "--max-length", "48",
+             "--epochs", "2", "--lr", "1e-3"]
+    result = cli("lora", "--bundle", str(bundle.path), *small)
+    assert result.returncode == 0, result.stderr
+    store = AdapterStore(bundle.path, smollm2.model)
+    for blocks in sets:
+        omit = OmissionSet(blocks, 30)
+        info = json.loads((store.directory(omit) / "pudding.json").read_text())
+        losses = info["history"]["epochs"]
+        assert len(losses) == 2 and losses[1]["train_loss"] < losses[0]["train_loss"]
+        assert info["data"]["per_source"] == {t: 6 for t in ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"]} | {"wikitext2": 6}
+        assert store.get(omit).omit == omit
+    Bundle.open(bundle.path).verify()
+    checksummed = json.loads((bundle.path / "checksums.json").read_text())["files"]
+    assert any(name.startswith("adapters/omit-3-9-11-17/") and name.endswith(ADAPTER_WEIGHTS) for name in checksummed)
+    again = cli("lora", "--bundle", str(bundle.path), *small)  # nothing left to train
+    assert again.returncode == 0 and "LoRA training data" not in again.stderr
+
+    documents = {}
+    for flag in ([], ["--lora"]):
+        out = tmp_path / f"eval{len(flag)}.json"
+        ran = cli("eval", "--bundle", str(bundle.path), "--set", "0", "--tasks", "arc_easy", "--limit", "40", *flag, "--output", str(out))
+        assert ran.returncode == 0, ran.stderr
+        documents[bool(flag)] = json.loads(out.read_text())
+    assert documents[True]["settings"]["lora"] is True
+    assert documents[True]["tasks"]["arc_easy"]["per_doc"] != documents[False]["tasks"]["arc_easy"]["per_doc"]
+
+
+def test_eval_lora_refuses_a_bundle_without_adapters(smollm2, tmp_path):
+    bundle = _bundle(tmp_path / "b", smollm2, [[3, 9, 11, 17]])
+    assert_clean_failure(pudding("eval", "--bundle", str(bundle.path), "--set", "0", "--tasks", "piqa", "--limit", "2", "--lora"),
+                         "has no LoRA adapter for the set omitting 3,9,11,17")
+    assert_clean_failure(pudding("eval", "--tasks", "piqa", "--limit", "2", "--lora"), "--lora needs --bundle")
+    assert_clean_failure(pudding("lora", "--bundle", str(bundle.path), "--sets", "sleb"), "has no sleb set yet")
+    assert_clean_failure(pudding("lora", "--bundle", str(bundle.path), "--sets", "magic"), "unknown set group 'magic'")
