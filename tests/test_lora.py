@@ -122,6 +122,22 @@ def test_lora_trains_per_set_and_eval_applies_it(smollm2, tmp_path):
     assert documents[True]["settings"]["lora"] is True
     assert documents[True]["tasks"]["arc_easy"]["per_doc"] != documents[False]["tasks"]["arc_easy"]["per_doc"]
 
+    # the lm-eval model scores with the same adapter (its loglikelihoods = pudding's scorer with the adapter applied),
+    # and generation (the engine, unmerged update) runs the set's adapter too
+    from pudding.harness.model import PuddingLM
+
+    lm = PuddingLM(bundle=str(bundle.path), set=0, device="cpu", lora="true")
+    assert lm.get_model_info()["pudding"]["lora"] is True
+    omit = OmissionSet(sets[0], 30)
+    pairs = [("Question: What is the capital of France?\nAnswer:", " Paris")]
+    with_adapter = lm.scorer.loglikelihoods(lm.scorer.encoder.groups([pairs]), omit).logprob
+    lm.scorer.adapters = None
+    without = lm.scorer.loglikelihoods(lm.scorer.encoder.groups([pairs]), omit).logprob
+    assert abs(float(with_adapter[0]) - float(without[0])) > 1e-4
+    generated = cli("generate", "--bundle", str(bundle.path), "--omit", "3,9,11,17", "--lora", "--max-new-tokens", "4",
+                    "The capital of France is")
+    assert generated.returncode == 0 and "omit 3,9,11,17" in generated.stderr, generated.stderr
+
 
 def test_eval_lora_refuses_a_bundle_without_adapters(smollm2, tmp_path):
     bundle = _bundle(tmp_path / "b", smollm2, [[3, 9, 11, 17]])
@@ -130,3 +146,46 @@ def test_eval_lora_refuses_a_bundle_without_adapters(smollm2, tmp_path):
     assert_clean_failure(pudding("eval", "--tasks", "piqa", "--limit", "2", "--lora"), "--lora needs --bundle")
     assert_clean_failure(pudding("lora", "--bundle", str(bundle.path), "--sets", "sleb"), "has no sleb set yet")
     assert_clean_failure(pudding("lora", "--bundle", str(bundle.path), "--sets", "magic"), "unknown set group 'magic'")
+
+
+ENGINE_FAMILIES = ["gemma3", "llama", "phi3", "qwen2"]
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+@pytest.mark.parametrize("budget", [None, 5])
+def test_engine_runs_each_set_with_its_adapter(family, budget, tmp_path):
+    """The engine's unmerged update (fused QKV and gate/up) = the scorer's hooks on the full model, for two sets that
+    share blocks, switched back and forth (with a memory budget, the blocks swap and their updates follow the set)."""
+    from pudding.engine import Engine
+
+    model = build_tiny(family, init=0.2)
+    sets = [OmissionSet((1, 4), 6), OmissionSet((0, 4), 6)]
+    adapters = {}
+    for i, omit in enumerate(sets):
+        random_adapter(model, omit, tmp_path / str(i), seed=i)
+        adapters[omit] = Adapter.load(tmp_path / str(i), model)
+    engine = Engine.from_model(model, max_len=64, budget=budget, lora_rank=4)
+    engine.set_adapters(adapters)
+    decoder = PrunableDecoder(model)
+    ids = torch.randint(3, 250, (13,), generator=torch.Generator().manual_seed(3)).tolist()
+    for omit in [sets[0], sets[1], OmissionSet((1, 2), 6), sets[0]]:  # the third has no adapter: zero update
+        engine.use(omit)
+        got = engine.prefill(ids).clone().reshape(-1)
+        with applied(decoder.blocks, adapters.get(omit)):
+            want = decoder.full_logits(torch.tensor([ids]), omit)[0, -1].reshape(-1)
+            tokens = decoder.generate_greedy(ids, omit, max_new_tokens=5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert engine.generate(ids, omit, max_new_tokens=5, stop_ids=[]).tokens == tokens
+
+
+def test_engine_refuses_an_adapter_of_another_rank(tmp_path):
+    from pudding.engine import Engine
+
+    model = build_tiny("llama")
+    omit = OmissionSet(OMIT, 6)
+    random_adapter(model, omit, tmp_path / "a", rank=4)
+    engine = Engine.from_model(model, max_len=32, lora_rank=2)
+    with pytest.raises(PuddingError, match="has rank 4, the engine 2"):
+        engine.set_adapters({omit: Adapter.load(tmp_path / "a", model)})
+    with pytest.raises(PuddingError, match="built without LoRA slots"):
+        Engine.from_model(model, max_len=32).set_adapters({})

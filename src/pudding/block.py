@@ -128,6 +128,33 @@ class BlockLayout:
         return out
 
 
+def lora_layout(shape: Shape, present: set[str], dtype: torch.dtype, rank: int) -> BlockLayout:
+    """Where a block's unmerged LoRA update sits: per fused matrix, the A matrices of its sources stacked (R x in)
+    and their B matrices block-diagonal (out x R), R = rank x sources (q, k, v for QKV)."""
+    entries = {}
+    for name, dims in shape.tensor_shapes(present).items():
+        if name in MATRICES:
+            out_features, in_features = dims
+            total = rank * len(shape.arch.block_weights[name])
+            entries[name + "_lora_a"] = ((total, in_features), dtype)
+            entries[name + "_lora_b"] = ((out_features, total), dtype)
+    return BlockLayout(entries, 0)
+
+
+def lora_block_tensors(modules: dict[str, tuple[torch.Tensor, torch.Tensor]], arch: Architecture) -> dict[str, torch.Tensor]:
+    """One block of an adapter (module path -> (A, scaled B), `lora.Adapter`) in the engine's fused layout."""
+    tensors = {}
+    for name in MATRICES:
+        paths = [source.rsplit(".", 1)[0] for source in arch.block_weights[name]]
+        missing = [p for p in paths if p not in modules]
+        if missing:
+            raise PuddingError(f"the LoRA adapter has no update for {', '.join(missing)}: the engine needs one for "
+                               "every linear layer of a block (train it with `pudding lora`)")
+        tensors[name + "_lora_a"] = torch.cat([modules[p][0] for p in paths])
+        tensors[name + "_lora_b"] = torch.block_diag(*[modules[p][1] for p in paths])
+    return tensors
+
+
 def block_tensors(block: torch.nn.Module, arch: Architecture) -> dict[str, torch.Tensor]:
     """A transformers block's weights under the engine's names (QKV and gate/up concatenated). A block quantized by
     `quantize.quantize_blocks` gives its matrices' codes under the same names and their scales as NAME_scales."""
@@ -172,8 +199,13 @@ def _act(x: torch.Tensor, kind: str) -> torch.Tensor:
 def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     scales = w.get(name + "_scales")
     if scales is None:
-        return torch.nn.functional.linear(x, w[name], bias)
-    return quantized_linear(x, w[name], scales, bias)
+        out = torch.nn.functional.linear(x, w[name], bias)
+    else:
+        out = quantized_linear(x, w[name], scales, bias)
+    lora_a = w.get(name + "_lora_a")  # an unmerged LoRA update of the set in use (`Engine.set_adapters`)
+    if lora_a is not None:
+        out = out + torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), w[name + "_lora_b"])
+    return out
 
 
 def block_step(

@@ -39,6 +39,7 @@ DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Task dat
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu or cuda[:N] (default: cuda if available).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")]
 QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="Weight-only quantization of the blocks: int8 (a scale per output row) or int4 (a scale per 32 weights).")]
+LoraOpt = Annotated[bool, typer.Option("--lora", help="With --bundle: run each set with its LoRA adapter (`pudding lora`).")]
 RawRouterOpt = Annotated[bool, typer.Option("--router", help="With --bundle: route with the bundle's router itself instead of the policy it deploys (policy.json).")]
 BatchTokensOpt = Annotated[Optional[int], typer.Option("--batch-tokens", min=64, help="Tokens per forward pass (default: 2048 on CPU, 16384 on GPU).")]
 
@@ -160,7 +161,7 @@ def eval_command(
     oracle: Annotated[bool, typer.Option("--oracle", help="With --bundle: the per-question best set in the pool (an upper bound), and the lowest-tl pick.")] = False,
     per_prompt: Annotated[bool, typer.Option("--sleb-per-prompt", help="SLEB per prompt: a perplexity search on each question's own prompt (slow).")] = False,
     raw_router: RawRouterOpt = False,
-    lora: Annotated[bool, typer.Option("--lora", help="With --bundle: score each set with its LoRA adapter (`pudding lora`).")] = False,
+    lora: LoraOpt = False,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluate the first N documents of each task.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.")] = None,
     data_dir: DataDirOpt = None,
@@ -513,7 +514,7 @@ def route_command(
 
 def _engine_and_policy(bundle: Optional[Path], model: Optional[str], omit: Optional[str], device: Optional[str],
                        dtype: str, budget: Optional[int], max_len: int, raw_router: bool = False,
-                       quantize: Optional[str] = None):
+                       quantize: Optional[str] = None, lora: bool = False):
     """An engine and the policy that chooses its blocks: a bundle's (routed), or --omit's (fixed; dense without it).
     Every set the policy can choose is compiled and captured ahead, so no prompt pays for it."""
     from .engine import open_engine
@@ -525,11 +526,14 @@ def _engine_and_policy(bundle: Optional[Path], model: Optional[str], omit: Optio
     opened, ref = (_open_bundle_for(bundle, model) if bundle else (None, resolve_model(model or "smollm2-135m")))
     if raw_router and (opened is None or omit is not None):
         raise PuddingError("--router needs --bundle" if opened is None else "give only one of --router, --omit")
+    if lora and opened is None:
+        raise PuddingError("--lora needs --bundle (the adapters live in it)")
     spec = PolicySpec(omit=omit, router="router" if raw_router else None)
     spec.check(opened, ref.num_blocks)
     device = check_device(device or default_device())
-    engine = open_engine(ref, device, dtype, budget, max_len, quantize)
     policy = spec.build(ref.num_blocks, opened, device)
+    adapters = (opened.path, policy.sets_to_prepare()) if lora else None
+    engine = open_engine(ref, device, dtype, budget, max_len, quantize, adapters)
     engine.warm_up(policy.sets_to_prepare())  # also checks that the sets fit the memory budget
     policy.warm_up()
     return engine, policy, ref
@@ -542,6 +546,7 @@ def generate_command(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Without a bundle: the model (default smollm2-135m).")] = None,
     omit: Annotated[Optional[str], typer.Option("--omit", help="Blocks to skip instead of routing, e.g. 11,17,20.")] = None,
     raw_router: RawRouterOpt = False,
+    lora: LoraOpt = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the tokenizer's chat template.")] = False,
     budget: Annotated[Optional[int], typer.Option("--budget", min=1, help="Memory budget in blocks: keep only this many on the device.")] = None,
@@ -554,7 +559,7 @@ def generate_command(
     _text_argument(prompt)
     if not prompt.strip():
         raise PuddingError("the prompt is empty")
-    engine, policy, _ = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router, quantize)
+    engine, policy, _ = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router, quantize, lora)
     text = prompt
     if chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -578,6 +583,7 @@ def serve_command(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Without a bundle: the model (default smollm2-135m).")] = None,
     omit: Annotated[Optional[str], typer.Option("--omit", help="Without a bundle: blocks to skip for every request, e.g. 11,17,20 (default: none).")] = None,
     raw_router: RawRouterOpt = False,
+    lora: LoraOpt = False,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     queue_size: Annotated[int, typer.Option("--queue-size", min=0, help="Requests that may wait behind the running one; more are answered 503.")] = 16,
@@ -597,7 +603,7 @@ def serve_command(
         raise PuddingError("--omit is for a model served without a router; with --bundle every request is routed "
                            "(a request can force a set with the `pudding` body field)")
     check_port(host, port)
-    engine, policy, ref = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router, quantize)
+    engine, policy, ref = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router, quantize, lora)
     serve(engine, policy, ref.name, host, port, queue_size, max_body_mb)
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .architectures import resolve
-from .block import BlockLayout, Shape, block_step, block_tensors, engine_architecture, random_block_tensors, rms_norm, rotary_tables
+from .block import (BlockLayout, Shape, block_step, block_tensors, engine_architecture, lora_block_tensors, lora_layout,
+                    random_block_tensors, rms_norm, rotary_tables)
 from .errors import PuddingError
 from .omission import OmissionSet
 from .policy import Choice
@@ -93,7 +94,7 @@ class Engine:
     def __init__(self, shape: Shape, embed: torch.Tensor, final_norm: torch.Tensor, head: torch.Tensor,
                  blocks, layout: BlockLayout, rotary: dict[str, tuple[torch.Tensor, torch.Tensor]], tokenizer=None,
                  max_len: int = 2048, compile: bool | None = None, graphs: bool | None = None, bos: bool = False,
-                 compile_mode: str | None = None, buckets: bool | None = None) -> None:
+                 compile_mode: str | None = None, buckets: bool | None = None, lora_rank: int = 0) -> None:
         self.shape = shape
         self.arch = shape.arch
         self.embed, self.final_norm, self.head = embed, final_norm, head
@@ -134,6 +135,16 @@ class Engine:
         self.stack_types: list[str] = []
         self.kept: tuple[int, ...] = ()
         self._events: list = []  # per stack position: the copy bringing its block in (memory budget), or None
+        # Unmerged LoRA (`set_adapters`): each stack position has a small buffer that holds the update of the block
+        # running there under the set in use, written when the set changes (graphs read it in place).
+        self.lora_rank = lora_rank
+        self.adapters: dict[OmissionSet, dict[int, torch.Tensor]] = {}
+        if lora_rank:
+            present = {n for n in layout.entries if not n.endswith("_scales")}
+            self.lora_layout = lora_layout(shape, present, self.dtype, lora_rank)
+            self._lora_slots = [self.lora_layout.empty(self.device).zero_() for _ in range(capacity)]
+            self._lora_views = [self.lora_layout.views(slot) for slot in self._lora_slots]
+            self._lora_at: list[tuple | None] = [None] * capacity  # (set, block) whose update each slot holds
 
     # -- construction -----------------------------------------------------------------------------------------
 
@@ -208,6 +219,51 @@ class Engine:
 
     # -- stacks, caches, graphs ---------------------------------------------------------------------------------
 
+    def set_adapters(self, adapters: dict) -> None:
+        """The LoRA adapter of each set (`lora.Adapter`), applied unmerged while that set is in use; sets without
+        one (the dense model) run with a zero update. Needs an engine built with `lora_rank` = the adapters' rank."""
+        if not self.lora_rank:
+            raise PuddingError("this engine was built without LoRA slots (lora_rank=0)")
+        for omit, adapter in adapters.items():
+            self._check_set(omit)
+            blocks = {}
+            for block, modules in adapter.weights.items():
+                flat = self.lora_layout.empty(self.device)
+                tensors = lora_block_tensors(modules, self.arch)
+                for name, view in self.lora_layout.views(flat).items():
+                    if tensors[name].shape != view.shape:
+                        raise PuddingError(f"the LoRA adapter of the set omitting {omit.label()} has rank "
+                                           f"{modules[next(iter(modules))][0].shape[0]}, the engine {self.lora_rank}")
+                    view.copy_(tensors[name])
+                blocks[block] = flat
+            self.adapters[omit] = blocks
+        self._lora_at = [None] * len(self._lora_at)
+        self.kept = ()  # the next `use` arranges the stack and writes the updates, even for the same set
+
+    def random_adapters(self, sets, seed: int = 0) -> None:
+        """Random updates for these sets (speed benchmarks: the cost of an unmerged adapter does not depend on it)."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        for omit in sets:
+            self.adapters[omit] = {}
+            for block in omit.kept():
+                flat = self.lora_layout.empty(self.device)
+                for view in self.lora_layout.views(flat).values():
+                    view.normal_(0, 0.01, generator=generator)
+                self.adapters[omit][block] = flat
+        self._lora_at = [None] * len(self._lora_at)
+        self.kept = ()
+
+    def _place_adapters(self, omit: OmissionSet, kept: tuple[int, ...]) -> None:
+        """Write the set's update of each kept block into its stack position (only where another one is there)."""
+        updates = self.adapters.get(omit, {})
+        for j, block in enumerate(kept):
+            update = updates.get(block)
+            held = (omit, block) if update is not None else None
+            if self._lora_at[j] != held:
+                self._lora_slots[j].copy_(update) if update is not None else self._lora_slots[j].zero_()
+                self._lora_at[j] = held
+        self.stack = [{**w, **self._lora_views[j]} for j, w in enumerate(self.stack)]
+
     def omission(self, blocks=()) -> OmissionSet:
         """An omission set of this model (validated: 0-based, in range, at least one block left)."""
         return OmissionSet(blocks, self.shape.num_blocks)
@@ -232,6 +288,8 @@ class Engine:
             self._events = [None] * len(kept)
             return {"copied": 0, "moved": 0, "bytes": 0, "ms": 0.0}
         self.stack, self._events, stats = self.blocks.arrange(kept)
+        if self.lora_rank:
+            self._place_adapters(omit, kept)
         self.stack_types = [self.shape.layer_types[b] for b in kept]
         self.kept = kept
         stats["ms"] = 1000 * (time.perf_counter() - started)  # issuing; the copies themselves overlap pre-fill
@@ -484,9 +542,10 @@ def _scored(logits: torch.Tensor, token: torch.Tensor, k: int) -> tuple[float, d
 
 
 def open_engine(ref, device: str | None = None, dtype: str = "auto", budget: int | None = None,
-                max_len: int = 2048, quantize: str | None = None) -> Engine:
+                max_len: int = 2048, quantize: str | None = None, lora=None) -> Engine:
     """An engine for a resolved model (`models.ModelRef`): loaded, its blocks copied into the engine's layout (to
-    pinned host memory with a memory budget), the transformers model then let go."""
+    pinned host memory with a memory budget), the transformers model then let go. `lora`: (bundle directory, sets)
+    to run each of those sets with its LoRA adapter from the bundle (`pudding lora`), unmerged."""
     from .models import check_device, default_device, load_decoder
 
     context = ref.config.get("max_position_embeddings")
@@ -494,4 +553,13 @@ def open_engine(ref, device: str | None = None, dtype: str = "auto", budget: int
         raise PuddingError(f"--max-len {max_len} is longer than {ref.name}'s context of {context} tokens")
     device = check_device(device or default_device())
     loaded = load_decoder(ref, "cpu" if budget is not None else device, dtype, quantize)
-    return Engine.from_model(loaded.model, loaded.tokenizer, device, budget=budget, max_len=max_len)
+    if lora is None:
+        return Engine.from_model(loaded.model, loaded.tokenizer, device, budget=budget, max_len=max_len)
+    from .lora import AdapterStore
+
+    bundle_dir, sets = lora
+    adapters = AdapterStore(bundle_dir, loaded.model).for_sets(sets)
+    rank = next(iter(adapters.values())).rank if adapters else 1
+    engine = Engine.from_model(loaded.model, loaded.tokenizer, device, budget=budget, max_len=max_len, lora_rank=rank)
+    engine.set_adapters(adapters)
+    return engine

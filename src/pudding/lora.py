@@ -258,6 +258,10 @@ class Adapter:
         weights = {block: {path: (ab["A"], ab["B"] * scale) for path, ab in modules.items()} for block, modules in found.items()}
         return cls(omit, weights, info)
 
+    @property
+    def rank(self) -> int:
+        return next(a.shape[0] for modules in self.weights.values() for a, _ in modules.values())
+
     def to(self, device, dtype) -> Adapter:
         moved = {b: {p: (a.to(device, dtype), bb.to(device, dtype)) for p, (a, bb) in m.items()} for b, m in self.weights.items()}
         return Adapter(self.omit, moved, self.info)
@@ -314,6 +318,10 @@ class AdapterStore:
             param = next(self.model.parameters())
             self._loaded[omit] = Adapter.load(self.directory(omit), self.model).to(param.device, param.dtype)
         return self._loaded[omit]
+
+    def for_sets(self, sets) -> dict[OmissionSet, Adapter]:
+        """The adapters of these sets (the dense model has none), all of them required."""
+        return {omit: self.get(omit) for omit in dict.fromkeys(sets) if len(omit)}
 
     def applied(self, blocks: torch.nn.ModuleList, omit: OmissionSet):
         return applied(blocks, self.get(omit))

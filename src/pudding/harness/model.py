@@ -6,7 +6,8 @@ model_args (lm-eval splits them at commas, so block lists use ';'):
     model=NAME                 registry name, HF directory or .gguf file (default: the bundle's, else smollm2-135m)
     omit=11;17;20              skip these blocks (0-based) for every document
     set=I                      with bundle=DIR: the bundle's candidate set I, for every document
-    device, dtype, batch_tokens  as in `pudding eval`
+    device, dtype, batch_tokens, quantize  as in `pudding eval`
+    lora=true                  with bundle=DIR: run each set with its LoRA adapter from the bundle (`pudding lora`)
 
 lm-eval's batch_size and max_batch_size are accepted and ignored: pudding batches by tokens (batch_tokens).
 
@@ -81,6 +82,18 @@ def documents_of(requests) -> list[Document]:
     return [Document(_router_prompt([requests[p] for p in positions]), positions) for positions in grouped.values()]
 
 
+def _flag(value, name: str) -> bool:
+    """A yes/no model_arg: lm-eval hands over True/False for true/false, the raw text for anything else."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise PuddingError(f"{name} must be true or false, not {value!r}")
+
+
 def _pick_device(device: str | None) -> str:
     """lm-eval's command line passes device="cuda:0" unless --device says otherwise: without a GPU, run on the CPU
     (as lm-eval's own HF model does) instead of refusing."""
@@ -113,7 +126,7 @@ def _cut_at_stop(text: str, until: Sequence[str]) -> str | None:
 @register_model("pudding")
 class PuddingLM(LM):
     def __init__(self, bundle=None, model=None, omit=None, set=None, device=None, dtype="auto", batch_tokens=None,
-                 quantize=None, batch_size=None, max_batch_size=None, **unknown) -> None:
+                 quantize=None, lora=False, batch_size=None, max_batch_size=None, **unknown) -> None:
         super().__init__()
         from ..bundle import Bundle
         from ..models import load_decoder, resolve_model
@@ -123,7 +136,7 @@ class PuddingLM(LM):
 
         if unknown:
             raise PuddingError(f"unknown model_args {', '.join(sorted(unknown))} "
-                               "(pudding takes bundle, model, omit, set, device, dtype, batch_tokens, quantize)")
+                               "(pudding takes bundle, model, omit, set, device, dtype, batch_tokens, quantize, lora)")
         spec = PolicySpec(omit=None if omit is None else _block_list(omit), set=set,
                           names={"omit": "omit=", "set": "set=", "bundle": "bundle=DIR"})
         spec.check_options(bool(bundle))  # the options alone, before anything is opened
@@ -133,6 +146,9 @@ class PuddingLM(LM):
         if batch_tokens is not None and (isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 64):
             raise PuddingError(f"batch_tokens must be an integer of at least 64, not {batch_tokens!r}")
         check_scheme(None if quantize is None else str(quantize), "quantize=")
+        lora = _flag(lora, "lora=")
+        if lora and opened is None:
+            raise PuddingError("lora=true needs bundle=DIR (the adapters live in it)")
         spec.check(opened, ref.num_blocks)  # before the model loads
         self._device = _pick_device(str(device) if device else None)
         self.bundle = opened
@@ -141,6 +157,12 @@ class PuddingLM(LM):
         self.policy = spec.build(ref.num_blocks, opened, self._device)
         self.loaded = load_decoder(ref, self._device, str(dtype), None if quantize is None else str(quantize))
         self.scorer = Scorer(self.loaded.decoder, self.loaded.tokenizer, max_batch_tokens=batch_tokens)
+        self.adapters = None
+        if lora:
+            from ..lora import AdapterStore
+
+            self.adapters = self.scorer.adapters = AdapterStore(opened.path, self.loaded.model)
+            self.adapters.for_sets(self.policy.sets_to_prepare())  # refuse a missing adapter now, not mid-run
 
     def _assign(self, documents: Sequence[Document]) -> dict[OmissionSet, list[Document]]:
         """Route (or not) every document once; documents grouped by the set they run under."""
@@ -223,8 +245,12 @@ class PuddingLM(LM):
             from ..engine import Engine
 
             # 2048 tokens of context, as `pudding generate`: each decode step attends over the whole static cache
+            adapters = self.adapters.for_sets(self.policy.sets_to_prepare()) if self.adapters else {}
+            rank = next(iter(adapters.values())).rank if adapters else 0
             self._engine = Engine.from_model(self.loaded.model, self.loaded.tokenizer, self._device,
-                                             max_len=min(self.scorer.max_length, 2048))
+                                             max_len=min(self.scorer.max_length, 2048), lora_rank=rank)
+            if adapters:
+                self._engine.set_adapters(adapters)
         return self._engine
 
     # -- what lm-eval records ---------------------------------------------------------------------------------
@@ -233,6 +259,7 @@ class PuddingLM(LM):
         return {"pudding": {
             **self.loaded.info(),
             "omission": self.policy.label,
+            "lora": self.adapters is not None,
             "bundle": str(self.bundle.path) if self.bundle else None,
             "sets_used": dict(self.sets_used),
             "routing": self.policy.stats.to_json() if self.policy.fixed is None else None,
