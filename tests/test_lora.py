@@ -138,6 +138,19 @@ def test_lora_trains_per_set_and_eval_applies_it(smollm2, tmp_path):
                     "The capital of France is")
     assert generated.returncode == 0 and "omit 3,9,11,17" in generated.stderr, generated.stderr
 
+    # export --lora: a plain checkpoint with the adapter merged computes what pudding computes with it applied
+    from transformers import AutoModelForCausalLM
+
+    exported = cli("export", "--bundle", str(bundle.path), "--set", "0", "--lora", "--dtype", "float32", "--output", str(tmp_path / "x"))
+    assert exported.returncode == 0, exported.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "x").eval()
+    assert json.loads((tmp_path / "x" / "pudding.json").read_text())["lora"]["merged"] is True
+    ids = torch.tensor([lm.loaded.tokenizer("The capital of France is Paris, and")["input_ids"]])
+    with applied(lm.loaded.decoder.blocks, store.get(omit)):
+        want = lm.loaded.decoder.full_logits(ids, omit)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits.float(), want, rtol=1e-3, atol=1e-3)
+
 
 def test_eval_lora_refuses_a_bundle_without_adapters(smollm2, tmp_path):
     bundle = _bundle(tmp_path / "b", smollm2, [[3, 9, 11, 17]])

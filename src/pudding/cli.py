@@ -845,6 +845,7 @@ def export_command(
     omit: Annotated[Optional[str], typer.Option("--omit", help="Without a bundle: blocks to delete, e.g. 11,17,20.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights dtype of a checkpoint (hf): bfloat16 (default), float16 or float32.")] = None,
     file_format: Annotated[str, typer.Option("--format", help="hf: a Hugging Face checkpoint directory; gguf: a GGUF file for llama.cpp (from a GGUF model, tensors copied as they are).")] = "hf",
+    lora: Annotated[bool, typer.Option("--lora", help="With --bundle: merge each set's LoRA adapter (`pudding lora`) into its checkpoint.")] = False,
 ) -> None:
     """Write the depth-pruned model (blocks deleted and renumbered, per-block config sliced): a Hugging Face
     checkpoint that plain `AutoModelForCausalLM.from_pretrained` loads, or a GGUF file for llama.cpp."""
@@ -854,8 +855,10 @@ def export_command(
 
     if file_format not in ("hf", "gguf"):
         raise PuddingError(f"unknown --format '{file_format}' (hf or gguf)")
-    if file_format == "gguf" and dtype is not None:
-        raise PuddingError("--dtype is for --format hf: a GGUF export copies the source's tensors as they are")
+    if file_format == "gguf" and (dtype is not None or lora):
+        raise PuddingError(f"{'--dtype' if dtype is not None else '--lora'} is for --format hf: a GGUF export copies the source's tensors as they are")
+    if lora and bundle is None:
+        raise PuddingError("--lora needs --bundle (the adapters live in it)")
     dtype = dtype or "bfloat16"
     if dtype not in ("bfloat16", "float16", "float32"):
         raise PuddingError(f"unknown --dtype '{dtype}' (bfloat16, float16 or float32)")
@@ -879,9 +882,18 @@ def export_command(
         if path.exists() and any(path.iterdir()):
             raise PuddingError(f"{path} already exists: choose a new directory (nothing was overwritten)")
     loaded = load_decoder(ref, "cpu", dtype)
+    adapters = None
+    if lora:
+        from .lora import AdapterStore
+
+        adapters = AdapterStore(opened.path, loaded.model)
+        adapters.for_sets([blocks for blocks, _, _ in targets])  # every adapter there before anything is written
     for blocks, path, extra in targets:
         provenance = {"source_model": ref.name, "source_fingerprint": ref.fingerprint, **extra}
-        export_checkpoint(loaded.model, loaded.tokenizer, blocks, path, provenance)
+        adapter = adapters.get(blocks) if adapters else None
+        if adapter is not None:
+            provenance["lora"] = {"adapter": str(adapters.directory(blocks)), "merged": True}
+        export_checkpoint(loaded.model, loaded.tokenizer, blocks, path, provenance, adapter)
         out.print(f"omit {','.join(map(str, blocks))}: {ref.num_blocks - len(blocks)} blocks → {path}")
 
 
