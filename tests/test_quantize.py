@@ -149,16 +149,18 @@ def test_the_lm_eval_model_takes_quantize():
 
 
 def test_bench_compares_block_weights_on_one_shape():
-    """`pudding bench --weights int8,int4`: bf16 and each scheme timed on the same shape, with the blocks' bytes."""
+    """`pudding bench --weights int8,int4,lora`: bf16, each scheme and an unmerged LoRA update timed on the same shape,
+    with the blocks' bytes."""
     from transformers import LlamaConfig
 
     from pudding.bench import benchmark_weights, markdown
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256)
-    compared = benchmark_weights(config, "cpu", ["int8", "int4"], repeats=1, prompt_lengths=(16, 32), log=lambda m: None)
+    compared = benchmark_weights(config, "cpu", ["int8", "int4", "lora"], repeats=1, prompt_lengths=(16, 32), log=lambda m: None)
     rows = compared["weights"]
-    assert list(rows) == ["bf16", "int8", "int4"]
+    assert list(rows) == ["bf16", "int8", "int4", "bf16 + LoRA r8 (unmerged)"]
+    assert rows["bf16 + LoRA r8 (unmerged)"]["block_bytes"] > rows["bf16"]["block_bytes"]
     assert rows["int8"]["block_bytes"] < rows["bf16"]["block_bytes"] / 1.8
     assert rows["int4"]["block_bytes"] < rows["int8"]["block_bytes"] / 1.6
     assert all(r[name]["decode_tok_s"] > 0 and set(r[name]["ttft_ms"]) == {16, 32} for r in rows.values() for name in ("dense", "pruned"))

@@ -436,26 +436,33 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
 
 
 WEIGHT_GOALS = {"int8": 1.7, "int4": 2.5}  # pruned decode, as a multiple of bf16 pruned decode (issue: quantized PuDDing)
+LORA_ROW, LORA_RANK = "lora", 8  # bf16 blocks with an unmerged rank-8 LoRA update (merged weights cost what bf16 costs)
 
 
 def benchmark_weights(config, device: str, schemes: Sequence[str], repeats: int, prompt_lengths=(128, 512),
                       log=print) -> dict:
-    """The same shape with bf16 blocks and with each weight-only scheme (paper Table 14's speed side): decode and
-    pre-fill, dense and the paper-style pruned set, and the bytes the blocks take. One engine at a time."""
+    """The same shape with bf16 blocks and with each weight-only scheme (paper Table 14's speed side), and, for
+    `lora`, bf16 blocks running an unmerged LoRA update: decode and pre-fill, dense and the paper-style pruned set,
+    and the bytes the blocks take. One engine at a time."""
     import gc
 
     blocks = config.num_hidden_layers
     sets = {"dense": OmissionSet.dense(blocks), "pruned": OmissionSet(tuple(b for b in PAPER_SET if b < blocks) or (1,), blocks)}
     rows = {}
     for scheme in ["bf16", *schemes]:
-        engine = Engine.random(config, device, quantize=None if scheme == "bf16" else scheme, max_len=1024)
+        lora = scheme == LORA_ROW
+        engine = Engine.random(config, device, quantize=None if scheme in ("bf16", LORA_ROW) else scheme, max_len=1024,
+                               lora_rank=LORA_RANK if lora else 0)
+        if lora:
+            engine.random_adapters(sets.values())
         engine.warm_up(list(sets.values()))
-        row = {"block_bytes": engine.layout.nbytes, "blocks_on_device_gb": engine.memory()["blocks"] / 1e9}
+        row = {"block_bytes": engine.layout.nbytes + (engine.lora_layout.nbytes if lora else 0),
+               "blocks_on_device_gb": engine.memory()["blocks"] / 1e9}
         for name, omit in sets.items():
             timed = time_set(engine, omit, name, prompt_lengths, prompt_lengths[0], (128, 256), repeats)
             row[name] = {"decode_tok_s": round(timed.decode_tok_s, 2), "ttft_ms": timed.ttft_ms,
                          "weight_bytes_per_token": weight_bytes_per_token(engine, timed.kept)}
-        rows[scheme] = row
+        rows[f"bf16 + LoRA r{LORA_RANK} (unmerged)" if lora else scheme] = row
         log(f"{scheme} blocks: pruned decode {row['pruned']['decode_tok_s']:.1f} tok/s")
         engine = None
         gc.collect()

@@ -616,7 +616,7 @@ def bench_command(
     repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
     compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs.")] = None,
     quantize: QuantizeOpt = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="Only compare bf16 blocks with these weight-only schemes on the shape (e.g. int8,int4): decode, pre-fill, memory.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Only compare bf16 blocks on the shape with these: int8, int4 (weight-only schemes), lora (an unmerged rank-8 LoRA update): decode, pre-fill, memory.")] = None,
     device: DeviceOpt = None,
 ) -> None:
     """The speed benchmark: TTFT, pre-fill + generation, routing, block swaps and memory, dense vs pruned."""
@@ -632,7 +632,10 @@ def bench_command(
     from .storage import atomic_write_json, atomic_write_text, check_output_file, environment
 
     check_scheme(quantize)
-    schemes = [check_scheme(s.strip(), "--weights scheme") for s in weights.split(",")] if weights else []
+    schemes = [s.strip() for s in weights.split(",")] if weights else []
+    for scheme in schemes:
+        if scheme not in ("int8", "int4", "lora"):
+            raise PuddingError(f"unknown --weights value '{scheme}' (use int8, int4 or lora)")
     check_output_file(output)
     device = check_device(device or default_device())
     if not device.startswith("cuda") and shape:
