@@ -202,3 +202,27 @@ def test_engine_refuses_an_adapter_of_another_rank(tmp_path):
         engine.set_adapters({omit: Adapter.load(tmp_path / "a", model)})
     with pytest.raises(PuddingError, match="built without LoRA slots"):
         Engine.from_model(model, max_len=32).set_adapters({})
+
+
+def test_a_merged_adapter_runs_what_the_unmerged_one_runs(tmp_path):
+    """`generate --lora` with one fixed set merges its adapter into the blocks (no cost per token): same tokens and
+    logits as the engine's unmerged update."""
+    from pudding.engine import Engine
+
+    omit = OmissionSet(OMIT, 6)
+    model = build_tiny("qwen2", init=0.2)
+    random_adapter(model, omit, tmp_path / "a")
+    adapter = Adapter.load(tmp_path / "a", model)
+    unmerged = Engine.from_model(model, max_len=64, lora_rank=4)
+    unmerged.set_adapters({omit: adapter})
+    merged_model = build_tiny("qwen2", init=0.2)
+    merge_adapter(merged_model, adapter)
+    merged = Engine.from_model(merged_model, max_len=64)
+    ids = torch.randint(3, 250, (11,), generator=torch.Generator().manual_seed(4)).tolist()
+    runs = [e.generate(ids, omit, max_new_tokens=6, stop_ids=[]).tokens for e in (unmerged, merged)]
+    assert runs[0] == runs[1]
+    for engine in (unmerged, merged):
+        engine.use(omit)
+    torch.testing.assert_close(merged.prefill(ids).clone(), unmerged.prefill(ids).clone(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(PuddingError, match="must have 1 to 64 tokens"):
+        merged.prefill(list(range(65)))

@@ -454,6 +454,7 @@ def lora_command(
     lr: Annotated[float, typer.Option("--lr")] = 1e-4,
     rank: Annotated[int, typer.Option("--rank", min=1)] = 8,
     alpha: Annotated[int, typer.Option("--alpha", min=1)] = 16,
+    save_every: Annotated[int, typer.Option("--save-every", min=1, help="Optimiser steps between checkpoints (a rerun resumes from the last).")] = 20,
     seed: SeedOpt = 0,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = None,
@@ -469,7 +470,7 @@ def lora_command(
     chosen = bundle_sets(opened, [g.strip() for g in sets.split(",") if g.strip()])
     task_names = [t.name for t in parse_task_list(tasks)] if tasks else list(CALIBRATION_TASKS)
     recipe = LoraRecipe(rank=rank, alpha=alpha, lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch,
-                        max_length=max_length, per_task=per_task, text_windows=text_windows, seed=seed)
+                        max_length=max_length, per_task=per_task, text_windows=text_windows, seed=seed, save_every=save_every)
     recipe.validate()
     data_path = resolve_data_dir(data_dir)
     loaded = load_decoder(opened.model_ref(), device, dtype)
@@ -514,7 +515,7 @@ def route_command(
 
 def _engine_and_policy(bundle: Optional[Path], model: Optional[str], omit: Optional[str], device: Optional[str],
                        dtype: str, budget: Optional[int], max_len: int, raw_router: bool = False,
-                       quantize: Optional[str] = None, lora: bool = False):
+                       quantize: Optional[str] = None, lora: bool = False, merge_lora: bool = False):
     """An engine and the policy that chooses its blocks: a bundle's (routed), or --omit's (fixed; dense without it).
     Every set the policy can choose is compiled and captured ahead, so no prompt pays for it."""
     from .engine import open_engine
@@ -533,7 +534,7 @@ def _engine_and_policy(bundle: Optional[Path], model: Optional[str], omit: Optio
     device = check_device(device or default_device())
     policy = spec.build(ref.num_blocks, opened, device)
     adapters = (opened.path, policy.sets_to_prepare()) if lora else None
-    engine = open_engine(ref, device, dtype, budget, max_len, quantize, adapters)
+    engine = open_engine(ref, device, dtype, budget, max_len, quantize, adapters, merge_lora)
     engine.warm_up(policy.sets_to_prepare())  # also checks that the sets fit the memory budget
     policy.warm_up()
     return engine, policy, ref
@@ -559,7 +560,9 @@ def generate_command(
     _text_argument(prompt)
     if not prompt.strip():
         raise PuddingError("the prompt is empty")
-    engine, policy, _ = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router, quantize, lora)
+    # one prompt runs one set: a fixed set's adapter is merged (the server keeps it unmerged: requests may force sets)
+    engine, policy, _ = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router, quantize, lora,
+                                           merge_lora=True)
     text = prompt
     if chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)

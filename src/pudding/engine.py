@@ -330,6 +330,8 @@ class Engine:
         runs it, unless a memory-budget swap is still copying blocks in (then the pre-fill waits for each block's
         copy as it reaches it, eagerly)."""
         length = len(ids)
+        if not 0 < length <= self.max_len:  # direct callers (benchmarks, the lm-eval model) skip generate's check
+            raise PuddingError(f"the prompt ({length} tokens) must have 1 to {self.max_len} tokens (the engine's context)")
         padded = self.bucket(length) if self.bucketed else length
         self._prompt[0, :length].copy_(torch.tensor(list(ids)), non_blocking=True)
         if padded > length:
@@ -542,10 +544,11 @@ def _scored(logits: torch.Tensor, token: torch.Tensor, k: int) -> tuple[float, d
 
 
 def open_engine(ref, device: str | None = None, dtype: str = "auto", budget: int | None = None,
-                max_len: int = 2048, quantize: str | None = None, lora=None) -> Engine:
+                max_len: int = 2048, quantize: str | None = None, lora=None, merge_lora: bool = False) -> Engine:
     """An engine for a resolved model (`models.ModelRef`): loaded, its blocks copied into the engine's layout (to
     pinned host memory with a memory budget), the transformers model then let go. `lora`: (bundle directory, sets)
-    to run each of those sets with its LoRA adapter from the bundle (`pudding lora`), unmerged."""
+    to run each of those sets with its LoRA adapter from the bundle (`pudding lora`), unmerged; with `merge_lora` and
+    a single set, its adapter is merged into the weights instead (no cost per token; only that set may then run)."""
     from .models import check_device, default_device, load_decoder
 
     context = ref.config.get("max_position_embeddings")
@@ -559,6 +562,12 @@ def open_engine(ref, device: str | None = None, dtype: str = "auto", budget: int
 
     bundle_dir, sets = lora
     adapters = AdapterStore(bundle_dir, loaded.model).for_sets(sets)
+    if merge_lora and len(set(sets)) == 1 and quantize is None:
+        from .lora import merge_adapter
+
+        for adapter in adapters.values():
+            merge_adapter(loaded.model, adapter)
+        return Engine.from_model(loaded.model, loaded.tokenizer, device, budget=budget, max_len=max_len)
     rank = next(iter(adapters.values())).rank if adapters else 1
     engine = Engine.from_model(loaded.model, loaded.tokenizer, device, budget=budget, max_len=max_len, lora_rank=rank)
     engine.set_adapters(adapters)

@@ -327,17 +327,24 @@ class AdapterStore:
         return applied(blocks, self.get(omit))
 
 
-def merge_adapter(pruned_model, adapter: Adapter) -> None:
-    """Fold an adapter into a pruned model (its blocks renumbered 0..n-1 over the set's kept blocks), in place."""
-    arch = architecture_for(pruned_model.config.model_type)
-    blocks = getattr(resolve(pruned_model, arch.stack), arch.blocks)
-    if len(blocks) != adapter.omit.num_blocks - len(adapter.omit):
+def merge_adapter(model, adapter: Adapter) -> None:
+    """Fold an adapter into a model's weights, in place: a pruned model (its blocks renumbered 0..n-1 over the set's
+    kept blocks, as `export` writes it) or the full model (only the set's kept blocks change, so the model then
+    computes the adapted set when run under that set)."""
+    arch = architecture_for(model.config.model_type)
+    blocks = getattr(resolve(model, arch.stack), arch.blocks)
+    kept = adapter.omit.kept()
+    if len(blocks) == adapter.omit.num_blocks:
+        position = {b: b for b in kept}
+    elif len(blocks) == len(kept):
+        position = {b: i for i, b in enumerate(kept)}
+    else:
         raise PuddingError("the adapter was trained for another omission set than this pruned model's")
-    for new_index, block in enumerate(adapter.omit.kept()):
+    for block in kept:
         for path in adapter.weights.get(block, {}):
-            layer = blocks[new_index].get_submodule(path)
+            layer = blocks[position[block]].get_submodule(path)
             merged = layer.weight.detach().float() + adapter.delta(block, path).to(layer.weight.device)
-            # a new tensor, not an in-place add: the pruned model shares its weights with the model it was cut from
+            # a new tensor, not an in-place add: a pruned model shares its weights with the model it was cut from
             layer.weight = torch.nn.Parameter(merged.to(layer.weight.dtype), requires_grad=False)
 
 
