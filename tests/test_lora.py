@@ -226,3 +226,26 @@ def test_a_merged_adapter_runs_what_the_unmerged_one_runs(tmp_path):
     torch.testing.assert_close(merged.prefill(ids).clone(), unmerged.prefill(ids).clone(), rtol=1e-4, atol=1e-4)
     with pytest.raises(PuddingError, match="must have 1 to 64 tokens"):
         merged.prefill(list(range(65)))
+
+
+@pytest.mark.slow
+def test_pipeline_lora_stage_trains_and_evaluates_table4_rows(smollm2, tmp_path):
+    """`pipeline --lora`: adapters for the pool and the SLEB and Shortened LLaMA sets, and their rows evaluated with
+    the adapters applied; without --lora the stage does nothing."""
+    bundle = _bundle(tmp_path / "b", smollm2, [[3, 9, 11, 17, 20, 25], [4, 14, 18, 20, 24, 29]])
+    common = ["pipeline", "--output", str(bundle.path), "--small", "--tasks", "arc_easy", "--limit", "6", "--label-limit", "4",
+              "--baseline-samples", "1"]
+    plain = cli(*common, "--stages", "baselines,lora")
+    assert plain.returncode == 0, plain.stderr
+    assert not (bundle.path / "adapters").exists()
+    ran = cli(*common, "--stages", "lora", "--lora")
+    assert ran.returncode == 0, ran.stderr
+    made = {p.name for p in (bundle.path / "adapters").iterdir() if not p.name.endswith(".partial")}
+    store = AdapterStore(bundle.path, smollm2.model)
+    b = Bundle.open(bundle.path)
+    for omit in [*b.omission_sets(), b.baseline("sleb").omission(), b.baseline("shortened-ppl").omission()]:
+        assert store.directory(omit).name in made
+    for row in ("sleb-lora", "shortened-ppl-lora"):
+        document = json.loads((bundle.path / "evals" / f"{row}.json").read_text())
+        assert document["settings"]["pipeline"]["lora"]["rank"] == 8
+        assert document["tasks"]["arc_easy"]["n"] == 6

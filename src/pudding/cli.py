@@ -474,7 +474,7 @@ def lora_command(
     recipe.validate()
     data_path = resolve_data_dir(data_dir)
     loaded = load_decoder(opened.model_ref(), device, dtype)
-    made = train_bundle_adapters(opened, loaded, chosen, recipe, task_names, data_path, log_line)
+    made = train_bundle_adapters(opened, loaded.model, loaded.tokenizer, chosen, recipe, task_names, data_path, log_line)
     out.print(f"{len(made)} sets with adapters in {opened.path / 'adapters'}")
 
 
@@ -684,7 +684,7 @@ EncoderOpt = Annotated[Optional[str], typer.Option("--encoder", help="Router enc
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1, help="Router training epochs (default 10).")]
 PerPromptOpt = Annotated[Optional[int], typer.Option("--per-prompt", min=0, help="Documents per task for the SLEB-per-prompt comparison (default 100; 0 skips it).")]
 VariantsOpt = Annotated[Optional[str], typer.Option("--variants", help="Other routers to train and compare: some of ce-soft, ce-onehot, mpnet, nocap.")]
-StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated subset of: candidates, baselines, static, labels, heldout, router, routed, variants, select, deployed, per-prompt, report; or none.")]
+StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated subset of: candidates, baselines, static, labels, heldout, router, routed, variants, select, deployed, per-prompt, lora, report; or none.")]
 SmallOpt = Annotated[bool, typer.Option("--small", help="Small sizes that finish on 2 CPU cores in about 15 minutes.")]
 
 
@@ -742,6 +742,7 @@ def pipeline_command(
     per_prompt: PerPromptOpt = None,
     variants: VariantsOpt = None,
     stages: StagesOpt = None,
+    lora: Annotated[bool, typer.Option("--lora", help="Also train a LoRA adapter per set (paper Table 4; the lora stage, off by default) and evaluate with them.")] = False,
     ablations: Annotated[Optional[str], typer.Option("--ablations", help="Also run ablations: all, or some of sets-5, sets-30, ppl-candidates, objectives.")] = None,
     small: SmallOpt = False,
     data_dir: DataDirOpt = None,
@@ -762,6 +763,10 @@ def pipeline_command(
         config.k = blocks
     if tasks is not None:
         config.eval_tasks = [t.name for t in parse_task_list(tasks)]
+    if lora:
+        from .lora import LoraRecipe
+
+        config.lora = LoraRecipe.small(config.label_limit) if small else LoraRecipe(per_task=config.label_limit)
     chosen = _stages(stages)
     extra = () if not ablations else (ABLATIONS if ablations == "all" else tuple(a.strip() for a in ablations.split(",")))
     for name in extra:
@@ -890,7 +895,7 @@ def export_command(
     loaded = load_decoder(ref, "cpu", dtype)
     adapters = None
     if lora:
-        from .lora import AdapterStore
+        from .lora import AdapterStore, merge_adapter
 
         adapters = AdapterStore(opened.path, loaded.model)
         adapters.for_sets([blocks for blocks, _, _ in targets])  # every adapter there before anything is written
@@ -899,7 +904,8 @@ def export_command(
         adapter = adapters.get(blocks) if adapters else None
         if adapter is not None:
             provenance["lora"] = {"adapter": str(adapters.directory(blocks)), "merged": True}
-        export_checkpoint(loaded.model, loaded.tokenizer, blocks, path, provenance, adapter)
+        merge = (lambda pruned, adapter=adapter: merge_adapter(pruned, adapter)) if adapter is not None else None
+        export_checkpoint(loaded.model, loaded.tokenizer, blocks, path, provenance, merge)
         out.print(f"omit {','.join(map(str, blocks))}: {ref.num_blocks - len(blocks)} blocks → {path}")
 
 

@@ -67,17 +67,15 @@ def _write_dir_atomically(output: Path, fill) -> Path:
     return output
 
 
-def export_checkpoint(model, tokenizer, omit: OmissionSet, output: Path, provenance: dict, adapter=None) -> Path:
+def export_checkpoint(model, tokenizer, omit: OmissionSet, output: Path, provenance: dict, adapt=None) -> Path:
     """A standard Hugging Face checkpoint of the model without the blocks in `omit`: it loads with plain
-    `AutoModelForCausalLM.from_pretrained(output)` and computes what pudding computes with that omission set (and,
-    given the set's LoRA `adapter`, with it merged into the weights)."""
+    `AutoModelForCausalLM.from_pretrained(output)` and computes what pudding computes with that omission set.
+    `adapt(pruned_model)`, if given, changes the pruned model before it is saved (e.g. merges a LoRA adapter)."""
 
     def fill(tmp: Path) -> None:
         pruned = delete_blocks(model, omit)
-        if adapter is not None:
-            from .lora import merge_adapter
-
-            merge_adapter(pruned, adapter)
+        if adapt is not None:
+            adapt(pruned)
         pruned.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

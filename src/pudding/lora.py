@@ -57,6 +57,11 @@ class LoraRecipe:
     seed: int = 0
     save_every: int = 20  # optimiser steps between checkpoints
 
+    @classmethod
+    def small(cls, per_task: int | None) -> LoraRecipe:
+        """Toy sizes for `pipeline --small` (the README's demo): a few steps on a CPU."""
+        return cls(epochs=1, batch_size=8, micro_batch=4, max_length=64, per_task=per_task, text_windows=8, warmup_steps=2)
+
     def validate(self) -> None:
         for name in ("rank", "alpha", "epochs", "batch_size", "micro_batch", "max_length", "save_every"):
             if getattr(self, name) < 1:
@@ -351,6 +356,7 @@ def merge_adapter(model, adapter: Adapter) -> None:
 # -- a bundle's adapters -----------------------------------------------------------------------------------------------
 
 SET_GROUPS = ("candidates", "sleb", "shortened-ppl", "shortgpt")  # what `pudding lora --sets` names
+TABLE4_GROUPS = ("candidates", "sleb", "shortened-ppl")  # the paper's Table 4 rows (what the pipeline's lora stage trains)
 
 
 def bundle_sets(bundle, groups: Sequence[str]) -> dict[str, OmissionSet]:
@@ -371,8 +377,8 @@ def bundle_sets(bundle, groups: Sequence[str]) -> dict[str, OmissionSet]:
     return sets
 
 
-def train_bundle_adapters(bundle, loaded, sets: dict[str, OmissionSet], recipe: LoraRecipe, tasks: Sequence[str],
-                          data_dir, log=print) -> dict[str, Path]:
+def train_bundle_adapters(bundle, model, tokenizer, sets: dict[str, OmissionSet], recipe: LoraRecipe,
+                          tasks: Sequence[str], data_dir, log=print) -> dict[str, Path]:
     """An adapter for every set that lacks one, each recorded in the bundle (checksummed) as soon as it is trained;
     a crash loses at most `recipe.save_every` steps of the set in training."""
     import hashlib
@@ -381,19 +387,19 @@ def train_bundle_adapters(bundle, loaded, sets: dict[str, OmissionSet], recipe: 
     from .tasks import data_versions
 
     recipe.validate()
-    store = AdapterStore(bundle.path, loaded.model)
+    store = AdapterStore(bundle.path, model)
     names_of: dict[OmissionSet, list[str]] = {}
     for name, omit in sets.items():
         names_of.setdefault(omit, []).append(name)
     todo = [omit for omit in names_of if len(omit) and not store.has(omit)]
     if todo:
-        examples, data = training_examples(loaded.tokenizer, recipe, tasks, data_dir)
+        examples, data = training_examples(tokenizer, recipe, tasks, data_dir)
         digest = hashlib.sha256(repr(examples).encode()).hexdigest()[:16]
-        identity = {"model": loaded.fingerprint, "data": digest, "dtype": str(loaded.decoder.dtype)}
+        identity = {"model": bundle.model["fingerprint"], "data": digest, "dtype": str(next(model.parameters()).dtype)}
         log(f"LoRA training data: {data['examples']} examples ({data['per_source']}), up to {recipe.max_length} tokens")
     for omit in todo:
         directory = store.directory(omit)
-        peft_model, history, seconds = train_adapter(loaded.model, loaded.tokenizer, omit, examples, recipe, identity,
+        peft_model, history, seconds = train_adapter(model, tokenizer, omit, examples, recipe, identity,
                                                      partial_path(directory), log)
         info = {"set": list(omit), "names": names_of[omit], "model": bundle.model, "recipe": asdict(recipe),
                 "data": {**data, "digest": digest, "versions": data_versions([*tasks, TEXT_CORPUS], data_dir)},

@@ -37,6 +37,7 @@ from .policy import (
 from .router import RouterSettings
 from .router_training import train_bundle_router
 from .scoring import Scorer
+from .lora import TABLE4_GROUPS, AdapterStore, LoraRecipe, bundle_sets, train_bundle_adapters
 from .report import FIGURES, write_report
 from .selection import (
     HeldOut, choose_deployed, fair_best_static, lookup_results, neighbour_candidates, routed_candidates, score_heldout,
@@ -64,6 +65,7 @@ class PipelineConfig:
     router: RouterSettings = field(default_factory=RouterSettings)
     per_prompt_limit: int = 100  # documents per task for SLEB per prompt (0: skip it)
     variants: list[str] = field(default_factory=list)  # other routers to train and compare (ROUTER_VARIANTS)
+    lora: LoraRecipe | None = None  # LoRA per set (paper Table 4): off unless given (`pipeline --lora`)
 
     @classmethod
     def small(cls) -> PipelineConfig:
@@ -73,7 +75,7 @@ class PipelineConfig:
 
 
 STAGES = ("candidates", "baselines", "static", "labels", "heldout", "router", "routed", "variants", "select", "deployed",
-          "per-prompt", "report")
+          "per-prompt", "lora", "report")
 
 # Routers besides the paper's, trained on the same bundle: what each changes in the main router's settings
 ROUTER_VARIANTS = {
@@ -372,6 +374,32 @@ class Pipeline:
         policy = PerPromptPolicy(self.scorer, self.config.k)
         results = evaluate_tasks(self.scorer, tasks, self._doc_sets(tasks), policy, limit, self.data_dir)
         self._write_eval("sleb-per-prompt", policy.describe(), results, settings, time.perf_counter() - started)
+
+    def lora(self) -> None:
+        """LoRA per omission set (paper Table 4), only when the config asks for it: an adapter for every candidate set
+        and for the SLEB and Shortened LLaMA sets, then PuDDing, those two and the deployed policy evaluated with
+        their adapters applied (evals/*-lora.json)."""
+        recipe = self.config.lora
+        if recipe is None:
+            return
+        groups = [g for g in TABLE4_GROUPS if g == "candidates" or self.bundle.baseline(g) is not None]
+        sets = bundle_sets(self.bundle, groups)
+        model = self.scorer.decoder.model
+        train_bundle_adapters(self.bundle, model, self.scorer.encoder.tokenizer, sets, recipe,
+                              self.config.calibration_tasks, self.data_dir, self.log)
+        rows = {f"{m}-lora": FixedPolicy(sets[m], kind=m) for m in groups if m != "candidates"}
+        if MAIN_ROUTER in self.bundle.routers():
+            rows["pudding-lora"] = RoutedPolicy(self.bundle.router(MAIN_ROUTER, self.device))
+        if self.bundle.policy_path.exists():
+            rows["deployed-lora"] = deployed_policy(self.bundle, self.device)
+        settings = self._eval_settings(lora=recipe.identity())
+        self.scorer.adapters = AdapterStore(self.bundle.path, model)
+        try:
+            for name, policy in rows.items():
+                if not self._evaluated(name, settings):
+                    self._evaluate_policy(name, policy, settings)
+        finally:
+            self.scorer.adapters = None
 
     def report(self) -> None:
         with self.bundle.writing("report.md", *FIGURES):
