@@ -115,6 +115,11 @@ def damaged(bundle, tmp_path):
     (["route", "--bundle", "/nonexistent", "hi"], "bundle directory not found"),
     (["generate", "--bundle", "/nonexistent", "hi"], "bundle directory not found"),
     (["models", "pull", ""], "unknown model"),
+    (["lora", "--bundle", "/nonexistent"], "bundle directory not found"),
+    (["generate", "--lora", "hi"], "--lora needs --bundle"),
+    (["export", "--omit", "3", "--lora", "--output", "x"], "--lora needs --bundle"),
+    (["export", "--omit", "3", "--lora", "--format", "gguf", "--output", "x.gguf"], "--lora is for --format hf"),
+    (["bench", "--weights", "int3", "--output", "x.json"], "unknown --weights value 'int3'"),
 ])
 def test_bad_arguments(args, fragment, tmp_path, monkeypatch, smollm2):
     monkeypatch.chdir(tmp_path)
@@ -139,6 +144,11 @@ def test_bad_arguments(args, fragment, tmp_path, monkeypatch, smollm2):
     (["label", "--tasks", "wikitext2"], "not a multiple-choice one"),
     (["label", "--limit", "0"], "--limit"),
     (["label", "--checkpoint-every", "0"], "--checkpoint-every"),
+    (["lora", "--epochs", "0"], "--epochs"),
+    (["lora", "--lr", "nan"], "must be positive and finite"),
+    (["lora", "--sets", "magic"], "unknown set group 'magic'"),
+    (["lora", "--tasks", "nope"], "unknown task"),
+    (["eval", "--set", "0", "--tasks", "piqa", "--lora"], "has no LoRA adapter"),
 ])
 def test_bad_arguments_with_a_bundle(args, fragment, bundle):
     before = {p: p.stat().st_mtime_ns for p in bundle.rglob("*")}

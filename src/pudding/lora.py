@@ -68,8 +68,8 @@ class LoraRecipe:
                 raise PuddingError(f"LoRA {name.replace('_', ' ')} must be at least 1")
         if not 0 <= self.dropout < 1:
             raise PuddingError("LoRA dropout must be in [0, 1)")
-        if self.lr <= 0:
-            raise PuddingError("LoRA learning rate must be positive")
+        if not self.lr > 0 or self.lr == float("inf"):
+            raise PuddingError("LoRA learning rate (--lr) must be positive and finite")
 
     def identity(self) -> dict:
         """What changes the adapter (not how often it is checkpointed)."""
