@@ -249,3 +249,19 @@ def test_pipeline_lora_stage_trains_and_evaluates_table4_rows(smollm2, tmp_path)
         document = json.loads((bundle.path / "evals" / f"{row}.json").read_text())
         assert document["settings"]["pipeline"]["lora"]["rank"] == 8
         assert document["tasks"]["arc_easy"]["n"] == 6
+
+
+def test_report_shows_the_lora_rows(smollm2, tmp_path):
+    """Evaluations the lora stage writes appear in report.md as the paper's Table 4."""
+    from pudding.pipeline import PipelineConfig
+    from pudding.report import write_report
+
+    bundle = Bundle.create_or_open(tmp_path / "b", smollm2.info(), 4, {})
+    bundle.write_candidates([CandidateSet([3, 9, 11, 17], [{"task": "piqa", "loss": "tl"}])], {})
+    row = {"omission": {"label": "3,9,11,17"}, "tasks": {"piqa": {"primary": "acc", "metrics": {"acc": 0.5},
+           "stderr": {"acc": 0.1}, "per_doc": {"acc": "0110"}, "n": 4}}}
+    for name in ("dense", "sleb-lora", "pudding-lora"):
+        bundle.write_json(f"evals/{name}.json", row)
+    report = write_report(bundle, PipelineConfig(eval_tasks=["piqa"])).read_text()
+    table = report.split("## With LoRA per omission set (Table 4)")[1]
+    assert "| SLEB + LoRA |" in table and "| PuDDing + LoRA |" in table and "| dense |" in table

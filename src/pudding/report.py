@@ -291,6 +291,7 @@ def write_report(bundle, config):
                 subset[name] = _subset(evals[name], n)
         lines += [f"## SLEB per prompt (first {n} documents of each task)", "",
                   method_table(subset, tasks, "pudding" if "pudding" in subset else None), ""]
+    lines += _lora_lines(evals, main_tasks)
     if "pudding" in evals:
         document = evals["pudding"]
         all_tasks = [t for t in config.eval_tasks if t in document["tasks"]]
@@ -324,6 +325,22 @@ def write_report(bundle, config):
     lines += _ablation_lines(bundle, main_tasks)
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+LORA_ROWS = {"sleb-lora": "SLEB + LoRA", "shortened-ppl-lora": "Shortened LLaMA + LoRA", "pudding-lora": "PuDDing + LoRA",
+             "deployed-lora": "deployed + LoRA"}
+
+
+def _lora_lines(evals: dict, tasks) -> list[str]:
+    """Table 4: each method with the LoRA adapter of its set (the pipeline's lora stage), beside dense."""
+    rows = {label: evals[name] for name, label in LORA_ROWS.items() if name in evals}
+    if not rows or not tasks:
+        return []
+    shown = {**({"dense": evals["dense"]} if "dense" in evals else {}), **rows}
+    reference = "PuDDing + LoRA" if "PuDDing + LoRA" in shown else None
+    return ["## With LoRA per omission set (Table 4)", "",
+            "Each set's adapter is trained on the pruned model (`pudding lora`; data and recipe in adapters/*/pudding.json). "
+            "▲/▼ here are against PuDDing + LoRA.", "", method_table(shown, tasks, reference), ""]
 
 
 def _policy_record(bundle) -> dict | None:
