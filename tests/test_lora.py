@@ -265,3 +265,24 @@ def test_report_shows_the_lora_rows(smollm2, tmp_path):
     report = write_report(bundle, PipelineConfig(eval_tasks=["piqa"])).read_text()
     table = report.split("## With LoRA per omission set (Table 4)")[1]
     assert "| SLEB + LoRA |" in table and "| PuDDing + LoRA |" in table and "| dense |" in table
+
+
+def test_quantized_blocks_take_an_adapter_too(tmp_path):
+    """int8 blocks with an unmerged adapter: the engine computes what the scorer's quantized modules plus hooks do."""
+    from pudding.engine import Engine
+    from pudding.quantize import quantize_blocks
+
+    omit = OmissionSet(OMIT, 6)
+    model = build_tiny("llama", init=0.2)
+    random_adapter(model, omit, tmp_path / "a")
+    adapter = Adapter.load(tmp_path / "a", model)
+    quantize_blocks(model, "int8")
+    engine = Engine.from_model(model, max_len=64, lora_rank=4)
+    engine.set_adapters({omit: adapter})
+    decoder = PrunableDecoder(model)
+    ids = torch.randint(3, 250, (9,), generator=torch.Generator().manual_seed(6)).tolist()
+    engine.use(omit)
+    got = engine.prefill(ids).clone().reshape(-1)
+    with applied(decoder.blocks, adapter):
+        want = decoder.full_logits(torch.tensor([ids]), omit)[0, -1].reshape(-1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
