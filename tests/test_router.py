@@ -36,13 +36,36 @@ def test_labels_are_tl_under_each_set(scorer):
         assert table.labels[0, j] == pytest.approx(expected, rel=1e-4)
 
 
+def test_margin_labels_count_what_accuracy_counts(scorer):
+    """A margin label is below zero exactly when the set answers the prompt right under the task's metric, and
+    the table keeps its kind through a save."""
+    from pudding.evaluate import correctness, score_docs_under_sets
+    from pudding.tasks import get_task
+
+    sets = [OmissionSet(s, 30) for s in SETS[:3]]
+    table = label_prompts(scorer, sets, ["arc_easy", "piqa"], limit_per_task=4, seed=2, kind="margin")
+    assert table.kind == "margin" and table.labels.shape == (8, 3)
+    for name in ("arc_easy", "piqa"):
+        task = get_task(name)
+        by_index = {d.index: d for d in task.docs("train").docs}
+        rows = [i for i, t in enumerate(table.tasks) if t == name]
+        docs = [by_index[table.indices[i]] for i in rows]
+        for j, scored in enumerate(score_docs_under_sets(scorer, docs, sets, "check")):
+            right = correctness(scored)[task.primary].astype(bool)
+            np.testing.assert_array_equal(table.labels[rows, j] < 0, right)
+    with pytest.raises(PuddingError, match="unknown label kind 'accuracy'"):
+        label_prompts(scorer, sets, ["piqa"], limit_per_task=1, kind="accuracy")
+
+
 def test_label_table_round_trip(tmp_path):
-    table = LabelTable(["a", "b"], [4, 7], ["p one", "p two"], np.array([[1.0, 2.0], [3.0, 0.5]], np.float32),
-                       [[1], [2]], {"settings": {"x": 1}})
-    table.save(tmp_path / "labels.parquet")
-    back = LabelTable.load(tmp_path / "labels.parquet")
-    assert back.prompts == table.prompts and back.sets == [[1], [2]] and back.meta == {"settings": {"x": 1}}
-    np.testing.assert_array_equal(back.labels, table.labels)
+    for meta in ({"settings": {"x": 1}}, {"settings": {"x": 1}, "label": "margin"}):
+        table = LabelTable(["a", "b"], [4, 7], ["p one", "p two"], np.array([[1.0, 2.0], [3.0, 0.5]], np.float32),
+                           [[1], [2]], meta)
+        table.save(tmp_path / "labels.parquet")
+        back = LabelTable.load(tmp_path / "labels.parquet")
+        assert back.prompts == table.prompts and back.sets == [[1], [2]] and back.meta == meta
+        assert back.kind == meta.get("label", "tl")
+        np.testing.assert_array_equal(back.labels, table.labels)
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(PuddingError, match="not a readable label table"):
         LabelTable.load(tmp_path / "bad.parquet")
@@ -211,3 +234,27 @@ def test_the_pipeline_deploys_a_policy_chosen_on_held_out_prompts(small_bundle):
         assert {t: r["per_doc"] for t, r in deployed["tasks"].items()} == {t: r["per_doc"] for t, r in fixed["tasks"].items()}
     report = (small_bundle / "report.md").read_text()
     assert "## Deployed policy" in report and "fair best static" in report
+
+
+@pytest.mark.slow
+def test_margin_router_variant_trains_on_margin_labels_and_competes_for_deployment(small_bundle, tmp_path):
+    """`--variants margin`: the main table's prompts labelled with decision margins, a router trained on them beside
+    the paper's, its routed accuracy looked up, and it among the policies the deployment is chosen from."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)
+    result = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",
+                     "--epochs", "1", "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--output", str(bundle),
+                     "--variants", "margin", "--stages", "labels,heldout,variants,select", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    main, margins = LabelTable.load(bundle / "labels.parquet"), LabelTable.load(bundle / "labels-margin.parquet")
+    assert margins.kind == "margin" and main.kind == "tl"
+    assert margins.prompts == main.prompts and margins.labels.shape == main.labels.shape
+    trained = json.loads((bundle / "router-margin" / "router.json").read_text())
+    heldout = json.loads((bundle / "heldout.json").read_text())["tasks"]
+    assert trained["training"]["val_rows"] == sum(len(t["indices"]) for t in heldout.values())  # the main router's
+    routed = json.loads((bundle / "evals" / "pudding-margin.json").read_text())
+    assert "looked up" in routed["lookup"]
+    names = {c["name"] for c in json.loads((bundle / "policy.json").read_text())["candidates"]}
+    assert {"margin", "margin-gated"} <= names

@@ -683,7 +683,7 @@ LabelLimitOpt = Annotated[Optional[int], typer.Option("--label-limit", min=1, he
 EncoderOpt = Annotated[Optional[str], typer.Option("--encoder", help="Router encoder: minilm-l6 (default) or mpnet-base.")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1, help="Router training epochs (default 10).")]
 PerPromptOpt = Annotated[Optional[int], typer.Option("--per-prompt", min=0, help="Documents per task for the SLEB-per-prompt comparison (default 100; 0 skips it).")]
-VariantsOpt = Annotated[Optional[str], typer.Option("--variants", help="Other routers to train and compare: some of ce-soft, ce-onehot, mpnet, nocap.")]
+VariantsOpt = Annotated[Optional[str], typer.Option("--variants", help="Other routers to train and compare: some of ce-soft, ce-onehot, mpnet, nocap, margin.")]
 StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated subset of: candidates, baselines, static, labels, heldout, router, routed, variants, select, deployed, per-prompt, lora, report; or none.")]
 SmallOpt = Annotated[bool, typer.Option("--small", help="Small sizes that finish on 2 CPU cores in about 15 minutes.")]
 

@@ -107,15 +107,31 @@ def score_docs_under_sets(scorer: Scorer, docs: Sequence[Doc], sets: Sequence[Om
     return out
 
 
+def answer_scores(scored: DocScores, metric: str) -> list[np.ndarray]:
+    """Per document, what the metric compares across answers: acc the log-likelihood, acc_norm the log-likelihood
+    per character of the answer (as lm-evaluation-harness)."""
+    if metric == "acc":
+        return list(scored.loglikelihoods)
+    if metric == "acc_norm":
+        return [ll / np.array([max(len(t), 1) for t in d.choice_texts], float)
+                for d, ll in zip(scored.docs, scored.loglikelihoods)]
+    raise ValueError(f"no per-answer scores for metric '{metric}'")
+
+
 def correctness(scored: DocScores) -> dict[str, np.ndarray]:
-    """Per document, 1 if the metric's pick is the right answer: acc takes the highest log-likelihood, acc_norm the
-    highest log-likelihood per character of the answer (as lm-evaluation-harness)."""
-    correct = np.array([np.argmax(ll) == d.gold for d, ll in zip(scored.docs, scored.loglikelihoods)], float)
-    lengths = [np.array([max(len(t), 1) for t in d.choice_texts], float) for d in scored.docs]
-    correct_norm = np.array(
-        [np.argmax(ll / n) == d.gold for d, ll, n in zip(scored.docs, scored.loglikelihoods, lengths)], float
-    )
-    return {"acc": correct, "acc_norm": correct_norm}
+    """Per document, 1 if the metric's pick (the answer with the highest score) is the right answer."""
+    return {metric: np.array([np.argmax(s) == d.gold for d, s in zip(scored.docs, answer_scores(scored, metric))], float)
+            for metric in ("acc", "acc_norm")}
+
+
+def decision_margin(scored: DocScores, metric: str) -> np.ndarray:
+    """Per document, the best wrong answer's score minus the right answer's under the metric: below zero exactly
+    when the metric picks the right answer, and how far from flipping either way (lower is better)."""
+    margins = []
+    for d, s in zip(scored.docs, answer_scores(scored, metric)):
+        wrong = np.delete(s, d.gold)
+        margins.append(float(wrong.max() - s[d.gold]) if len(wrong) else float(-s[d.gold]))
+    return np.array(margins)
 
 
 def task_result(task: Task, split: str, per_doc: dict[str, np.ndarray], sets: Sequence[OmissionSet],

@@ -1,9 +1,9 @@
 """Soft labels for router training (PuDDing §5.2, eq. 11).
 
-For every training prompt (the calibration tasks' train splits), the tl of its right answer under every candidate
-set. All sets are scored in one pass over the data: they share the blocks they agree on (`Scorer.score_sets`).
-The table is stored as Parquet in the bundle: one row per prompt, the label vector as a list column, the sets and
-model in the file's metadata.
+For every training prompt (the calibration tasks' train splits), a loss under every candidate set: the paper's tl of
+the right answer, or (label kind `margin`) how far the set's pick is from the right answer. All sets are scored in
+one pass over the data: they share the blocks they agree on (`Scorer.score_sets`). The table is stored as Parquet in
+the bundle: one row per prompt, the label vector as a list column, the sets and model in the file's metadata.
 """
 
 from __future__ import annotations
@@ -20,15 +20,28 @@ from .progress import progress_bar
 from .scoring import Scorer
 from .tasks import get_task
 
+# What a label table can hold per prompt and set (lower is better for both)
+LABEL_KINDS = {
+    "tl": "tl of the right answer",  # the paper's soft label
+    # tl rewards a set that makes the right answer likelier even when it makes a wrong one likelier still; the
+    # margin is what accuracy counts: the best wrong answer's score minus the right one's under the task's metric
+    # (below zero: answered right), in units of its spread over the task's prompts so that tasks weigh alike
+    "margin": "decision margin of the task's metric (best wrong answer minus the right one)",
+}
+
 
 @dataclass
 class LabelTable:
     tasks: list[str]  # per row
     indices: list[int]  # document index in its split
     prompts: list[str]  # what the router sees
-    labels: np.ndarray  # rows x sets: tl of the right answer under each set (lower is better)
+    labels: np.ndarray  # rows x sets: the label kind's loss under each set (lower is better)
     sets: list[list[int]]
     meta: dict
+
+    @property
+    def kind(self) -> str:
+        return self.meta.get("label", "tl")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -55,7 +68,7 @@ class LabelTable:
             "task": self.tasks,
             "index": self.indices,
             "prompt": self.prompts,
-            "tl": pa.array(self.labels.tolist(), type=pa.list_(pa.float32())),
+            self.kind: pa.array(self.labels.tolist(), type=pa.list_(pa.float32())),
         })
         meta = {"sets": self.sets, **self.meta}
         table = table.replace_schema_metadata({"pudding": json.dumps(meta)})
@@ -74,7 +87,7 @@ class LabelTable:
             meta = json.loads(table.schema.metadata[b"pudding"])
         except Exception as err:
             raise PuddingError(f"{path} is not a readable label table ({type(err).__name__}): rerun `pudding label`") from None
-        labels = np.array(table.column("tl").to_pylist(), dtype=np.float32)
+        labels = np.array(table.column(meta.get("label", "tl")).to_pylist(), dtype=np.float32)
         sets = meta.pop("sets")
         return cls(table.column("task").to_pylist(), table.column("index").to_pylist(), table.column("prompt").to_pylist(),
                    labels, sets, meta)
@@ -105,8 +118,8 @@ def training_docs(task_name: str, limit_per_task: int | None, seed: int, data_di
 
 def label_prompts(scorer: Scorer, sets: list[OmissionSet], tasks: list[str], limit_per_task: int | None = None,
                   seed: int = 0, data_dir=None, log=None, checkpoint: Path | None = None,
-                  identity: dict | None = None, chunk_size: int = LABEL_CHUNK) -> LabelTable:
-    """tl of the right answer under every set, for the train prompts of each task (all, or a seeded sample).
+                  identity: dict | None = None, chunk_size: int = LABEL_CHUNK, kind: str = "tl") -> LabelTable:
+    """The `kind` label (LABEL_KINDS) under every set, for the train prompts of each task (all, or a seeded sample).
 
     Prompts are scored in chunks of `chunk_size`, always the same chunks, so that a run resumed from `checkpoint`
     (the finished chunks, written atomically after each one) gives exactly the labels of an uninterrupted run.
@@ -114,8 +127,11 @@ def label_prompts(scorer: Scorer, sets: list[OmissionSet], tasks: list[str], lim
     """
     from .storage import Checkpoint
 
+    if kind not in LABEL_KINDS:
+        raise PuddingError(f"unknown label kind '{kind}' (kinds: {', '.join(LABEL_KINDS)})")
     identity = {**(identity or {}), "sets": [list(s) for s in sets], "tasks": list(tasks),
-                "limit_per_task": limit_per_task, "seed": seed, "chunk_size": chunk_size}
+                "limit_per_task": limit_per_task, "seed": seed, "chunk_size": chunk_size,
+                **({"label": kind} if kind != "tl" else {})}
     store = Checkpoint(checkpoint, identity, what="labelling")
     state = store.load()
     finished: list[dict] = state["steps"] if state else []
@@ -125,31 +141,39 @@ def label_prompts(scorer: Scorer, sets: list[OmissionSet], tasks: list[str], lim
     position = 0  # chunks seen so far, across tasks
     for name in tasks:
         docs = training_docs(name, limit_per_task, seed, data_dir)
+        metric = get_task(name).primary
+        task_rows = []
         with progress_bar(f"label {name} x{len(sets)} sets", total=len(docs), unit="prompt") as advance:
             for start in range(0, len(docs), chunk_size):
                 chunk = docs[start : start + chunk_size]
                 if position < len(finished):
                     labels = np.array(finished[position]["labels"], dtype=np.float64)
                 else:
-                    labels = label_docs(scorer, sets, chunk)
+                    labels = label_docs(scorer, sets, chunk, kind, metric)
                     finished.append({"task": name, "indices": [d.index for d in chunk], "labels": labels.tolist()})
                     store.save(finished)
                     if log:
                         log(f"  {name:14s} chunk {position + 1}: {len(chunk)} prompts labelled")
                 position += 1
-                rows.append(labels)
+                task_rows.append(labels)
                 advance(len(chunk))
+        task_labels = np.concatenate(task_rows)
+        if kind == "margin":  # the task's spread, so that a task scored in log-likelihood and one per character weigh alike
+            task_labels = task_labels / max(float(task_labels.std()), 1e-6)
+        rows.append(task_labels)
         names += [name] * len(docs)
         indices += [d.index for d in docs]
         prompts += [d.prompt for d in docs]
         if log:
             log(f"  {name:14s} {len(docs):6d} prompts labelled")
     # the caller removes the checkpoint once the table is saved: a crash in between loses nothing
-    return LabelTable(names, indices, prompts, np.concatenate(rows).astype(np.float32), [list(s) for s in sets], {})
+    meta = {"label": kind} if kind != "tl" else {}
+    return LabelTable(names, indices, prompts, np.concatenate(rows).astype(np.float32), [list(s) for s in sets], meta)
 
 
 def label_bundle(bundle, scorer: Scorer, tasks: list[str], limit_per_task: int | None, seed: int, data_dir,
-                 model_info: dict, log=None, chunk_size: int = LABEL_CHUNK, path: Path | None = None) -> LabelTable:
+                 model_info: dict, log=None, chunk_size: int = LABEL_CHUNK, path: Path | None = None,
+                 kind: str = "tl") -> LabelTable:
     """Label the train prompts of `tasks` under every candidate set of a bundle and save the table in it (at
     labels.parquet unless `path` says otherwise). Resumable: a checkpoint beside the table holds the finished chunks
     until the table is recorded."""
@@ -163,16 +187,22 @@ def label_bundle(bundle, scorer: Scorer, tasks: list[str], limit_per_task: int |
     started = time.perf_counter()
     identity = {"model": model_info["fingerprint"], "data": bundle.manifest["data"]}
     table = label_prompts(scorer, bundle.omission_sets(), tasks, limit_per_task, seed, data_dir, log, partial_path(path),
-                          identity, chunk_size)
-    table.meta = {"settings": {"tasks": list(tasks), "limit_per_task": limit_per_task, "seed": seed}, "model": model_info,
+                          identity, chunk_size, kind)
+    table.meta = {**table.meta, "settings": {"tasks": list(tasks), "limit_per_task": limit_per_task, "seed": seed}, "model": model_info,
                   "seconds": round(time.perf_counter() - started, 1)}
     with bundle.writing(path):  # drops the checkpoint once the table is recorded
         table.save(path)
     return table
 
 
-def label_docs(scorer: Scorer, sets: list[OmissionSet], docs: list) -> np.ndarray:
-    """docs x sets: tl of each document's right answer under each set, all sets in one pass."""
+def label_docs(scorer: Scorer, sets: list[OmissionSet], docs: list, kind: str = "tl", metric: str = "acc") -> np.ndarray:
+    """docs x sets: each document's label under each set, all sets in one pass. tl scores the right answer only;
+    the margin scores every answer and reads them with the task's metric."""
+    if kind == "margin":
+        from .evaluate import decision_margin, score_docs_under_sets
+
+        scored = score_docs_under_sets(scorer, docs, sets, "margins")
+        return np.stack([decision_margin(s, metric) for s in scored], axis=1).astype(np.float64)
     prepared = scorer.prepare(scorer.encoder.groups([[d.requests[d.gold]] for d in docs]))
     scores = scorer.score_sets(prepared, sets)
     return np.stack([s.task_likelihood() for s in scores], axis=1).astype(np.float64)

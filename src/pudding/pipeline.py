@@ -28,7 +28,7 @@ import numpy as np
 from .bundle import MAIN_ROUTER, Bundle, CandidateSet, deduplicate
 from .errors import PuddingError
 from .evaluate import ORACLES, evaluate_sets, evaluate_tasks, oracle_description, results_document
-from .labels import LabelTable, heldout_split, label_bundle
+from .labels import LABEL_KINDS, LabelTable, heldout_split, label_bundle
 from .omission import OmissionSet
 from .policy import (
     BASELINE_METHODS, FixedPolicy, PerPromptPolicy, RoutedPolicy, apply_rule, deployed_policy, neighbour_predictions,
@@ -83,6 +83,7 @@ ROUTER_VARIANTS = {
     "ce-onehot": {"objective": "ce-onehot"},
     "mpnet": {"encoder": "mpnet-base"},  # BERT-base size, as the paper
     "nocap": {"labels": "all"},  # every training prompt labelled (no per-task cap), as many steps as the main router
+    "margin": {"labels": "margin"},  # labels that count what accuracy counts (labels.LABEL_KINDS), same prompts
 }
 
 
@@ -187,17 +188,17 @@ class Pipeline:
     def labels(self) -> None:
         self._labels(self.bundle.labels_path, self.config.label_limit)
 
-    def _labels(self, path: Path, limit: int | None) -> LabelTable:
+    def _labels(self, path: Path, limit: int | None, kind: str = "tl") -> LabelTable:
         sets = self.bundle.omission_sets()
         wanted = {"sets": [list(s) for s in sets], "tasks": self.config.calibration_tasks,
-                  "limit_per_task": limit, "seed": self.config.seeds[0]}
+                  "limit_per_task": limit, "seed": self.config.seeds[0], "label": kind}
         if path.exists():
             table = LabelTable.load(path)
-            if {"sets": table.sets, **table.meta.get("settings", {})} == wanted:
+            if {"sets": table.sets, "label": table.kind, **table.meta.get("settings", {})} == wanted:
                 return table
-        self.log(f"labels: tl of the right answer under {len(sets)} sets" + ("" if limit else ", every training prompt"))
+        self.log(f"labels: {LABEL_KINDS[kind]} under {len(sets)} sets" + ("" if limit else ", every training prompt"))
         return label_bundle(self.bundle, self.scorer, self.config.calibration_tasks, limit, self.config.seeds[0],
-                            self.data_dir, self.model, self.log, path=path)
+                            self.data_dir, self.model, self.log, path=path, kind=kind)
 
     def _heldout_rows(self, table: LabelTable):
         """The label rows the routers do not train on: the main table's held-out tenth."""
@@ -223,9 +224,13 @@ class Pipeline:
         if name != MAIN_ROUTER and name not in ROUTER_VARIANTS:
             raise PuddingError(f"unknown router variant '{name}' (variants: {', '.join(ROUTER_VARIANTS)})")
         main = LabelTable.load(self.bundle.labels_path)
-        if variant.pop("labels", None) != "all":
+        labels = variant.pop("labels", None)
+        if labels is None:
             return replace(self.config.router, **variant), main, None
-        table = self._labels(self.bundle.path / "labels-all.parquet", None)
+        if labels == "all":
+            table = self._labels(self.bundle.path / "labels-all.parquet", None)
+        else:  # the main table's prompts, another label kind
+            table = self._labels(self.bundle.path / f"labels-{labels}.parquet", self.config.label_limit, labels)
         held = {(main.tasks[i], main.indices[i]) for i in self._heldout_rows(main)}
         val_rows = [i for i in range(len(table)) if (table.tasks[i], table.indices[i]) in held]
         # as many optimisation steps as the main router: more prompts, not more training
