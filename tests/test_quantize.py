@@ -165,5 +165,49 @@ def test_bench_compares_block_weights_on_one_shape():
     assert rows["int4"]["block_bytes"] < rows["int8"]["block_bytes"] / 1.6
     assert all(r[name]["decode_tok_s"] > 0 and set(r[name]["ttft_ms"]) == {16, 32} for r in rows.values() for name in ("dense", "pruned"))
     assert [g["figure"].split()[0] for g in compared["goals"]] == ["int8", "int4"]
+    for scheme in ("int8", "int4"):  # the one-row product checked against the dequantized one (triton on a GPU)
+        check = rows[scheme]["gemv"]
+        assert check["kernel"] == "reference" and check["shape"] == [64, 128] and check["max_relative_error"] < 1e-2
     table = markdown({"device": "cpu", "date": "today", "command": "pudding bench", "settings": {}, "weights": compared})
-    assert "| int4 |" in table and "int8 pruned decode, of bf16 pruned decode" in table
+    assert "| int4 |" in table and "int8 pruned decode, of bf16 pruned decode" in table and "One-row product alone" in table
+
+
+GEMV_CHECK = r"""
+import torch
+from pudding import kernels
+from pudding.quantize import dequantize, quantize_weight, quantized_linear
+
+assert kernels.available(torch.zeros(1)), "the interpreter should make the kernels available on the CPU"
+generator = torch.Generator().manual_seed(0)
+for scheme, rows, cols in [("int8", 37, 100), ("int8", 9, 1030), ("int4", 37, 96), ("int4", 70, 608)]:
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(rows, cols, generator=generator)
+        w[3] *= 40
+        x = torch.randn(1, 1, cols, generator=generator).to(dtype)
+        codes, scales = quantize_weight(w.to(dtype), scheme)
+        reference = torch.nn.functional.linear(x.float(), dequantize(codes, scales, torch.float32))
+        gemv = kernels.gemv_int8 if scheme == "int8" else kernels.gemv_int4
+        direct = gemv(x.reshape(-1), codes, scales)
+        routed = quantized_linear(x, codes, scales)  # one row: the dispatch takes the kernel
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+        for got in (direct.view(1, 1, -1), routed):
+            assert got.dtype == dtype and got.shape == (1, 1, rows)
+            torch.testing.assert_close(got.float(), reference, rtol=tolerance, atol=tolerance)
+compiled = torch.compile(lambda x, c, s: quantized_linear(x, c, s) * 2, fullgraph=True)
+torch.testing.assert_close(compiled(x, codes, scales), quantized_linear(x, codes, scales) * 2)
+print("ok")
+"""
+
+
+def test_low_bit_gemv_kernels_equal_the_reference_product(tmp_path):
+    """The Triton kernels of a decode step (kernels.py), run by Triton's CPU interpreter: int8 and int4, fp32 and bf16,
+    shapes that do not fill the last block, called directly, through `quantized_linear`, and inside torch.compile."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "gemv_check.py"
+    script.write_text(GEMV_CHECK)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -458,6 +458,9 @@ def benchmark_weights(config, device: str, schemes: Sequence[str], repeats: int,
         engine.warm_up(list(sets.values()))
         row = {"block_bytes": engine.layout.nbytes + (engine.lora_layout.nbytes if lora else 0),
                "blocks_on_device_gb": engine.memory()["blocks"] / 1e9}
+        if scheme in ("int8", "int4"):
+            row["gemv"] = gemv_check(scheme, config, device)
+            log(f"{scheme} GEMV: {row['gemv']}")
         for name, omit in sets.items():
             timed = time_set(engine, omit, name, prompt_lengths, prompt_lengths[0], (128, 256), repeats)
             row[name] = {"decode_tok_s": round(timed.decode_tok_s, 2), "ttft_ms": timed.ttft_ms,
@@ -475,6 +478,35 @@ def benchmark_weights(config, device: str, schemes: Sequence[str], repeats: int,
     return {"pruned": "omit " + sets['pruned'].label(), "weights": rows, "goals": goals}
 
 
+def gemv_check(scheme: str, config, device: str) -> dict:
+    """The one-row product a decode step runs, on the shape's largest matrix (FFN down): its largest error against
+    the product with the dequantized matrix (relative to that product's largest value), which kernel ran, and the
+    bandwidth it reached on the codes and scales, timed alone over 50 calls."""
+    from . import kernels
+    from .quantize import dequantize, quantize_weight, quantized_linear
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    weight = torch.randn(config.hidden_size, config.intermediate_size, device=device, generator=generator)
+    x = torch.randn(1, 1, config.intermediate_size, device=device, generator=generator).to(torch.bfloat16)
+    codes, scales = quantize_weight(weight.to(torch.bfloat16), scheme)
+    reference = torch.nn.functional.linear(x.float(), dequantize(codes, scales, torch.float32))
+    got = quantized_linear(x, codes, scales)
+    error = ((got.float() - reference).abs().max() / reference.abs().max()).item()
+    for _ in range(3):
+        quantized_linear(x, codes, scales)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(50):
+        quantized_linear(x, codes, scales)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / 50
+    moved = codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
+    return {"kernel": "triton" if kernels.available(x) else "reference", "max_relative_error": error,
+            "shape": list(weight.shape), "us_per_call": seconds * 1e6, "gb_per_s": moved / seconds / 1e9}
+
+
 def _weights_lines(compared: dict) -> list[str]:
     rows = compared["weights"]
     base = rows["bf16"]["pruned"]["decode_tok_s"]
@@ -487,6 +519,12 @@ def _weights_lines(compared: dict) -> list[str]:
         lines.append(f"| {name} | {r['block_bytes'] / 1e6:.1f} MB | {r['dense']['decode_tok_s']:.1f} tok/s | "
                      f"{r['pruned']['decode_tok_s']:.1f} tok/s | {r['pruned']['decode_tok_s'] / base:.2f}x | {ttft} ms | "
                      f"{r['blocks_on_device_gb']:.2f} GB |")
+    checks = {name: r["gemv"] for name, r in rows.items() if r.get("gemv")}
+    if checks:
+        lines += ["", "One-row product alone (the FFN down matrix; error against the dequantized product):", "",
+                  "| weights | kernel | max relative error | time per call | codes + scales read |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {c['kernel']} | {c['max_relative_error']:.1e} | {c['us_per_call']:.1f} us | "
+                  f"{c['gb_per_s']:.0f} GB/s |" for name, c in checks.items()]
     lines += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
     lines += [f"| {g['figure']} | {g['measured']:.2f}x | {g['target']} | {_yes(g['met'])} |" for g in compared["goals"]]
     return lines + [""]

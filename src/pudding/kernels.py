@@ -1,0 +1,136 @@
+"""Low-bit matrix-vector kernels (Triton) for weight-only quantized decode.
+
+A decode step multiplies one activation row by every weight matrix of the kept blocks, so its time is the bytes of
+weights read. Dequantize-then-multiply reads the codes, writes a bf16 copy and reads it again (int8 decode was 1.21x
+bf16 instead of ~2x; int4 0.32x); these kernels read each code once, widen it in registers and accumulate in fp32
+(H200, 8B shape: int8 1.24x, int4 0.79x; results/quantized-decode-h200.md says where the rest goes):
+
+* int8: codes (N, K) int8, one scale per output row, applied once to the row's sum.
+* int4: codes (N, K/2) uint8, two per byte (low nibble first, offset 8), one scale per group of 32 inputs, applied to
+  each product.
+
+Each program owns a few output rows and walks the inputs in chunks, keeping a 2-D accumulator that is reduced once at
+the end (a reduction per chunk would cost more than the loads). They are registered as torch custom ops, so that
+`torch.compile` keeps them as single kernels and CUDA graphs capture them. Triton runs on NVIDIA GPUs, and on the CPU
+under TRITON_INTERPRET=1, which is how the tests check them against the reference arithmetic of `quantize.py`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: `available` is False and quantize.py keeps its reference path
+    triton = None
+
+INT4_GROUP = 32
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on x's device (Triton present; a GPU, or the interpreter on the CPU)."""
+    if triton is None:
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _rows_per_program(n: int) -> int:
+    return 4 if n <= 4096 else 8  # enough programs to fill every SM on the small (k, v) matrices too
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_int8_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+            acc += w.to(tl.float32) * x[None, :]
+        total = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _gemv_int4_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, HALF: tl.constexpr,
+                          GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr):
+        # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+        for start in range(0, HALF, BLOCK_B):
+            cols = start + tl.arange(0, BLOCK_B)
+            col_ok = cols < HALF
+            both = row_ok[:, None] & col_ok[None, :]
+            packed = tl.load(codes_ptr + rows[:, None] * HALF + cols[None, :], mask=both, other=0x88).to(tl.int32)
+            low = ((packed & 0xF) - 8).to(tl.float32)
+            high = ((packed >> 4) - 8).to(tl.float32)
+            x_even = tl.load(x_ptr + 2 * cols, mask=col_ok, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + 2 * cols + 1, mask=col_ok, other=0.0).to(tl.float32)
+            scale = tl.load(scales_ptr + rows[:, None] * GROUPS + (2 * cols[None, :]) // GROUP, mask=both, other=0.0)
+            acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale.to(tl.float32)
+        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+
+    # On the GPU each matrix shape gets the fastest of a few tilings, measured on its first call (the engine's
+    # warm-up, before any CUDA graph is captured); the interpreter runs the fixed tiling below.
+    def _tilings(chunk: str, sizes) -> list:
+        return [triton.Config({"BLOCK_N": n, chunk: c}, num_warps=w) for n, c, w in sizes]
+
+    _int8_tuned = triton.autotune(_tilings("BLOCK_K", [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4),
+                                                       (8, 1024, 8), (16, 256, 4)]), key=["N", "K"])(_gemv_int8_kernel)
+    _int4_tuned = triton.autotune(_tilings("BLOCK_B", [(2, 512, 4), (4, 256, 4), (4, 512, 4), (8, 256, 4),
+                                                       (8, 512, 8), (16, 128, 4)]), key=["N", "HALF"])(_gemv_int4_kernel)
+
+
+def _launch_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    n, k = codes.shape
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    if x.is_cuda:
+        _int8_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, codes, scales, out, n, k)
+    else:
+        block_n = _rows_per_program(n)
+        _gemv_int8_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=512)
+    return out
+
+
+def _launch_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    n, half = codes.shape
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    group = half * 2 // scales.shape[1]
+    if x.is_cuda:
+        _int4_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, codes, scales, out, n, half, scales.shape[1],
+                                                                      GROUP=group)
+    else:
+        block_n = _rows_per_program(n)
+        _gemv_int4_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, half, scales.shape[1],
+                                                       BLOCK_N=block_n, BLOCK_B=256, GROUP=group)
+    return out
+
+
+@torch.library.custom_op("pudding::gemv_int8", mutates_args=())
+def gemv_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(codes * scales[:, None]) @ x for one activation row x of length K: a vector of length N, in x's dtype."""
+    return _launch_int8(x.contiguous(), codes.contiguous(), scales.contiguous())
+
+
+@gemv_int8.register_fake
+def _(x, codes, scales):
+    return x.new_empty(codes.shape[0])
+
+
+@torch.library.custom_op("pudding::gemv_int4", mutates_args=())
+def gemv_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The int4 matrix (packed codes, per-group scales) times one activation row x: a vector of length N."""
+    return _launch_int4(x.contiguous(), codes.contiguous(), scales.contiguous())
+
+
+@gemv_int4.register_fake
+def _(x, codes, scales):
+    return x.new_empty(codes.shape[0])
