@@ -258,3 +258,9 @@ def test_margin_router_variant_trains_on_margin_labels_and_competes_for_deployme
     assert "looked up" in routed["lookup"]
     names = {c["name"] for c in json.loads((bundle / "policy.json").read_text())["candidates"]}
     assert {"margin", "margin-gated"} <= names
+    # the same labels from the command line: `train-router --labels margin` (here with another objective)
+    trained = pudding("train-router", "--bundle", str(bundle), "--labels", "margin", "--objective", "ce-soft",
+                      "--epochs", "1", "--warmup-steps", "0")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    config = json.loads((bundle / "router-margin-ce-soft" / "router.json").read_text())
+    assert config["settings"]["objective"] == "ce-soft" and config["training"]["labels"] == "margin"

@@ -14,7 +14,7 @@ log=$root/$name.log
 pgrep -f "lora-job=$bundle " >/dev/null && { echo "running: $(tail -c 300 "$log" | tr '\r' '\n' | tail -n 2)"; exit 0; }
 [ -f "$root/$name.done" ] && { echo "done"; exit 0; }
 setsid nohup bash -c ": lora-job=$bundle ; set -e
-    python3 -m pudding.cli label --bundle $bundle --limit 2000 --device cuda
+    [ -f $bundle/labels.parquet ] || python3 -m pudding.cli label --bundle $bundle --limit 2000 --device cuda
     [ -f $bundle/router/head.safetensors ] || python3 -m pudding.cli train-router --bundle $bundle --device cuda
     python3 -m pudding.cli lora --bundle $bundle --sets candidates,sleb,shortened-ppl --per-task $per_task --micro-batch 64 --device cuda
     python3 benchmarks/accuracy_table.py --table lora --bundle $bundle --limit 1000 --device cuda --output $root/lora-accuracy-$name.json

@@ -241,7 +241,11 @@ class Bundle:
 
     @property
     def labels_path(self) -> Path:
-        return self.path / "labels.parquet"
+        return self.label_table_path("tl")
+
+    def label_table_path(self, kind: str) -> Path:
+        """labels.parquet for the paper's tl labels, labels-KIND.parquet for another kind (labels.LABEL_KINDS)."""
+        return self.path / ("labels.parquet" if kind == "tl" else f"labels-{kind}.parquet")
 
     def router_dir(self, name: str = MAIN_ROUTER, must_exist: bool = False) -> Path:
         """Where a router lives: router/ for the main one, router-NAME/ for the others (the ablations' objectives,

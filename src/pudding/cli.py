@@ -380,15 +380,19 @@ def label_command(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Prompts per task (default: the whole train split).")] = None,
     seed: SeedOpt = 0,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Prompts labelled between two checkpoints (a rerun resumes from the last).")] = 512,
+    kind: Annotated[str, typer.Option("--kind", help="tl: the right answer's tl (the paper's label, labels.parquet); margin: the best wrong answer's score minus the right one's under the task's metric (labels-margin.parquet).")] = "tl",
     data_dir: DataDirOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
     batch_tokens: BatchTokensOpt = None,
 ) -> None:
-    """Soft labels: the tl of each training prompt's right answer under every candidate set (eq. 11)."""
-    from .labels import label_bundle
+    """Soft labels: the tl of each training prompt's right answer under every candidate set (eq. 11), or another
+    label kind (--kind)."""
+    from .labels import LABEL_KINDS, label_bundle
     from .tasks import get_task, parse_task_list, resolve_data_dir
 
+    if kind not in LABEL_KINDS:
+        raise PuddingError(f"unknown label kind '{kind}' (kinds: {', '.join(LABEL_KINDS)})")
     opened, ref = _open_bundle_for(bundle, model)
     sets = opened.omission_sets()
     names = [t.name for t in parse_task_list(tasks)] if tasks else (
@@ -402,8 +406,8 @@ def label_command(
     data_path = resolve_data_dir(data_dir)
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens)
     table = label_bundle(opened, scorer, names, limit, seed, data_path, loaded.info(),
-                         log_line, checkpoint_every)
-    out.print(f"{len(table)} prompts x {len(sets)} sets → {opened.labels_path}")
+                         log_line, checkpoint_every, kind=kind)
+    out.print(f"{len(table)} prompts x {len(sets)} sets → {opened.label_table_path(kind)}")
 
 
 @app.command("train-router")
@@ -418,12 +422,13 @@ def train_router_command(
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 0.01,
     max_length: Annotated[int, typer.Option("--max-length", min=8, help="Prompt tokens the encoder reads.")] = 256,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Prompts held out for the convergence curve.")] = 0.1,
+    labels: Annotated[str, typer.Option("--labels", help="Which label table to train on: tl (the paper's) or margin (`pudding label --kind margin`; the router is saved as router-margin/).")] = "tl",
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
 ) -> None:
     """Train the router (encoder + linear head) on the bundle's labels; saves it and its training curve."""
     from .bundle import Bundle
-    from .labels import LabelTable
+    from .labels import LABEL_KINDS, LabelTable
     from .models import check_device, default_device, resolve_model
     from .router import RouterSettings
     from .router_training import train_bundle_router
@@ -432,11 +437,16 @@ def train_router_command(
     settings = RouterSettings(encoder, objective, lr, weight_decay, batch_size, epochs, warmup_steps, max_length, val_fraction, seed)
     settings.validate()
     resolve_model(encoder, kind="encoder")
-    table = LabelTable.load(opened.labels_path)
+    path = opened.label_table_path(labels)
+    if labels not in LABEL_KINDS or not path.exists():
+        raise PuddingError(f"no {labels} labels in {opened.path}: run `pudding label --kind {labels}` first"
+                           if labels in LABEL_KINDS else f"unknown --labels '{labels}' (kinds: {', '.join(LABEL_KINDS)})")
+    table = LabelTable.load(path)
     if [list(s) for s in opened.omission_sets()] != table.sets:
         raise PuddingError(f"the labels in {opened.path} are for other candidate sets: rerun `pudding label`")
     device = check_device(device or default_device())
-    target = train_bundle_router(opened, table, settings, device, log_line, "router" if objective == "mse" else objective)
+    name = "-".join(part for part in ("" if labels == "tl" else labels, "" if objective == "mse" else objective) if part)
+    target = train_bundle_router(opened, table, settings, device, log_line, name or "router")
     out.print(f"router → {target} (training curve: {target / 'training.png'})")
 
 

@@ -183,7 +183,7 @@ def label_bundle(bundle, scorer: Scorer, tasks: list[str], limit_per_task: int |
     from .tasks import data_versions
 
     bundle.record_data(data_versions(tasks, data_dir))
-    path = path or bundle.labels_path
+    path = path or bundle.label_table_path(kind)
     started = time.perf_counter()
     identity = {"model": model_info["fingerprint"], "data": bundle.manifest["data"]}
     table = label_prompts(scorer, bundle.omission_sets(), tasks, limit_per_task, seed, data_dir, log, partial_path(path),

@@ -179,7 +179,7 @@ def train_adapter(model, tokenizer, omit: OmissionSet, examples: list[list[int]]
     orders = [np.random.default_rng(recipe.seed + 1 + e).permutation(len(examples)) for e in range(recipe.epochs)]
     history = TrainingHistory()
     store = TrainingCheckpoint(checkpoint, {**identity, "set": list(omit), "recipe": recipe.identity()})
-    done, spent = store.restore(_AdapterState(peft_model), optimizer, scheduler, np.random.default_rng(0), history)
+    done, spent = store.restore(_AdapterState(peft_model), optimizer, scheduler, history)  # orders: drawn up front
     if done and log:
         log(f"  resuming after step {done} of {total} from {checkpoint}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -198,8 +198,7 @@ def train_adapter(model, tokenizer, omit: OmissionSet, examples: list[list[int]]
                 if log:
                     log(f"  epoch {epoch + 1}: train loss {history.epochs[-1]['train_loss']:.4f}")
             if (step + 1) % recipe.save_every == 0 and step + 1 < total:
-                store.save(step + 1, _AdapterState(peft_model), optimizer, scheduler, np.random.default_rng(0), history,
-                           time.perf_counter() - started)
+                store.save(step + 1, _AdapterState(peft_model), optimizer, scheduler, history, time.perf_counter() - started)
     peft_model.eval()
     return peft_model, history, time.perf_counter() - started
 

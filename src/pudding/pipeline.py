@@ -230,7 +230,7 @@ class Pipeline:
         if labels == "all":
             table = self._labels(self.bundle.path / "labels-all.parquet", None)
         else:  # the main table's prompts, another label kind
-            table = self._labels(self.bundle.path / f"labels-{labels}.parquet", self.config.label_limit, labels)
+            table = self._labels(self.bundle.label_table_path(labels), self.config.label_limit, labels)
         held = {(main.tasks[i], main.indices[i]) for i in self._heldout_rows(main)}
         val_rows = [i for i in range(len(table)) if (table.tasks[i], table.indices[i]) in held]
         # as many optimisation steps as the main router: more prompts, not more training

@@ -76,7 +76,7 @@ def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu
     identity = {"settings": asdict(settings), "labels": table.digest(), "encoder": ref.fingerprint, "device": str(device),
                 "held_out": hashlib.sha256(np.sort(val_rows).tobytes()).hexdigest()[:16]}
     store = TrainingCheckpoint(checkpoint, identity)
-    first_epoch, spent = store.restore(router, optimizer, scheduler, shuffle, history)
+    first_epoch, spent = store.restore(router, optimizer, scheduler, history, shuffle)
     if first_epoch and log:
         log(f"  resuming after epoch {first_epoch} from {checkpoint}")
     started = time.perf_counter() - spent
@@ -102,10 +102,10 @@ def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu
                 extra = f", val {record['val_loss']:.4f}, picks best {100 * record['picks_best_set']:.1f}%" if val_batches else ""
                 log(f"  epoch {epoch + 1:2d}: train {record['train_loss']:.4f}{extra}")
             if epoch + 1 < settings.epochs:  # the last epoch's state is the router itself, saved by the caller
-                store.save(epoch + 1, router, optimizer, scheduler, shuffle, history, time.perf_counter() - started)
+                store.save(epoch + 1, router, optimizer, scheduler, history, time.perf_counter() - started, shuffle)
     router.eval()
     meta = {"seconds": round(time.perf_counter() - started, 1), "train_rows": len(train_rows), "val_rows": len(val_rows),
-            "encoder_fingerprint": ref.fingerprint}
+            "encoder_fingerprint": ref.fingerprint, "labels": table.kind}
     return router, tokenizer, history, meta
 
 
@@ -133,8 +133,9 @@ class TrainingCheckpoint:
         self.directory = directory
         self.identity = identity
 
-    def save(self, epochs_done: int, router: Router, optimizer, scheduler, shuffle: np.random.Generator,
-             history: TrainingHistory, seconds: float) -> None:
+    def save(self, epochs_done: int, router: Router, optimizer, scheduler, history: TrainingHistory, seconds: float,
+             shuffle: np.random.Generator | None = None) -> None:
+        """`shuffle`: the generator that orders the training rows, when the order is drawn as training goes."""
         from safetensors.torch import save_file
 
         from .storage import atomic_directory, atomic_write_json
@@ -153,11 +154,11 @@ class TrainingCheckpoint:
             atomic_write_json(tmp / self.STATE, {
                 "identity": self.identity, "epochs_done": epochs_done, "seconds": seconds, "history": asdict(history),
                 "param_groups": optim["param_groups"], "scheduler": scheduler.state_dict(),
-                "shuffle": shuffle.bit_generator.state,
+                "shuffle": shuffle.bit_generator.state if shuffle is not None else None,
             })
 
-    def restore(self, router: Router, optimizer, scheduler, shuffle: np.random.Generator,
-                history: TrainingHistory) -> tuple[int, float]:
+    def restore(self, router: Router, optimizer, scheduler, history: TrainingHistory,
+                shuffle: np.random.Generator | None = None) -> tuple[int, float]:
         """Load a saved state into the given objects; returns (epochs done, seconds spent), (0, 0.0) if none."""
         if self.directory is None or not (self.directory / self.STATE).exists():
             return 0, 0.0
@@ -179,7 +180,8 @@ class TrainingCheckpoint:
                 moments.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
         scheduler.load_state_dict(state["scheduler"])
-        shuffle.bit_generator.state = state["shuffle"]
+        if shuffle is not None:
+            shuffle.bit_generator.state = state["shuffle"]
         torch.set_rng_state(tensors["rng.torch"])
         cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
         if cuda_states and torch.cuda.is_available():
