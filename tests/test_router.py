@@ -110,12 +110,16 @@ def test_router_training_is_deterministic():
     assert first == second
 
 
+PIPELINE = ("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12", "--epochs", "1",
+            "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--variants", "margin")
+
+
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory, smollm2):
-    """A whole pipeline at toy sizes: candidates, baselines, evaluations, labels, router, routed eval, report."""
+    """A whole pipeline at toy sizes: candidates, baselines, evaluations, labels, router (and the margin-label
+    variant), routed eval, the deployed policy, report."""
     bundle = tmp_path_factory.mktemp("pipe") / "bundle"
-    result = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",
-                     "--epochs", "1", "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--output", str(bundle), timeout=900)
+    result = pudding(*PIPELINE, "--output", str(bundle), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return bundle
 
@@ -141,9 +145,7 @@ def test_pipeline_writes_every_stage(small_bundle):
 @pytest.mark.slow
 def test_pipeline_resumes_without_recomputing(small_bundle):
     before = {p.name: p.stat().st_mtime_ns for p in small_bundle.rglob("*.json")}
-    again = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",
-                    "--epochs", "1", "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--output", str(small_bundle),
-                    "--stages", "candidates,baselines,static,labels,router,routed")
+    again = pudding(*PIPELINE, "--output", str(small_bundle), "--stages", "candidates,baselines,static,labels,router,routed")
     assert again.returncode == 0, again.stderr
     after = {p.name: p.stat().st_mtime_ns for p in small_bundle.rglob("*.json")}
     unchanged = [n for n in before if n in after and before[n] == after[n] and n != "candidates.json"]
@@ -181,9 +183,7 @@ def test_bad_bundle_input(small_bundle, tmp_path):
 @pytest.mark.slow
 def test_objectives_ablation_lands_in_the_report(small_bundle):
     """The CE routers of Table 12 train beside the main one and the report compares them on the same documents."""
-    result = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",
-                     "--epochs", "1", "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--output", str(small_bundle),
-                     "--stages", "report", "--ablations", "objectives", timeout=600)
+    result = pudding(*PIPELINE, "--output", str(small_bundle), "--stages", "report", "--ablations", "objectives", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for objective in ("ce-soft", "ce-onehot"):
         assert (small_bundle / f"router-{objective}" / "router.json").exists()
@@ -243,11 +243,7 @@ def test_margin_router_variant_trains_on_margin_labels_and_competes_for_deployme
     import shutil
 
     bundle = tmp_path / "bundle"
-    shutil.copytree(small_bundle, bundle)
-    result = pudding("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12",
-                     "--epochs", "1", "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--output", str(bundle),
-                     "--variants", "margin", "--stages", "labels,heldout,variants,select", timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(small_bundle, bundle)  # the fixture's pipeline ran with --variants margin
     main, margins = LabelTable.load(bundle / "labels.parquet"), LabelTable.load(bundle / "labels-margin.parquet")
     assert margins.kind == "margin" and main.kind == "tl"
     assert margins.prompts == main.prompts and margins.labels.shape == main.labels.shape
