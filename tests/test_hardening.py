@@ -280,7 +280,8 @@ def test_a_bundle_refuses_data_other_than_its_own(small_bundle, tmp_path, edit):
     assert (small_bundle / "bundle.json").read_bytes() == before
 
 
-@pytest.mark.parametrize("name", ["b.tar", pytest.param("b.tar.gz", marks=pytest.mark.slow), pytest.param("b.tgz", marks=pytest.mark.slow)])
+# .tgz takes the .tar.gz path (export.TAR_SUFFIXES): one compressed pack is enough (each compresses the model: ~40 s)
+@pytest.mark.parametrize("name", ["b.tar", pytest.param("b.tar.gz", marks=pytest.mark.slow)])
 def test_packs_as_tar_and_compressed_tar(small_bundle, tmp_path, name, smollm2):
     archive = tmp_path / name
     assert cli("pack", "--bundle", str(small_bundle), "--output", str(archive)).returncode == 0

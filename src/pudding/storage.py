@@ -84,6 +84,9 @@ def output_file(path: Path | str) -> tuple[Path, bool]:
     it points to is replaced, the link stays); a regular file or a new path is replaced atomically; a device, pipe
     or socket that exists (/dev/stdout) is written into directly, never replaced; a directory is refused."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # checked before resolving: /dev/stdout resolves to /proc/PID/fd/pipe:[N], a name that exists nowhere
+        return path, False
     target = path.resolve() if path.is_symlink() else path
     if target.is_dir():
         raise PuddingError(f"{path} is a directory: give a file name for the output")
