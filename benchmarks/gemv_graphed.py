@@ -1,35 +1,60 @@
 """The one-row products of a decode step alone, as the engine runs them (20 calls captured in one CUDA graph, 10
 replays): bf16 `F.linear` against `quantized_linear` int8 and int4 (the Triton kernels of kernels.py on a GPU) on the
 four matrix shapes of a LLaMA-3.1-8B block, with the bandwidth reached on the bytes each reads and the tiling the
-autotuner chose. Prints one line per shape; needs a GPU. Its output on the H200 is in results/quantized-decode-h200.md.
+autotuner chose. Prints one line per shape; needs a GPU. Its output on the H200 (2026-12-03, before this file was
+reformatted and the two custom ops became one; the same measurement) is in results/quantized-decode-h200.md.
 
     PYTHONPATH=src python benchmarks/gemv_graphed.py
 """
-import torch, time
+
+import time
+
+import torch
+
 from pudding import kernels
 from pudding.quantize import quantize_weight, quantized_linear
-torch.manual_seed(0)
-def graphed(fn, reps=20):
-    s=torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3): fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g=torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps): fn()
-    g.replay(); torch.cuda.synchronize()
-    t=time.perf_counter()
-    for _ in range(10): g.replay()
+
+SHAPES = [(4096, 14336), (14336, 4096), (1024, 4096), (4096, 4096)]  # FFN down, gate/up, k/v, q/o (out x in)
+
+
+def graphed_seconds(step, calls: int = 20, replays: int = 10) -> float:
+    """Seconds per call of `step`: `calls` of them captured in one CUDA graph (after 3 warm-up calls on a side
+    stream: compilation, autotuning), the graph replayed `replays` times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            step()
+    graph.replay()
     torch.cuda.synchronize()
-    return (time.perf_counter()-t)/10/reps
-for (n,k) in [(4096,14336),(14336,4096),(1024,4096),(4096,4096)]:
-    w=torch.randn(n,k,device="cuda",dtype=torch.bfloat16); x=torch.randn(1,1,k,device="cuda",dtype=torch.bfloat16)
-    tb=graphed(lambda: torch.nn.functional.linear(x,w))
-    line=f"{n}x{k}: bf16 {tb*1e6:.1f}us {n*k*2/tb/1e9:.0f}GB/s"
-    for sch in ("int8","int4"):
-        c,s=quantize_weight(w,sch)
-        t=graphed(lambda: quantized_linear(x,c,s))
-        by=c.numel()*c.element_size()+s.numel()*s.element_size()
-        tuned = kernels._int8_tuned if sch=="int8" else kernels._int4_tuned
-        line+=f" | {sch} {t*1e6:.1f}us {by/t/1e9:.0f}GB/s x{tb/t:.2f} best={tuned.best_config}"
-    print(line, flush=True)
+    started = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / replays / calls
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    for n, k in SHAPES:
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        bf16 = graphed_seconds(lambda: torch.nn.functional.linear(x, weight))
+        line = f"{n}x{k}: bf16 {bf16 * 1e6:.1f}us {n * k * 2 / bf16 / 1e9:.0f}GB/s"
+        for scheme in ("int8", "int4"):
+            codes, scales = quantize_weight(weight, scheme)
+            seconds = graphed_seconds(lambda: quantized_linear(x, codes, scales))
+            moved = codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
+            tuner = kernels._int8_tuned if scheme == "int8" else kernels._int4_tuned
+            line += (f" | {scheme} {seconds * 1e6:.1f}us {moved / seconds / 1e9:.0f}GB/s x{bf16 / seconds:.2f} "
+                     f"best={tuner.best_config}")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

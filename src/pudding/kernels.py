@@ -114,23 +114,14 @@ def _launch_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
     return out
 
 
-@torch.library.custom_op("pudding::gemv_int8", mutates_args=())
-def gemv_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(codes * scales[:, None]) @ x for one activation row x of length K: a vector of length N, in x's dtype."""
-    return _launch_int8(x.contiguous(), codes.contiguous(), scales.contiguous())
+@torch.library.custom_op("pudding::gemv_lowbit", mutates_args=())
+def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The quantized matrix times one activation row x of length K: a vector of length N, in x's dtype. The scheme
+    is read from the codes (int8: (N, K) int8 with per-row scales; int4: (N, K/2) uint8 with per-group scales)."""
+    launch = _launch_int8 if codes.dtype == torch.int8 else _launch_int4
+    return launch(x.contiguous(), codes.contiguous(), scales.contiguous())
 
 
-@gemv_int8.register_fake
-def _(x, codes, scales):
-    return x.new_empty(codes.shape[0])
-
-
-@torch.library.custom_op("pudding::gemv_int4", mutates_args=())
-def gemv_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The int4 matrix (packed codes, per-group scales) times one activation row x: a vector of length N."""
-    return _launch_int4(x.contiguous(), codes.contiguous(), scales.contiguous())
-
-
-@gemv_int4.register_fake
+@gemv.register_fake
 def _(x, codes, scales):
     return x.new_empty(codes.shape[0])

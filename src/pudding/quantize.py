@@ -85,8 +85,7 @@ def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     `_weight_int8pack_mm`, which took 15.6 ms per 8B-shape matrix at 128 tokens on an H200 (1.6 s TTFT)."""
     one_row = x.numel() == x.shape[-1]
     if one_row and kernels.available(x):
-        gemv = kernels.gemv_int8 if codes.dtype == torch.int8 else kernels.gemv_int4
-        out = gemv(x.reshape(-1), codes, scales).view(*x.shape[:-1], codes.shape[0])
+        out = kernels.gemv(x.reshape(-1), codes, scales).view(*x.shape[:-1], codes.shape[0])
     elif one_row and codes.dtype == torch.int8:
         out = torch.nn.functional.linear(x, codes.to(x.dtype)) * scales.to(x.dtype)
     else:
