@@ -48,14 +48,16 @@ def main() -> None:
     lines = ["# Every routed policy of the accuracy sweep (ablation rows)", "",
              f"`python benchmarks/sweep_ablations.py {args.root} --output {args.output}`: averages over the six Table 2 "
              "tasks (%, first 1000 documents each) with paired differences ± s.e.; the held-out columns are what the "
-             "deployed policy was chosen on (policy.json: the held-out tenth of the labelled training prompts).", "", HEADER]
+             "deployed policy was chosen on (policy.json: the held-out tenth of the labelled training prompts).", "",
+             "Runs: one NVIDIA H200 (torch 2.11, transformers 5.17), 2026-12-02 (the first lease) and 2026-12-03 (the margin, "
+             "mpnet and no-cap variants); README.md beside this file has each model's command.", "", HEADER]
     for summary in sorted(args.root.glob("*/summary.json")):
         model = json.loads(summary.read_text())
         for rate in model["rates"]:
             if isinstance(rate["k"], int) and (summary.parent / f"k{rate['k']}" / "policy.json").exists():
                 lines += rate_rows(summary.parent, model, rate)
     atomic_write_text(args.output, "\n".join(lines) + "\n")
-    print(f"{len(lines) - 5} rows: {args.output}")
+    print(f"{len(lines) - 7} rows: {args.output}")
 
 
 if __name__ == "__main__":
