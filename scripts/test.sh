@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+# one worker per core, a test file to a worker (its module fixtures are built once)
+exec .venv/bin/python -m pytest -q -n auto --dist loadfile "$@"

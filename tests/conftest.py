@@ -62,7 +62,12 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def _environment(data_dir):
     os.environ["PUDDING_DATA_DIR"] = str(data_dir)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # The suite runs in parallel workers (scripts/test.sh): the cores are shared out among them, here and in every
+    # `pudding` child process, since oversubscribed thread pools spin against each other.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, min(2, (os.cpu_count() or 1) // workers))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -236,11 +236,18 @@ def test_block_lists_are_ascii_integers_and_never_empty(omit, fragment, command)
                                   ["search", "--task", "hellaswag", "--samples", "64", "--blocks", "3"]])
 def test_ctrl_c_says_interrupted(args, tmp_path):
     extra = ["--output", str(tmp_path / "s.json")] if args[0] == "search" else []
+    # Ctrl-C as a terminal delivers it: to a process that handles SIGINT (a suite started in the background inherits
+    # it ignored, and a child keeps an ignored signal ignored)
     process = subprocess.Popen([sys.executable, "-m", "pudding.cli", *args, *extra], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(12)  # the model is loaded and the work under way
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()  # never leave the job running on a failure
+        process.wait()
     assert process.returncode == 130
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines[-1] == "error: interrupted" and "Traceback" not in stderr
@@ -280,7 +287,7 @@ def test_a_bundle_refuses_data_other_than_its_own(small_bundle, tmp_path, edit):
     assert (small_bundle / "bundle.json").read_bytes() == before
 
 
-# .tgz takes the .tar.gz path (export.TAR_SUFFIXES): one compressed pack is enough (each compresses the model: ~40 s)
+# .tgz takes the .tar.gz path (export.TAR_SUFFIXES): one compressed pack is enough (each compresses the model)
 @pytest.mark.parametrize("name", ["b.tar", pytest.param("b.tar.gz", marks=pytest.mark.slow)])
 def test_packs_as_tar_and_compressed_tar(small_bundle, tmp_path, name, smollm2):
     archive = tmp_path / name

@@ -110,7 +110,7 @@ def test_router_training_is_deterministic():
     assert first == second
 
 
-PIPELINE = ("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "12", "--epochs", "1",
+PIPELINE = ("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "8", "--epochs", "1",
             "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--variants", "margin")
 
 

@@ -239,10 +239,18 @@ def _profile_decode(engine: Engine, omit: OmissionSet, steps: int) -> dict:
     kept = len(engine.kept)
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"])[:12]
     weight_bytes = weight_bytes_per_token(engine, kept)
-    gemv_us = sum(v["us_per_step"] for k, v in kernels.items() if "gemv" in k.lower() or "gemm" in k.lower() or "cutlass" in k.lower() or "sm90" in k.lower())
+    gemv_us = sum(v["us_per_step"] for k, v in kernels.items() if _is_matrix_product(k))
     return {"kernels_per_step": launches, "kernels_per_block": launches / kept, "gpu_us_per_step": total_us,
             "matmul_us_per_step": gemv_us, "matmul_bandwidth_gb_s": weight_bytes / (gemv_us * 1e-6) / 1e9 if gemv_us else None,
             "top_kernels": [{"name": k[:120], **v} for k, v in top]}
+
+
+def _is_matrix_product(kernel: str) -> bool:
+    """cuBLAS / CUTLASS kernels, and inductor reductions that hold a product (an `mm` lowered to a reduction, often
+    fused with the norm before it): together they read the weights."""
+    name = kernel.lower()
+    library = any(mark in name for mark in ("gemv", "gemm", "cutlass", "nvjet", "sm90"))
+    return library or (name.startswith("triton_red") and "_mm_" in name + "_")
 
 
 def graphed_equals_eager(engine: Engine, sets: Sequence[OmissionSet], lengths: Sequence[int]) -> list[dict]:
