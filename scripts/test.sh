@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# one worker per core, a test file to a worker (its module fixtures are built once)
-exec .venv/bin/python -m pytest -q -n auto --dist loadfile "$@"
+# one worker per core, a test file to a worker (its module fixtures are built once), longest files first (conftest.py)
+exec .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder "$@"

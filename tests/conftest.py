@@ -47,6 +47,16 @@ def build_tiny(family: str, seed: int = 0, init: float = 0.02):
     return model.eval().requires_grad_(False)
 
 
+# The files whose tests take longest, collected first: scripts/test.sh hands files to its workers in collection order
+# (--no-loadscope-reorder), so the long ones start at once and the workers finish together.
+LONGEST_FIRST = ["test_router.py", "test_crash.py", "test_lora.py", "test_search.py", "test_export.py", "test_harness.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
+
+
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_model(request):
     return build_tiny(request.param)
