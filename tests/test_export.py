@@ -234,6 +234,61 @@ def test_exported_gguf_loads_in_transformers_with_the_logits_of_the_omission_set
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
 
 
+def _export_quantized_gguf(tmp_path, omitted, scheme):
+    from gguf import GGMLQuantizationType
+
+    from conftest import cli
+
+    out = tmp_path / f"pruned-{scheme}.gguf"
+    result = cli("export", "--model", "smollm2-135m", "--omit", ",".join(map(str, omitted)), "--format", "gguf",
+                 "--quantize", scheme, "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    pruned, source = _gguf_reader(out), {t.name: t for t in _gguf_reader(_smollm2_gguf()).tensors}
+    assert pruned.get_field("pudding.quantize").contents() == scheme
+    expected_type = GGMLQuantizationType.Q8_0 if scheme == "int8" else GGMLQuantizationType.Q4_0
+    for tensor in pruned.tensors:  # block matrices re-quantized, everything else the source's bytes
+        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
+            assert tensor.tensor_type == expected_type, tensor.name
+        elif not tensor.name.startswith("blk."):
+            assert tensor.tensor_type == source[tensor.name].tensor_type and (tensor.data == source[tensor.name].data).all()
+    return out, pruned, source
+
+
+def _quantize_reference(weight: torch.Tensor, scheme: str) -> torch.Tensor:
+    from pudding.quantize import dequantize, quantize_weight
+
+    codes, scales = quantize_weight(weight.bfloat16(), scheme)
+    return dequantize(codes, scales, torch.float32)
+
+
+@pytest.mark.slow
+def test_int4_gguf_loads_in_transformers_with_the_weights_of_quantize(tmp_path, smollm2):
+    omitted = [0, 17, 29]
+    out, _, _ = _export_quantized_gguf(tmp_path, omitted, "int4")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    kept = [b for b in range(30) if b not in omitted]
+    theirs, ours = plain.model.layers, smollm2.model.model.layers
+    assert len(theirs) == len(kept)
+    for new, old in enumerate(kept):  # the weights llama.cpp runs are the weights `--quantize int4` runs, to the bit
+        for name, module in ours[old].named_modules():
+            if isinstance(module, torch.nn.Linear):
+                assert torch.equal(theirs[new].get_submodule(name).weight, _quantize_reference(module.weight, "int4"))
+
+
+@pytest.mark.slow
+def test_int8_gguf_holds_the_codes_and_row_scales_of_quantize(tmp_path):
+    from gguf.quants import dequantize
+
+    _, pruned, source = _export_quantized_gguf(tmp_path, [5], "int8")
+    for tensor in pruned.tensors:  # in the file's own row order (a row's one scale is repeated in each of its blocks)
+        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
+            block = int(tensor.name.split(".")[1])
+            original = source[tensor.name.replace(f"blk.{block}.", f"blk.{block + (block >= 5)}.", 1)]
+            weight = torch.from_numpy(dequantize(original.data, original.tensor_type).copy())
+            assert torch.equal(torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()),
+                               _quantize_reference(weight, "int8")), tensor.name
+
+
 def _tiny_gguf(path, arch: str, blocks: int):
     import gguf
     import numpy as np
@@ -277,7 +332,11 @@ def test_gguf_export_needs_a_gguf_model(tmp_path, tiny_model_dir):
     assert_clean_failure(result, "not a GGUF model")
     assert_clean_failure(pudding("export", "--omit", "1", "--format", "gguf", "--dtype", "float32",
                                  "--output", str(tmp_path / "x.gguf")), "--dtype is for --format hf")
-    assert not (tmp_path / "x.gguf").exists()
+    assert_clean_failure(pudding("export", "--omit", "1", "--quantize", "int8", "--output", str(tmp_path / "hf")),
+                         "--quantize is for --format gguf")
+    assert_clean_failure(pudding("export", "--omit", "1", "--format", "gguf", "--quantize", "int2",
+                                 "--output", str(tmp_path / "x.gguf")), "unknown --quantize 'int2'")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "hf").exists()
 
 
 @pytest.fixture

@@ -867,15 +867,21 @@ def export_command(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights dtype of a checkpoint (hf): bfloat16 (default), float16 or float32.")] = None,
     file_format: Annotated[str, typer.Option("--format", help="hf: a Hugging Face checkpoint directory; gguf: a GGUF file for llama.cpp (from a GGUF model, tensors copied as they are).")] = "hf",
     lora: Annotated[bool, typer.Option("--lora", help="With --bundle: merge each set's LoRA adapter (`pudding lora`) into its checkpoint.")] = False,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="With --format gguf: write the kept blocks' matrices as llama.cpp's Q8_0 (int8) or Q4_0 (int4), the codes and scales of `--quantize` on bf16 weights.")] = None,
 ) -> None:
     """Write the depth-pruned model (blocks deleted and renumbered, per-block config sliced): a Hugging Face
     checkpoint that plain `AutoModelForCausalLM.from_pretrained` loads, or a GGUF file for llama.cpp."""
     from .export import export_checkpoint
     from .models import load_decoder, resolve_model
     from .omission import OmissionSet
+    from .quantize import check_scheme
 
     if file_format not in ("hf", "gguf"):
         raise PuddingError(f"unknown --format '{file_format}' (hf or gguf)")
+    check_scheme(quantize)
+    if quantize and file_format != "gguf":
+        raise PuddingError("--quantize is for --format gguf (llama.cpp's Q8_0 / Q4_0); a Hugging Face checkpoint "
+                           "keeps full-precision weights: quantize when loading it (`--quantize` on eval, generate, serve)")
     if file_format == "gguf" and (dtype is not None or lora):
         raise PuddingError(f"{'--dtype' if dtype is not None else '--lora'} is for --format hf: a GGUF export copies the source's tensors as they are")
     if lora and bundle is None:
@@ -897,7 +903,7 @@ def export_command(
         targets = [(opened.omission_set(i), Path(output) / f"set{i}{suffix}" if all_sets else Path(output),
                     {"bundle": str(opened.path), "set": i}) for i in indices]
     if file_format == "gguf":
-        _export_gguf_files(ref, targets, all_sets, Path(output))
+        _export_gguf_files(ref, targets, all_sets, Path(output), quantize)
         return
     for _, path, _ in targets:
         if path.exists() and any(path.iterdir()):
@@ -919,7 +925,7 @@ def export_command(
         out.print(f"omit {','.join(map(str, blocks))}: {ref.num_blocks - len(blocks)} blocks → {path}")
 
 
-def _export_gguf_files(ref, targets: list, all_sets: bool, output: Path) -> None:
+def _export_gguf_files(ref, targets: list, all_sets: bool, output: Path, quantize: str | None) -> None:
     from .export import export_gguf
     from .models import gguf_source
     from .storage import check_output_file, check_parent_writable
@@ -936,7 +942,7 @@ def _export_gguf_files(ref, targets: list, all_sets: bool, output: Path) -> None
         check_parent_writable(output)
         output.mkdir(exist_ok=True)
     for blocks, path, extra in targets:
-        export_gguf(parts, blocks, path, {"source_model": ref.name, **extra})
+        export_gguf(parts, blocks, path, {"source_model": ref.name, **extra}, quantize)
         out.print(f"omit {','.join(map(str, blocks))}: {ref.num_blocks - len(blocks)} blocks → {path}")
 
 

@@ -102,23 +102,25 @@ def _checkpoint_card(info: dict) -> str:
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")  # no per-block layout implied by a block's number
 
 
-def export_gguf(parts: Sequence[Path], omit: OmissionSet, output: Path, provenance: dict) -> Path:
+def export_gguf(parts: Sequence[Path], omit: OmissionSet, output: Path, provenance: dict,
+                quantize: str | None = None) -> Path:
     """A GGUF file of the source GGUF (one file, or its parts in order) without the blocks in `omit`: the other
     tensors copied byte for byte (no re-quantization), blocks renumbered 0..n-1, `{arch}.block_count` and any
-    per-block metadata array sliced."""
+    per-block metadata array sliced. With `quantize` (int8 or int4) the kept blocks' matrices are written instead as
+    llama.cpp's Q8_0 / Q4_0 holding the codes and scales that `--quantize` computes (`_gguf_quantized`)."""
     output = Path(output)
     if len(parts) == 1:
-        return _export_gguf_file(Path(parts[0]), omit, output, provenance)
+        return _export_gguf_file(Path(parts[0]), omit, output, provenance, quantize)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.source-") as scratch:
         joined = Path(scratch) / "source.gguf"  # GGUF readers map one file
         with open(joined, "wb") as out:
             for part in parts:
                 with open(part, "rb") as handle:
                     shutil.copyfileobj(handle, out, 8 << 20)
-        return _export_gguf_file(joined, omit, output, provenance)
+        return _export_gguf_file(joined, omit, output, provenance, quantize)
 
 
-def _export_gguf_file(source: Path, omit: OmissionSet, output: Path, provenance: dict) -> Path:
+def _export_gguf_file(source: Path, omit: OmissionSet, output: Path, provenance: dict, quantize: str | None) -> Path:
     import gguf
 
     reader = gguf.GGUFReader(str(source))
@@ -149,17 +151,23 @@ def _export_gguf_file(source: Path, omit: OmissionSet, output: Path, provenance:
             writer.add_key_value(field.name, value, kind, sub_type=sub_type)
         writer.add_array("pudding.omitted_blocks", list(omit))
         writer.add_string("pudding.source", str(provenance.get("source_model", "")))
-        tensors = []
+        if quantize:
+            writer.add_string("pudding.quantize", quantize)
+        tensors = []  # (data, type) in file order
         for tensor in reader.tensors:
             name = _renumbered(tensor.name, renumber)
-            if name is not None:
-                tensors.append(tensor)
-                writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+            if name is None:
+                continue
+            data, kind = tensor.data, tensor.tensor_type
+            if quantize and _is_block_matrix(tensor):
+                data, kind = _gguf_quantized(tensor, quantize)
+            tensors.append(data)
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for tensor in tensors:
-            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+        for data in tensors:
+            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
         writer.close()
     return output
 
@@ -169,6 +177,39 @@ def _gguf_field(reader, key: str):
     if field is None:
         raise PuddingError(f"the GGUF file has no '{key}'")
     return field.contents()
+
+
+def _is_block_matrix(tensor) -> bool:
+    """A weight matrix of a transformer block (what `--quantize` quantizes), not a norm, bias or embedding."""
+    return tensor.name.startswith("blk.") and tensor.name.endswith(".weight") and len(tensor.shape) == 2
+
+
+def _gguf_quantized(tensor, scheme: str):
+    """(bytes, type) of a block matrix as llama.cpp's Q8_0 (int8) or Q4_0 (int4): blocks of 32 inputs, each an fp16
+    scale d and 32 codes q with weight = q * d (Q4_0 stores q + 8, the first 16 in the low nibbles). Both hold
+    pudding's own codes and scales of the bf16 weights (`quantize_weight`), so llama.cpp and `--quantize` run the
+    same weights: an int8 row's one scale is repeated in each of its blocks, an int4 group is a Q4_0 block. Exact
+    while a scale is within fp16's normal range (bf16 -> fp16 then loses nothing)."""
+    import gguf
+    import numpy as np
+
+    from .quantize import unpack_int4, quantize_weight
+
+    weight = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type)))
+    rows, cols = weight.shape
+    if cols % 32:
+        raise PuddingError(f"{tensor.name}: GGUF's Q8_0 / Q4_0 need rows of a multiple of 32 weights (this one has {cols})")
+    codes, scales = quantize_weight(weight.to(torch.bfloat16), scheme)
+    if scheme == "int8":
+        scales = scales[:, None].expand(rows, cols // 32)
+        packed = codes.view(rows, cols // 32, 32).view(torch.uint8)
+        kind = gguf.GGMLQuantizationType.Q8_0
+    else:
+        nibbles = (unpack_int4(codes) + 8).to(torch.uint8).view(rows, cols // 32, 32)
+        packed = nibbles[..., :16] | (nibbles[..., 16:] << 4)
+        kind = gguf.GGMLQuantizationType.Q4_0
+    d = scales.float().numpy().astype(np.float16).view(np.uint8).reshape(rows, cols // 32, 2)
+    return np.concatenate([d, packed.numpy()], axis=-1).reshape(rows, -1), kind
 
 
 def _renumbered(name: str, renumber: dict[int, int]) -> str | None:

@@ -62,7 +62,8 @@ def random_codes(shape, dtype: torch.dtype, generator: torch.Generator, device) 
     return torch.randint(low, high, shape, dtype=dtype, device=device, generator=generator)
 
 
-def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """int4 codes in [-8, 7] from their packed bytes (two per byte, low nibble first)."""
     low = (packed & 0x0F).to(torch.int8) - 8
     high = (packed >> 4).to(torch.int8) - 8
     return torch.stack((low, high), dim=-1).view(packed.shape[0], packed.shape[1] * 2)
@@ -72,7 +73,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) ->
     """The (out, in) matrix the codes stand for, in `dtype`. The scheme is read from the codes' dtype."""
     if codes.dtype == torch.int8:
         return codes.to(dtype) * scales.to(dtype)[:, None]
-    values = _unpack_int4(codes)
+    values = unpack_int4(codes)
     out_features, in_features = values.shape
     grouped = values.view(out_features, scales.shape[1], in_features // scales.shape[1]).to(dtype)
     return (grouped * scales.to(dtype)[..., None]).view(out_features, in_features)
