@@ -7,36 +7,22 @@ reformatted and the two custom ops became one; the same measurement) is in resul
     PYTHONPATH=src python benchmarks/gemv_graphed.py
 """
 
-import time
-
 import torch
 
 from pudding import kernels
+from pudding.bench import Clock, graphed
 from pudding.quantize import quantize_weight, quantized_linear
 
 SHAPES = [(4096, 14336), (14336, 4096), (1024, 4096), (4096, 4096)]  # FFN down, gate/up, k/v, q/o (out x in)
 
 
 def graphed_seconds(step, calls: int = 20, replays: int = 10) -> float:
-    """Seconds per call of `step`: `calls` of them captured in one CUDA graph (after 3 warm-up calls on a side
-    stream: compilation, autotuning), the graph replayed `replays` times."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    """Seconds per call of `step`: `calls` of them captured in one CUDA graph, the median of `replays` replays."""
+    def steps():
         for _ in range(calls):
             step()
-    graph.replay()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(replays):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - started) / replays / calls
+
+    return Clock("cuda").median(graphed(steps, "cuda"), replays) / 1000 / calls
 
 
 def main() -> None:

@@ -155,6 +155,24 @@ def swap_timing(engine: Engine, base: OmissionSet, targets: dict[int, OmissionSe
 # References measured in the same run: the matrix products alone, and plain transformers
 
 
+def graphed(fn: Callable[[], object], device) -> Callable[[], object]:
+    """fn as the engine runs its kernels: on a GPU one CUDA graph of it (after warm-up calls on a side stream, where
+    compilation and autotuning happen), so that timing it measures the kernels rather than their launch from Python;
+    on a CPU fn itself."""
+    if torch.device(device).type != "cuda":
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def gemm_bound(engine: Engine, omit: OmissionSet, lengths: Sequence[int], repeats: int) -> dict[int, float]:
     """Pre-fill's matrix products alone (QKV, output, gate/up and down projections of every block that runs, on the
     engine's own weights), captured in one CUDA graph per length: what pre-fill cannot go below."""
@@ -173,12 +191,7 @@ def gemm_bound(engine: Engine, omit: OmissionSet, lengths: Sequence[int], repeat
                 torch.nn.functional.linear(x, w["gate_up"])
                 torch.nn.functional.linear(act, w["down"])
 
-        products()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            products()
-        out[length] = clock.median(graph.replay, repeats, warmup=2)
-        del graph
+        out[length] = clock.median(graphed(products, engine.device), repeats, warmup=2)
     return out
 
 
@@ -261,7 +274,7 @@ def graphed_equals_eager(engine: Engine, sets: Sequence[OmissionSet], lengths: S
         engine.use(omit)
         for length in lengths:
             ids = _prompt(length - 3, engine.shape.vocab)  # not a bucket size: the padding is exercised
-            graphed = engine.prefill(ids).clone()
+            graphed_logits = engine.prefill(ids).clone()
             compiled, engine._prefill_block = engine._prefill_block, block_step
             try:
                 engine._prompt[0, : len(ids)].copy_(torch.tensor(ids))
@@ -269,8 +282,8 @@ def graphed_equals_eager(engine: Engine, sets: Sequence[OmissionSet], lengths: S
                 plain = engine._prefill_padded(len(ids)).clone()
             finally:
                 engine._prefill_block = compiled
-            out.append({"set": omit.label(), "length": len(ids), "max_abs_logit_diff": float((graphed - plain).abs().max()),
-                        "same_next_token": bool(graphed.argmax() == plain.argmax())})
+            out.append({"set": omit.label(), "length": len(ids), "max_abs_logit_diff": float((graphed_logits - plain).abs().max()),
+                        "same_next_token": bool(graphed_logits.argmax() == plain.argmax())})
     return out
 
 
@@ -489,7 +502,8 @@ def benchmark_weights(config, device: str, schemes: Sequence[str], repeats: int,
 def gemv_check(scheme: str, config, device: str) -> dict:
     """The one-row product a decode step runs, on the shape's largest matrix (FFN down): its largest error against
     the product with the dequantized matrix (relative to that product's largest value), which kernel ran, and the
-    bandwidth it reached on the codes and scales, timed alone over 50 calls."""
+    bandwidth it reached on the codes and scales: 20 calls captured in one CUDA graph (as the engine runs them;
+    timed from Python, a call would measure its launch), the median of 10 replays."""
     from . import kernels
     from .quantize import dequantize, quantize_weight, quantized_linear
 
@@ -500,16 +514,13 @@ def gemv_check(scheme: str, config, device: str) -> dict:
     reference = torch.nn.functional.linear(x.float(), dequantize(codes, scales, torch.float32))
     got = quantized_linear(x, codes, scales)
     error = ((got.float() - reference).abs().max() / reference.abs().max()).item()
-    for _ in range(3):
-        quantized_linear(x, codes, scales)
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(50):
-        quantized_linear(x, codes, scales)
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - started) / 50
+    calls = 20
+
+    def products():
+        for _ in range(calls):
+            quantized_linear(x, codes, scales)
+
+    seconds = Clock(device).median(graphed(products, device), repeats=10) / 1000 / calls
     moved = codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
     return {"kernel": "triton" if kernels.available(x) else "reference", "max_relative_error": error,
             "shape": list(weight.shape), "us_per_call": seconds * 1e6, "gb_per_s": moved / seconds / 1e9}
