@@ -7,7 +7,7 @@ bf16 instead of ~2x; int4 0.32x); these kernels read each code once, widen it in
 
 * int8: codes (N, K) int8, one scale per output row, applied once to the row's sum.
 * int4: codes (N, K/2) uint8, two per byte (low nibble first, offset 8), one scale per group of 32 inputs, applied to
-  each product.
+  the group's sum of products.
 
 Each program owns a few output rows and walks the inputs in chunks, keeping a 2-D accumulator that is reduced once at
 the end (a reduction per chunk would cost more than the loads). They are registered as torch custom ops, so that
@@ -43,6 +43,15 @@ def _rows_per_program(n: int) -> int:
 
 if triton is not None:
 
+    # Codes become floats by the exponent trick rather than a conversion instruction: an integer c in [0, 2^23) put
+    # in the mantissa of 2^23 (bits 0x4B000000 | c) is the float 2^23 + c, so one integer OR and one float subtraction
+    # give c exactly. Integer-to-float conversions issue at a quarter of the rate of integer and float arithmetic
+    # (16 against 64-128 a clock on an SM), below what HBM delivers at one int8 code (two int4 codes) per byte.
+    @triton.jit
+    def _exact_float(c, offset: tl.constexpr):
+        """c - offset as fp32, for int32 c with 0 <= c < 2^23."""
+        return (c | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
+
     @triton.jit
     def _gemv_int8_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -54,28 +63,32 @@ if triton is not None:
             col_ok = cols < K
             x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             w = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
-            acc += w.to(tl.float32) * x[None, :]
+            acc += _exact_float(w.to(tl.int32) + 128, 128.0) * x[None, :]  # code + 128 in [1, 255]
         total = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _gemv_int4_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, HALF: tl.constexpr,
                           GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr):
-        # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high)
+        # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high). A group
+        # of GROUP inputs is GROUP // 2 consecutive bytes: its products are summed first and scaled once.
+        GROUP_BYTES: tl.constexpr = GROUP // 2
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_B // GROUP_BYTES), dtype=tl.float32)
         for start in range(0, HALF, BLOCK_B):
             cols = start + tl.arange(0, BLOCK_B)
             col_ok = cols < HALF
             both = row_ok[:, None] & col_ok[None, :]
             packed = tl.load(codes_ptr + rows[:, None] * HALF + cols[None, :], mask=both, other=0x88).to(tl.int32)
-            low = ((packed & 0xF) - 8).to(tl.float32)
-            high = ((packed >> 4) - 8).to(tl.float32)
             x_even = tl.load(x_ptr + 2 * cols, mask=col_ok, other=0.0).to(tl.float32)
             x_odd = tl.load(x_ptr + 2 * cols + 1, mask=col_ok, other=0.0).to(tl.float32)
-            scale = tl.load(scales_ptr + rows[:, None] * GROUPS + (2 * cols[None, :]) // GROUP, mask=both, other=0.0)
-            acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale.to(tl.float32)
+            products = _exact_float(packed & 0xF, 8.0) * x_even[None, :] + _exact_float(packed >> 4, 8.0) * x_odd[None, :]
+            sums = tl.sum(tl.reshape(products, (BLOCK_N, BLOCK_B // GROUP_BYTES, GROUP_BYTES)), axis=2)
+            groups = start // GROUP_BYTES + tl.arange(0, BLOCK_B // GROUP_BYTES)
+            scale = tl.load(scales_ptr + rows[:, None] * GROUPS + groups[None, :],
+                            mask=row_ok[:, None] & (groups < GROUPS)[None, :], other=0.0)
+            acc += sums * scale.to(tl.float32)
         tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
     # On the GPU each matrix shape gets the fastest of a few tilings, measured on its first call (the engine's
@@ -84,9 +97,10 @@ if triton is not None:
         return [triton.Config({"BLOCK_N": n, chunk: c}, num_warps=w) for n, c, w in sizes]
 
     _int8_tuned = triton.autotune(_tilings("BLOCK_K", [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4),
-                                                       (8, 1024, 8), (16, 256, 4)]), key=["N", "K"])(_gemv_int8_kernel)
+                                                       (8, 1024, 8), (16, 256, 4), (4, 2048, 8)]), key=["N", "K"])(_gemv_int8_kernel)
     _int4_tuned = triton.autotune(_tilings("BLOCK_B", [(2, 512, 4), (4, 256, 4), (4, 512, 4), (8, 256, 4),
-                                                       (8, 512, 8), (16, 128, 4)]), key=["N", "HALF"])(_gemv_int4_kernel)
+                                                       (8, 512, 8), (16, 128, 4), (2, 1024, 4), (4, 1024, 8)]),
+                                  key=["N", "HALF"])(_gemv_int4_kernel)
 
 
 def _launch_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
