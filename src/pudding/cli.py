@@ -211,15 +211,15 @@ def eval_command(
         scorer.adapters = AdapterStore(opened.path, loaded.model)
         settings["lora"] = True
         if oracle:  # refuse before hours of scoring, not at the first set without an adapter
-            for omit in opened.omission_sets():
-                scorer.adapters.get(omit)
+            for blocks in opened.omission_sets():
+                scorer.adapters.get(blocks)
     if oracle:
         _evaluate_oracles(opened, scorer, loaded, task_list, doc_sets, limit, settings, output)
         return
     policy = spec.build(ref.num_blocks, opened, str(loaded.decoder.device), scorer, loaded.info(), data_path)
     if lora:
-        for omit in [policy.fixed] if policy.fixed is not None else opened.omission_sets():
-            scorer.adapters.get(omit)
+        for blocks in [policy.fixed] if policy.fixed is not None else opened.omission_sets():
+            scorer.adapters.get(blocks)
     with Timer() as timer:
         results = evaluate_tasks(scorer, task_list, doc_sets, policy, limit, data_path)
     document = results_document(loaded.info(), policy.describe(), results, settings, timer.seconds)
