@@ -3,7 +3,7 @@
 A decode step multiplies one activation row by every weight matrix of the kept blocks, so its time is the bytes of
 weights read. Dequantize-then-multiply reads the codes, writes a bf16 copy and reads it again (int8 decode was 1.21x
 bf16 instead of ~2x; int4 0.32x); these kernels read each code once, widen it in registers and accumulate in fp32
-(H200, 8B shape: int8 1.24x, int4 0.79x; results/quantized-decode-h200.md says where the rest goes):
+(H200, 8B shape, pruned decode: int8 331 tok/s, int4 310, bf16 230-268; results/quantized-decode-h200.md):
 
 * int8: codes (N, K) int8, one scale per output row, applied once to the row's sum.
 * int4: codes (N, K/2) uint8, two per byte (low nibble first, offset 8), one scale per group of 32 inputs, applied to
