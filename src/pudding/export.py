@@ -153,7 +153,7 @@ def _export_gguf_file(source: Path, omit: OmissionSet, output: Path, provenance:
         writer.add_string("pudding.source", str(provenance.get("source_model", "")))
         if quantize:
             writer.add_string("pudding.quantize", quantize)
-        tensors = []  # (data, type) in file order
+        tensors = []  # each kept tensor's bytes, in file order
         for tensor in reader.tensors:
             name = _renumbered(tensor.name, renumber)
             if name is None:

@@ -46,7 +46,8 @@ if triton is not None:
     # Codes become floats by the exponent trick rather than a conversion instruction: an integer c in [0, 2^23) put
     # in the mantissa of 2^23 (bits 0x4B000000 | c) is the float 2^23 + c, so one integer OR and one float subtraction
     # give c exactly. Integer-to-float conversions issue at a quarter of the rate of integer and float arithmetic
-    # (16 against 64-128 a clock on an SM), below what HBM delivers at one int8 code (two int4 codes) per byte.
+    # (16 against 64-128 a clock on an SM). On the H200 it took int4's FFN products from 37 to 22 us; int8's stayed
+    # at 22 us, so something else bounds both now (results/quantized-decode-h200.md).
     @triton.jit
     def _exact_float(c, offset: tl.constexpr):
         """c - offset as fp32, for int32 c with 0 <= c < 2^23."""
