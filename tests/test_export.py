@@ -275,18 +275,53 @@ def test_int4_gguf_loads_in_transformers_with_the_weights_of_quantize(tmp_path, 
                 assert torch.equal(theirs[new].get_submodule(name).weight, _quantize_reference(module.weight, "int4"))
 
 
-@pytest.mark.slow
-def test_int8_gguf_holds_the_codes_and_row_scales_of_quantize(tmp_path):
+def _matrices_gguf(path, cols: int, blocks: int = 3):
+    import gguf
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_block_count(blocks)
+    for b in range(blocks):
+        weight = generator.standard_normal((16, cols)).astype(np.float32)
+        weight[3] *= 40  # one row far larger than the others: per-row and per-group scales differ
+        writer.add_tensor(f"blk.{b}.ffn_down.weight", weight)
+        writer.add_tensor(f"blk.{b}.attn_norm.weight", np.full(cols, b, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_gguf_holds_the_codes_and_scales_of_quantize(tmp_path, scheme):
     from gguf.quants import dequantize
 
-    _, pruned, source = _export_quantized_gguf(tmp_path, [5], "int8")
-    for tensor in pruned.tensors:  # in the file's own row order (a row's one scale is repeated in each of its blocks)
-        if tensor.name.startswith("blk.") and len(tensor.shape) == 2:
-            block = int(tensor.name.split(".")[1])
-            original = source[tensor.name.replace(f"blk.{block}.", f"blk.{block + (block >= 5)}.", 1)]
-            weight = torch.from_numpy(dequantize(original.data, original.tensor_type).copy())
-            assert torch.equal(torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()),
-                               _quantize_reference(weight, "int8")), tensor.name
+    from pudding.export import export_gguf
+
+    source = _matrices_gguf(tmp_path / "source.gguf", cols=96)
+    out = export_gguf([source], OmissionSet([1], 3), tmp_path / "out.gguf", {}, scheme)
+    pruned, original = _gguf_reader(out), {t.name: t for t in _gguf_reader(source).tensors}
+    assert len(pruned.tensors) == 4 and pruned.get_field("pudding.quantize").contents() == scheme
+    for tensor, old in zip(sorted(pruned.tensors, key=lambda t: t.name), ["blk.0.attn_norm.weight",
+                           "blk.0.ffn_down.weight", "blk.2.attn_norm.weight", "blk.2.ffn_down.weight"]):
+        if tensor.name.endswith("attn_norm.weight"):  # not a matrix: copied as it is
+            assert (tensor.data == original[old].data).all()
+            continue
+        weight = torch.from_numpy(original[old].data.copy())
+        assert torch.equal(torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()),
+                           _quantize_reference(weight, scheme)), tensor.name
+
+
+def test_quantized_gguf_needs_rows_of_whole_blocks_and_leaves_nothing(tmp_path):
+    from pudding.errors import PuddingError
+    from pudding.export import export_gguf
+
+    source = _matrices_gguf(tmp_path / "source.gguf", cols=48)
+    with pytest.raises(PuddingError, match="multiple of 32"):
+        export_gguf([source], OmissionSet([1], 3), tmp_path / "out.gguf", {}, "int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.gguf"]
 
 
 def _tiny_gguf(path, arch: str, blocks: int):

@@ -195,7 +195,7 @@ def _gguf_quantized(tensor, scheme: str):
 
     from .quantize import unpack_int4, quantize_weight
 
-    weight = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type)))
+    weight = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
     rows, cols = weight.shape
     if cols % 32:
         raise PuddingError(f"{tensor.name}: GGUF's Q8_0 / Q4_0 need rows of a multiple of 32 weights (this one has {cols})")
