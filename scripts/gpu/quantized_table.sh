@@ -9,7 +9,7 @@ model=$1; k=$2; limit=${3:-1000}
 bundle=results/accuracy-sweep/$model/k$k
 out=/root/results/quantized-accuracy-$model-h200
 mkdir -p "$out"
-for row in dense sleb deployed; do cp -n "$bundle/evals/$row.json" "$out/$row.json"; done
+for row in dense sleb deployed; do [ -f "$out/$row.json" ] || cp "$bundle/evals/$row.json" "$out/$row.json"; done
 log=/root/results/quantized-$model.log
 if ! pgrep -f "pudding-job=$out " >/dev/null && [ ! -f "$out.md" ]; then
     setsid nohup bash -c ": pudding-job=$out ; python3 benchmarks/accuracy_table.py --table quantized --bundle $bundle \

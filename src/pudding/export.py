@@ -193,22 +193,23 @@ def _gguf_quantized(tensor, scheme: str):
     import gguf
     import numpy as np
 
-    from .quantize import unpack_int4, quantize_weight
+    from .quantize import INT4_GROUP, quantize_weight, unpack_int4
 
+    kind = gguf.GGMLQuantizationType.Q8_0 if scheme == "int8" else gguf.GGMLQuantizationType.Q4_0
+    block = gguf.GGML_QUANT_SIZES[kind][0]  # weights per block: 32 for both
+    assert block == INT4_GROUP  # an int4 group is one Q4_0 block
     weight = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
     rows, cols = weight.shape
-    if cols % 32:
-        raise PuddingError(f"{tensor.name}: GGUF's Q8_0 / Q4_0 need rows of a multiple of 32 weights (this one has {cols})")
+    if cols % block:
+        raise PuddingError(f"{tensor.name}: GGUF's Q8_0 / Q4_0 need rows of a multiple of {block} weights (this one has {cols})")
     codes, scales = quantize_weight(weight.to(torch.bfloat16), scheme)
     if scheme == "int8":
-        scales = scales[:, None].expand(rows, cols // 32)
-        packed = codes.view(rows, cols // 32, 32).view(torch.uint8)
-        kind = gguf.GGMLQuantizationType.Q8_0
+        scales = scales[:, None].expand(rows, cols // block)
+        packed = codes.view(rows, cols // block, block).view(torch.uint8)
     else:
-        nibbles = (unpack_int4(codes) + 8).to(torch.uint8).view(rows, cols // 32, 32)
-        packed = nibbles[..., :16] | (nibbles[..., 16:] << 4)
-        kind = gguf.GGMLQuantizationType.Q4_0
-    d = scales.float().numpy().astype(np.float16).view(np.uint8).reshape(rows, cols // 32, 2)
+        nibbles = (unpack_int4(codes) + 8).to(torch.uint8).view(rows, cols // block, block)
+        packed = nibbles[..., : block // 2] | (nibbles[..., block // 2 :] << 4)
+    d = scales.float().numpy().astype(np.float16).view(np.uint8).reshape(rows, cols // block, 2)
     return np.concatenate([d, packed.numpy()], axis=-1).reshape(rows, -1), kind
 
 
