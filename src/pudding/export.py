@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .architectures import architecture_for, resolve
@@ -153,20 +154,23 @@ def _export_gguf_file(source: Path, omit: OmissionSet, output: Path, provenance:
         writer.add_string("pudding.source", str(provenance.get("source_model", "")))
         if quantize:
             writer.add_string("pudding.quantize", quantize)
-        tensors = []  # each kept tensor's bytes, in file order
-        for tensor in reader.tensors:
+        written = []  # (source tensor, re-quantized?) in file order: the bytes are made only when written, one
+        for tensor in reader.tensors:  # matrix at a time, so a large model is never held whole in memory
             name = _renumbered(tensor.name, renumber)
             if name is None:
                 continue
-            data, kind = tensor.data, tensor.tensor_type
-            if quantize and _is_block_matrix(tensor):
-                data, kind = _gguf_quantized(tensor, quantize)
-            tensors.append(data)
-            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, kind)
+            requantize = bool(quantize) and _is_block_matrix(tensor)
+            if requantize:
+                shape, kind = _gguf_quantized_layout(tensor, quantize)
+                writer.add_tensor_info(name, shape, np.dtype(np.uint8), shape[0] * shape[1], kind)
+            else:
+                writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+            written.append((tensor, requantize))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for data in tensors:
+        for tensor, requantize in written:
+            data = _gguf_quantized(tensor, quantize) if requantize else tensor.data
             writer.write_tensor_data(data, tensor_endianess=reader.endianess)
         writer.close()
     return output
@@ -184,24 +188,33 @@ def _is_block_matrix(tensor) -> bool:
     return tensor.name.startswith("blk.") and tensor.name.endswith(".weight") and len(tensor.shape) == 2
 
 
+def _gguf_quantized_layout(tensor, scheme: str):
+    """(byte shape, GGUF type) that `_gguf_quantized` gives this block matrix, known before any weight is read."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType.Q8_0 if scheme == "int8" else gguf.GGMLQuantizationType.Q4_0
+    block, block_bytes = gguf.GGML_QUANT_SIZES[kind]  # 32 weights per block for both
+    cols, rows = (int(n) for n in tensor.shape)  # GGUF lists dimensions innermost first
+    if cols % block:
+        raise PuddingError(f"{tensor.name}: GGUF's Q8_0 / Q4_0 need rows of a multiple of {block} weights (this one has {cols})")
+    return (rows, cols // block * block_bytes), kind
+
+
 def _gguf_quantized(tensor, scheme: str):
-    """(bytes, type) of a block matrix as llama.cpp's Q8_0 (int8) or Q4_0 (int4): blocks of 32 inputs, each an fp16
+    """The bytes of a block matrix as llama.cpp's Q8_0 (int8) or Q4_0 (int4): blocks of 32 inputs, each an fp16
     scale d and 32 codes q with weight = q * d (Q4_0 stores q + 8, the first 16 in the low nibbles). Both hold
     pudding's own codes and scales of the bf16 weights (`quantize_weight`), so llama.cpp and `--quantize` run the
     same weights: an int8 row's one scale is repeated in each of its blocks, an int4 group is a Q4_0 block. Exact
     while a scale is within fp16's normal range (bf16 -> fp16 then loses nothing)."""
     import gguf
-    import numpy as np
 
     from .quantize import INT4_GROUP, quantize_weight, unpack_int4
 
-    kind = gguf.GGMLQuantizationType.Q8_0 if scheme == "int8" else gguf.GGMLQuantizationType.Q4_0
-    block = gguf.GGML_QUANT_SIZES[kind][0]  # weights per block: 32 for both
+    layout, kind = _gguf_quantized_layout(tensor, scheme)
+    block = gguf.GGML_QUANT_SIZES[kind][0]
     assert block == INT4_GROUP  # an int4 group is one Q4_0 block
     weight = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
     rows, cols = weight.shape
-    if cols % block:
-        raise PuddingError(f"{tensor.name}: GGUF's Q8_0 / Q4_0 need rows of a multiple of {block} weights (this one has {cols})")
     codes, scales = quantize_weight(weight.to(torch.bfloat16), scheme)
     if scheme == "int8":
         scales = scales[:, None].expand(rows, cols // block)
@@ -210,7 +223,9 @@ def _gguf_quantized(tensor, scheme: str):
         nibbles = (unpack_int4(codes) + 8).to(torch.uint8).view(rows, cols // block, block)
         packed = nibbles[..., : block // 2] | (nibbles[..., block // 2 :] << 4)
     d = scales.float().numpy().astype(np.float16).view(np.uint8).reshape(rows, cols // block, 2)
-    return np.concatenate([d, packed.numpy()], axis=-1).reshape(rows, -1), kind
+    data = np.concatenate([d, packed.numpy()], axis=-1).reshape(rows, -1)
+    assert data.shape == layout  # what the header announced
+    return data
 
 
 def _renumbered(name: str, renumber: dict[int, int]) -> str | None:
