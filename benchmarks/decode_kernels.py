@@ -7,6 +7,9 @@ shape, random bf16 weights, batch 1, one CUDA graph per step) built three ways:
   kernels;
 - eager: the step uncompiled (cuBLAS products, every elementwise operation its own kernel), still graphed.
 
+A variant name ending in `-whole` (e.g. `inductor-whole`) attends over the whole context at every step instead of the
+context bucket holding the step's position (`engine.DECODE_BUCKETS`), as the engine did before the buckets.
+
 For each: decode tokens/s (dense and 7 of 32 blocks pruned) against the bandwidth ceiling measured in the same run,
 and the step's kernels (profiled eagerly: a graph hides them): how many, and how long the products and the rest
 take. Usage (GPU): PYTHONPATH=src python benchmarks/decode_kernels.py --output results/decode-kernels-h200.json
@@ -29,14 +32,15 @@ from pudding.omission import OmissionSet
 
 def build(variant: str, max_len: int) -> Engine:
     torch._dynamo.reset()
-    engine = Engine.random(transformers.LlamaConfig(**LLAMA_31_8B), "cuda", max_len=max_len)
+    whole = variant.endswith("-whole")
+    variant = variant.removesuffix("-whole")
+    engine = Engine.random(transformers.LlamaConfig(**LLAMA_31_8B), "cuda", max_len=max_len, buckets=not whole,
+                           compile=variant != "eager")  # eager: nothing compiled, the steps only graphed
     # The comparison swaps the engine's per-block decode function for another build of the same block_step; the
     # engine captures whatever _decode_block is when it graphs a stack, so this is all a variant needs.
     if variant == "cublas":
         engine._decode_block = torch.compile(block_step, fullgraph=True, dynamic=False,
                                              options={"coordinate_descent_tuning": False})
-    elif variant == "eager":
-        engine._decode_block = block_step
     return engine
 
 

@@ -100,6 +100,30 @@ def test_bucketed_prefill_equals_the_exact_length_prefill(family):
             assert tokens[0] == tokens[1]
 
 
+def test_decode_over_a_context_bucket_equals_decode_over_the_whole_context():
+    """A bucketed engine's decode step attends over the cache only up to the context bucket holding its position
+    (256, then the whole 300-position context here): the logits of every step, across the bucket's edge, are those
+    of attending over the whole context, dense and pruned, sliding windows included."""
+    from conftest import build_tiny
+    from pudding.engine import DECODE_BUCKETS
+
+    model = build_tiny("gemma3", init=0.2)
+    whole, bucketed = (Engine.from_model(model, max_len=300, buckets=b) for b in (False, True))
+    assert DECODE_BUCKETS[0] == 256
+    assert [bucketed.decode_keys(p) for p in (0, 255, 256, 299)] == [256, 256, 300, 300]
+    assert whole.decode_keys(0) == 300
+    ids = torch.randint(3, 200, (250,), generator=torch.Generator().manual_seed(3)).tolist()
+    for omit in [(), (1, 4)]:
+        for engine in (whole, bucketed):
+            engine.use(engine.omission(omit))
+            engine.prefill(ids)
+        token = torch.tensor([7])
+        for position in range(250, 262):
+            expected = whole.decode_step(token, position).clone()
+            torch.testing.assert_close(bucketed.decode_step(token, position).clone(), expected, rtol=1e-5, atol=1e-5)
+            token = expected.argmax(-1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 def test_compiled_block_step_equals_the_eager_one(scheme):

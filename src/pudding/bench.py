@@ -234,13 +234,13 @@ def _profile_decode(engine: Engine, omit: OmissionSet, steps: int) -> dict:
     engine.use(omit)
     token = engine.prefill(_prompt(128, engine.shape.vocab)).argmax(-1)
     for i in range(3):
-        engine._decode_eager()
+        engine._decode_eager(engine.decode_keys(128))
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
             engine._position.fill_(128 + i)
             engine._token.copy_(token.view(1, 1))
-            engine._decode_eager()
+            engine._decode_eager(engine.decode_keys(128 + i))
         torch.cuda.synchronize()
     kernels: dict[str, dict] = {}
     for event in prof.key_averages():
