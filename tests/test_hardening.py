@@ -231,6 +231,17 @@ def test_block_lists_are_ascii_integers_and_never_empty(omit, fragment, command)
 # Ctrl-C
 
 
+def _wait_for_cpu_seconds(process: subprocess.Popen, seconds: float, timeout: float = 300) -> None:
+    """Until the process has run for `seconds` of CPU time (a wall-clock wait is too short on a loaded machine, where
+    a Ctrl-C may then land in the middle of Python's imports)."""
+    ticks, deadline = os.sysconf("SC_CLK_TCK"), time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if (int(fields[11]) + int(fields[12])) / ticks >= seconds:  # user + system time
+            return
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args", [["eval", "--tasks", "hellaswag", "--limit", "3000"],
                                   ["search", "--task", "hellaswag", "--samples", "64", "--blocks", "3"]])
@@ -241,7 +252,7 @@ def test_ctrl_c_says_interrupted(args, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "pudding.cli", *args, *extra], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(12)  # the model is loaded and the work under way
+    _wait_for_cpu_seconds(process, 12)  # the model is loaded and the work under way, however busy the machine is
     process.send_signal(signal.SIGINT)
     try:
         _, stderr = process.communicate(timeout=120)
