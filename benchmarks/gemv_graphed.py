@@ -1,17 +1,24 @@
-"""The one-row products of a decode step alone, as the engine runs them (20 calls captured in one CUDA graph, 10
-replays): bf16 `F.linear` against `quantized_linear` int8 and int4 (the Triton kernels of kernels.py on a GPU) on the
-four matrix shapes of a LLaMA-3.1-8B block, with the bandwidth reached on the bytes each reads and the tiling the
-autotuner chose. Prints one line per shape; needs a GPU. Its output on the H200 (2026-12-03, before this file was
-reformatted and the two custom ops became one; the same measurement) is in results/quantized-decode-h200.md.
+"""The products of a decode step alone, as the engine runs them (20 calls captured in one CUDA graph, 10 replays):
+bf16 `F.linear` against `quantized_linear` int8 and int4 (the Triton kernels of kernels.py on a GPU) on the four
+matrix shapes of a LLaMA-3.1-8B block, with the bandwidth reached on the bytes each reads and the tiling the autotuner
+chose. Its output on the H200 (2026-12-03) is in results/quantized-decode-h200.md.
 
-    PYTHONPATH=src python benchmarks/gemv_graphed.py
+With `--library`, PyTorch's own weight-only kernels on the same matrices, at one row (decode) and at `--rows` rows
+(pre-fill), against pudding's paths: `_weight_int8pack_mm` (int8 codes, per-row scales) and tinygemm's
+`_weight_int4pack_mm` (int4, groups of 32, bf16 scales; pudding's codes repacked into its tiled layout, zero points
+0). Every product is checked against the dequantized matrix's product; a kernel this torch build lacks is reported
+as missing. Needs a GPU.
+
+    PYTHONPATH=src python benchmarks/gemv_graphed.py [--library] [--rows 128]
 """
+
+import argparse
 
 import torch
 
 from pudding import kernels
 from pudding.bench import Clock, graphed
-from pudding.quantize import quantize_weight, quantized_linear
+from pudding.quantize import INT4_GROUP, dequantize, quantize_weight, quantized_linear
 
 SHAPES = [(4096, 14336), (14336, 4096), (1024, 4096), (4096, 4096)]  # FFN down, gate/up, k/v, q/o (out x in)
 
@@ -25,7 +32,7 @@ def graphed_seconds(step, calls: int = 20, replays: int = 10) -> float:
     return Clock("cuda").median(graphed(steps, "cuda"), replays) / 1000 / calls
 
 
-def main() -> None:
+def engine_kernels() -> None:
     torch.manual_seed(0)
     for n, k in SHAPES:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -40,6 +47,55 @@ def main() -> None:
             line += (f" | {scheme} {seconds * 1e6:.1f}us {moved / seconds / 1e9:.0f}GB/s x{bf16 / seconds:.2f} "
                      f"best={tuner.best_config}")
         print(line, flush=True)
+
+
+def tinygemm_operands(codes: torch.Tensor, scales: torch.Tensor, inner_k_tiles: int = 8):
+    """pudding's int4 (low nibble = even input, offset 8, per-group scales) in tinygemm's form: the nibbles swapped
+    (it wants the even input high), tiled by `_convert_weight_to_int4pack`, scales beside zero points of 0."""
+    swapped = ((codes & 0x0F) << 4) | (codes >> 4)
+    packed = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
+    s = scales.to(torch.bfloat16)
+    scales_and_zeros = torch.stack((s, torch.zeros_like(s)), dim=-1).transpose(0, 1).contiguous()
+    return packed, scales_and_zeros
+
+
+def library_kernels(rows: int) -> None:
+    torch.manual_seed(0)
+    for n, k in SHAPES:
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for m in (1, rows):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bf16 = graphed_seconds(lambda: torch.nn.functional.linear(x, weight))
+            line = f"{n}x{k} rows={m}: bf16 {bf16 * 1e6:.1f}us"
+            for scheme in ("int8", "int4"):
+                codes, scales = quantize_weight(weight, scheme)
+                reference = torch.nn.functional.linear(x.float(), dequantize(codes, scales, torch.float32))
+                candidates = {"pudding": lambda: quantized_linear(x, codes, scales)}
+                try:
+                    if scheme == "int8":
+                        candidates["torch"] = lambda: torch.ops.aten._weight_int8pack_mm(x, codes, scales)
+                    else:
+                        packed, sz = tinygemm_operands(codes, scales)
+                        candidates["tinygemm"] = lambda: torch.ops.aten._weight_int4pack_mm(x, packed, INT4_GROUP, sz)
+                except Exception as error:  # noqa: BLE001 - a kernel this build lacks is a result too
+                    line += f" | {scheme} library missing ({type(error).__name__}: {str(error)[:80]})"
+                for name, fn in candidates.items():
+                    try:
+                        got = fn().float()
+                        error = ((got - reference).abs().max() / reference.abs().max()).item()
+                        seconds = graphed_seconds(fn)
+                        line += f" | {scheme} {name} {seconds * 1e6:.1f}us x{bf16 / seconds:.2f} err={error:.1e}"
+                    except Exception as failure:  # noqa: BLE001
+                        line += f" | {scheme} {name} failed ({type(failure).__name__}: {str(failure)[:80]})"
+            print(line, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--library", action="store_true", help="compare with PyTorch's own weight-only kernels")
+    parser.add_argument("--rows", type=int, default=128, help="rows of the pre-fill-sized product (--library)")
+    args = parser.parse_args()
+    library_kernels(args.rows) if args.library else engine_kernels()
 
 
 if __name__ == "__main__":
