@@ -2,7 +2,7 @@
 
     python scripts/gpu/pack.py smollm2-135m qwen2.5-0.5b
 
-writes the task data (compressed), the gguf wheel, and each model's file split into pieces of at most 50 MB, then
+writes the task data (compressed), the gguf wheel, and each model's file split into pieces of at most 40 MB, then
 prints which paths to carry in which call. On the GPU machine, every call starts with `bash scripts/gpu/receive.sh`
 (moves what it carried out of the tree) and the last one runs `python scripts/gpu/assemble.py` before the work.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SHIP = REPO / ".ship"
-PIECE = 50 * 1000 * 1000
-BUDGET = 55 * 1000 * 1000  # per call: 64 MiB (67.1 MB) minus the working tree (11 MB with results/, 2026-12)
+PIECE = 40 * 1000 * 1000
+BUDGET = 45 * 1000 * 1000  # per call: 64 MiB (67.1 MB) minus the working tree (18 MB with results/, 2026-12-03)
 
 
 def main(names: list[str]) -> None:

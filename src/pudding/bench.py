@@ -432,6 +432,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     log(f"all resident: dense {dense.decode_tok_s:.1f} tok/s, pruned {pruned.decode_tok_s:.1f} tok/s; took {time.perf_counter() - started:.0f} s")
     engine = None  # free the all-resident engine before the memory-budget one is built
     gc.collect()
+    torch._C._cuda_clearCublasWorkspaces()  # and the workspaces of the reference runs' streams: the peak is the engine's
     torch.cuda.empty_cache()
 
     kept = num_blocks - len(PAPER_SET)
