@@ -264,6 +264,23 @@ def test_ctrl_c_says_interrupted(args, tmp_path):
     assert lines[-1] == "error: interrupted" and "Traceback" not in stderr
 
 
+def test_ctrl_c_while_the_command_starts_says_interrupted():
+    """The `pudding` entry point, with the Ctrl-C arriving while the CLI module is still being imported (simulated by
+    an import hook that raises it): one line and exit 130, no traceback."""
+    code = ("import builtins, sys\n"
+            "real = builtins.__import__\n"
+            "def interrupted(name, globals=None, locals=None, fromlist=(), level=0):\n"
+            "    if name == 'cli' and level == 1:\n"
+            "        raise KeyboardInterrupt\n"
+            "    return real(name, globals, locals, fromlist, level)\n"
+            "builtins.__import__ = interrupted\n"
+            "from pudding.entry import main\n"
+            "main()\n")
+    result = subprocess.run([sys.executable, "-c", code, "eval"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130
+    assert result.stderr.strip() == "error: interrupted"
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Bundles and their data, packs
 

@@ -95,7 +95,7 @@ def test_lora_trains_per_set_and_eval_applies_it(smollm2, tmp_path):
     `eval --lora` scores a set with its adapter (its accuracy differs from the set's without one on some documents)."""
     sets = [[3, 9, 11, 17], [4, 14, 18, 24]]
     bundle = _bundle(tmp_path / "b", smollm2, sets)
-    small = ["--per-task", "6", "--text-windows", "6", "--batch-size", "4", "--micro-batch", "4", "--max-length", "48",
+    small = ["--per-task", "4", "--text-windows", "4", "--batch-size", "4", "--micro-batch", "4", "--max-length", "32",
              "--epochs", "2", "--lr", "1e-3"]
     result = cli("lora", "--bundle", str(bundle.path), *small)
     assert result.returncode == 0, result.stderr
@@ -105,7 +105,7 @@ def test_lora_trains_per_set_and_eval_applies_it(smollm2, tmp_path):
         info = json.loads((store.directory(omit) / "pudding.json").read_text())
         losses = info["history"]["epochs"]
         assert len(losses) == 2 and losses[1]["train_loss"] < losses[0]["train_loss"]
-        assert info["data"]["per_source"] == {t: 6 for t in ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"]} | {"wikitext2": 6}
+        assert info["data"]["per_source"] == {t: 4 for t in ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"]} | {"wikitext2": 4}
         assert store.get(omit).omit == omit
     Bundle.open(bundle.path).verify()
     checksummed = json.loads((bundle.path / "checksums.json").read_text())["files"]
@@ -131,7 +131,7 @@ def test_lora_trains_per_set_and_eval_applies_it(smollm2, tmp_path):
     omit = OmissionSet(sets[0], 30)
     pairs = [("Question: What is the capital of France?\nAnswer:", " Paris")]
     with_adapter = lm.scorer.loglikelihoods(lm.scorer.encoder.groups([pairs]), omit).logprob
-    lm.scorer.adapters = None
+    lm.scorer.use_adapters(None)
     without = lm.scorer.loglikelihoods(lm.scorer.encoder.groups([pairs]), omit).logprob
     assert abs(float(with_adapter[0]) - float(without[0])) > 1e-4
     generated = cli("generate", "--bundle", str(bundle.path), "--omit", "3,9,11,17", "--lora", "--max-new-tokens", "4",
@@ -232,7 +232,7 @@ def test_a_merged_adapter_runs_what_the_unmerged_one_runs(tmp_path):
 def test_pipeline_lora_stage_trains_and_evaluates_table4_rows(smollm2, tmp_path):
     """`pipeline --lora`: adapters for the pool and the SLEB and Shortened LLaMA sets, and their rows evaluated with
     the adapters applied; without --lora the stage does nothing."""
-    bundle = _bundle(tmp_path / "b", smollm2, [[3, 9, 11, 17, 20, 25], [4, 14, 18, 20, 24, 29]])
+    bundle = _bundle(tmp_path / "b", smollm2, [[3, 9, 11, 17, 20, 25]])  # one pool set: its adapter, SLEB's and Shortened LLaMA's
     common = ["pipeline", "--output", str(bundle.path), "--small", "--tasks", "arc_easy", "--limit", "6", "--label-limit", "4",
               "--baseline-samples", "1"]
     plain = cli(*common, "--stages", "baselines,lora")

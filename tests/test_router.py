@@ -111,7 +111,7 @@ def test_router_training_is_deterministic():
 
 
 PIPELINE = ("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "8", "--epochs", "1",
-            "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--variants", "margin")
+            "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--variants", "margin", "--calibration-tasks", "piqa,arc_easy")
 
 
 @pytest.fixture(scope="module")

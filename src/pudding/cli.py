@@ -205,21 +205,20 @@ def eval_command(
     doc_sets = {t.name: t.docs(data_dir=data_path) for t in task_list if t.kind == "multiple_choice"}
     loaded, scorer = _open_scorer(ref, device, dtype, batch_tokens, quantize)
     settings = {"limit": limit, "data_dir": str(data_path), "batch_tokens": scorer.max_batch_tokens, "command": " ".join(sys.argv)}
+    adapters = None
     if lora:
         from .lora import AdapterStore
 
-        scorer.adapters = AdapterStore(opened.path, loaded.model)
+        adapters = AdapterStore(opened.path, loaded.model)
+        scorer.use_adapters(adapters)
         settings["lora"] = True
-        if oracle:  # refuse before hours of scoring, not at the first set without an adapter
-            for blocks in opened.omission_sets():
-                scorer.adapters.get(blocks)
-    if oracle:
+    if oracle:  # scores every set of the pool, each with its adapter
+        scorer.use_adapters(adapters, opened.omission_sets())
         _evaluate_oracles(opened, scorer, loaded, task_list, doc_sets, limit, settings, output)
         return
     policy = spec.build(ref.num_blocks, opened, str(loaded.decoder.device), scorer, loaded.info(), data_path)
-    if lora:
-        for blocks in [policy.fixed] if policy.fixed is not None else opened.omission_sets():
-            scorer.adapters.get(blocks)
+    if adapters is not None:  # the sets the policy may choose: refused now if one lacks its adapter
+        scorer.use_adapters(adapters, [policy.fixed] if policy.fixed is not None else opened.omission_sets())
     with Timer() as timer:
         results = evaluate_tasks(scorer, task_list, doc_sets, policy, limit, data_path)
     document = results_document(loaded.info(), policy.describe(), results, settings, timer.seconds)
@@ -747,12 +746,14 @@ def pipeline_command(
     limit: LimitPipelineOpt = None,
     label_limit: LabelLimitOpt = None,
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="Evaluation tasks (default: the six of Table 2 and the five of Table 5).")] = None,
+    calibration_tasks: Annotated[Optional[str], typer.Option("--calibration-tasks", help="Tasks whose calibration data builds the candidate sets, one search per task and loss (default: the paper's five).")] = None,
     encoder: EncoderOpt = None,
     epochs: EpochsOpt = None,
     per_prompt: PerPromptOpt = None,
     variants: VariantsOpt = None,
     stages: StagesOpt = None,
     lora: Annotated[bool, typer.Option("--lora", help="Also train a LoRA adapter per set (paper Table 4; the lora stage, off by default) and evaluate with them.")] = False,
+    lora_micro_batch: Annotated[Optional[int], typer.Option("--lora-micro-batch", min=1, help="With --lora: examples per forward pass while training (default 4; gradients accumulate to 64 examples a step either way, so a GPU can take 64).")] = None,
     ablations: Annotated[Optional[str], typer.Option("--ablations", help="Also run ablations: all, or some of sets-5, sets-30, ppl-candidates, objectives.")] = None,
     small: SmallOpt = False,
     data_dir: DataDirOpt = None,
@@ -773,10 +774,16 @@ def pipeline_command(
         config.k = blocks
     if tasks is not None:
         config.eval_tasks = [t.name for t in parse_task_list(tasks)]
+    if calibration_tasks is not None:
+        config.calibration_tasks = [t.name for t in parse_task_list(calibration_tasks)]
     if lora:
         from .lora import LoraRecipe
 
         config.lora = LoraRecipe.small(config.label_limit) if small else LoraRecipe(per_task=config.label_limit)
+        if lora_micro_batch is not None:
+            config.lora.micro_batch = min(lora_micro_batch, config.lora.batch_size)
+    elif lora_micro_batch is not None:
+        raise PuddingError("--lora-micro-batch is for --lora")
     chosen = _stages(stages)
     extra = () if not ablations else (ABLATIONS if ablations == "all" else tuple(a.strip() for a in ablations.split(",")))
     for name in extra:

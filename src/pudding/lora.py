@@ -60,7 +60,7 @@ class LoraRecipe:
     @classmethod
     def small(cls, per_task: int | None) -> LoraRecipe:
         """Toy sizes for `pipeline --small` (the README's demo): a few steps on a CPU."""
-        return cls(epochs=1, batch_size=8, micro_batch=4, max_length=64, per_task=per_task, text_windows=8, warmup_steps=2)
+        return cls(epochs=1, batch_size=8, micro_batch=4, max_length=32, per_task=per_task, text_windows=4, warmup_steps=2)
 
     def validate(self) -> None:
         for name in ("rank", "alpha", "epochs", "batch_size", "micro_batch", "max_length", "save_every"):

@@ -100,6 +100,8 @@ class Pipeline:
             config.k = default_k(model_info["num_blocks"])
         parse_task_list(",".join(config.eval_tasks))  # fail early on bad input
         for task in config.calibration_tasks:
+            if get_task(task).kind != "multiple_choice":  # before any work: tl and tld score answers
+                raise PuddingError(f"calibration task {task} is a text corpus; the tl and tld losses need question-answering tasks")
             get_task(task).require_calibration_split()
         config.router.validate()
         self.bundle = Bundle.create_or_open(bundle_dir, model_info, config.k, {"pipeline": asdict(config)})
@@ -398,13 +400,10 @@ class Pipeline:
         if self.bundle.policy_path.exists():
             rows["deployed-lora"] = deployed_policy(self.bundle, self.device)
         settings = self._eval_settings(lora=recipe.identity())
-        self.scorer.adapters = AdapterStore(self.bundle.path, model)
-        try:
+        with self.scorer.adapters_applied(AdapterStore(self.bundle.path, model), list(sets.values())):
             for name, policy in rows.items():
                 if not self._evaluated(name, settings):
                     self._evaluate_policy(name, policy, settings)
-        finally:
-            self.scorer.adapters = None
 
     def report(self) -> None:
         with self.bundle.writing("report.md", *FIGURES):

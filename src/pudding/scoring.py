@@ -238,6 +238,23 @@ class Scorer:
         self.max_logit_rows = 4096  # scored positions per vocabulary projection, bounds the logits' memory
         self.adapters = None  # a bundle's LoRA adapters (`lora.AdapterStore`): each set is scored with its own
 
+    def use_adapters(self, store, sets=()) -> None:
+        """Score each omission set with its LoRA adapter from `store` (a bundle's `lora.AdapterStore`; None: without
+        adapters). The sets named must have one: a missing adapter is refused now, not hours into a run."""
+        if store is not None:
+            store.for_sets(sets)
+        self.adapters = store
+
+    @contextlib.contextmanager
+    def adapters_applied(self, store, sets=()):
+        """`use_adapters` for the duration of a block, then the scorer as it was."""
+        previous = self.adapters
+        self.use_adapters(store, sets)
+        try:
+            yield self
+        finally:
+            self.adapters = previous
+
     def adapted(self, omit: OmissionSet):
         """While scoring under `omit`: its LoRA adapter applied, if the scorer has adapters."""
         return contextlib.nullcontext() if self.adapters is None else self.adapters.applied(self.decoder.blocks, omit)

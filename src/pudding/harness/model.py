@@ -161,8 +161,8 @@ class PuddingLM(LM):
         if lora:
             from ..lora import AdapterStore
 
-            self.adapters = self.scorer.adapters = AdapterStore(opened.path, self.loaded.model)
-            self.adapters.for_sets(self.policy.sets_to_prepare())  # refuse a missing adapter now, not mid-run
+            self.adapters = AdapterStore(opened.path, self.loaded.model)
+            self.scorer.use_adapters(self.adapters, self.policy.sets_to_prepare())
 
     def _assign(self, documents: Sequence[Document]) -> dict[OmissionSet, list[Document]]:
         """Route (or not) every document once; documents grouped by the set they run under."""
