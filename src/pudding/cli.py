@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import PuddingError
+from .errors import PuddingError, fail as _fail
 
 app = typer.Typer(
     help="pudding: prompt-routed depth pruning of LLMs (PuDDing). Skip the transformer blocks a prompt does not need.",
@@ -44,10 +44,6 @@ RawRouterOpt = Annotated[bool, typer.Option("--router", help="With --bundle: rou
 BatchTokensOpt = Annotated[Optional[int], typer.Option("--batch-tokens", min=64, help="Tokens per forward pass (default: 2048 on CPU, 16384 on GPU).")]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    message = " ".join(str(message).split())  # one line, whatever the message held
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
 
 
 # ------------------------------------------------------------------------------------------------------------------

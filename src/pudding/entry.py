@@ -3,13 +3,12 @@ ends the same way as one pressed later ("error: interrupted", exit 130), not in 
 
 from __future__ import annotations
 
-import sys
+from .errors import fail
 
 
 def main() -> None:
     try:
         from .cli import main as cli_main
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+        fail("interrupted", 130)
     cli_main()
