@@ -124,6 +124,95 @@ def test_decode_over_a_context_bucket_equals_decode_over_the_whole_context():
             token = expected.argmax(-1)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_blocks_prefilled_ahead_of_the_choice_give_the_plain_prefill(family):
+    """A pending choice (`Policy.pending`) lets the blocks every candidate keeps pre-fill before the set is known
+    (on GPUs, beside the router): the logits and the tokens generated after them are exactly those of choosing first,
+    for a set that keeps the shared blocks, and for a forced set that does not (pre-filled from the start), sliding
+    windows included (gemma3's window is 4 tokens)."""
+    from conftest import build_tiny
+    from pudding.policy import Choice, Pending
+
+    engine = Engine.from_model(build_tiny(family, init=0.2), max_len=64)
+    ids = torch.randint(3, 200, (13,), generator=torch.Generator().manual_seed(5)).tolist()
+    asked = []
+
+    def pending(omit, shared):
+        return Pending(shared, lambda: asked.append(omit) or Choice(engine.omission(omit), routed=True, ms=0.5))
+
+    for omit, shared in [((3, 5), 3), ((2, 4), 2), ((0, 4), 2), ((), 6)]:
+        engine.use(engine.omission(omit))
+        expected = engine.prefill(ids).clone()
+        engine.use(engine.omission((1,)))  # another stack in between: the choice must set it again
+        choice, swap, logits = engine.start(ids, pending(omit, shared))
+        assert choice.omit == engine.omission(omit) and asked[-1] == omit and engine._ahead is None
+        assert torch.equal(logits, expected), (omit, shared)
+        plain = engine.generate(ids, engine.omission(omit), max_new_tokens=6, stop_ids=[])
+        ahead = engine.generate(ids, pending(omit, shared), max_new_tokens=6, stop_ids=[])
+        assert ahead.tokens == plain.tokens and ahead.routed and ahead.timings.route_ms == 0.5
+    with pytest.raises(PuddingError, match="nothing was pre-filled ahead"):
+        engine.prefill_rest()
+    engine.prefill_ahead(ids, 2)
+    engine.use(engine.omission((1,)))
+    with pytest.raises(PuddingError, match="does not start with the 2 blocks"):
+        engine.prefill_rest()
+
+
+def test_a_pending_choice_waits_for_the_choice_where_blocks_cannot_run_ahead():
+    """With a memory budget a block's slot is known only once the set is, and with LoRA each set updates its blocks
+    differently: there the pending choice is made first, and the result is that of choosing first."""
+    from conftest import build_tiny
+    from pudding.policy import Choice, Pending
+
+    model = build_tiny("llama", init=0.2)
+    ids = torch.randint(3, 200, (9,), generator=torch.Generator().manual_seed(6)).tolist()
+    budget = Engine.from_model(model, max_len=64, budget=4)
+    assert not budget.can_prefill_ahead() and Engine.from_model(model, max_len=64).can_prefill_ahead()
+    omit = budget.omission((4, 5))
+    expected = _hf_greedy(model, ids, omit, 6)
+    assert budget.generate(ids, Pending(3, lambda: Choice(omit)), max_new_tokens=6, stop_ids=[]).tokens == expected
+    with pytest.raises(PuddingError, match="only with every block resident"):
+        budget.prefill_ahead(ids, 3)
+
+
+def test_routed_generation_overlaps_the_router_with_the_shared_blocks(smollm2):
+    """End to end on the packaged model and router encoder: a routed policy's pending choice names the blocks all
+    its sets keep, routes when the engine asks (counted in its statistics), and generates what choosing first does."""
+    from pudding.policy import FixedPolicy, RoutedPolicy, shared_blocks
+    from pudding.router import LoadedRouter
+
+    sets = [OmissionSet(s, 30) for s in ([4, 11, 17], [6, 12, 20], [5, 25])]
+    assert shared_blocks(sets) == 4 and shared_blocks([OmissionSet((), 30)]) == 30 and shared_blocks([]) == 0
+    policy = RoutedPolicy(LoadedRouter.untrained("minilm-l6", sets))
+    assert FixedPolicy(sets[0], sets=sets).pending("a prompt").shared == 0  # nothing to wait for
+    engine = Engine.from_model(smollm2.model, smollm2.tokenizer, max_len=128)
+    prompt = "Question: What do plants need to make food?\nAnswer:"
+    pending = policy.pending(prompt)
+    assert pending.shared == 4 and policy.stats.prompts == 0  # nothing routed yet
+    ahead = engine.generate(prompt, pending, max_new_tokens=8, stop_ids=[])
+    assert policy.stats.prompts == 1 and ahead.routed and ahead.blocks in [list(s) for s in sets]
+    first = policy.choose_one(prompt)
+    assert engine.generate(prompt, first, max_new_tokens=8, stop_ids=[]).tokens == ahead.tokens
+    assert ahead.timings.ttft_ms >= ahead.timings.route_ms > 0
+
+
+def test_bench_measures_prefill_with_routing_beside_the_shared_blocks():
+    """`pudding bench` times the pre-fill with routing included as it runs (`routed_prefill`), per number of blocks
+    pre-filled ahead, and checks its logits against choosing first (equal on the CPU); the report shows the table."""
+    from conftest import build_tiny
+    from pudding.bench import _routed_lines, routed_prefill
+    from pudding.policy import RoutedPolicy
+    from pudding.router import LoadedRouter
+
+    engine = Engine.from_model(build_tiny("llama", init=0.2), max_len=64)
+    policy = RoutedPolicy(LoadedRouter.untrained("minilm-l6", [engine.omission(s) for s in ((3, 5), (2, 4))]))
+    measured = routed_prefill(engine, policy, (8, 16), (0, 2), repeats=1)
+    assert measured["max_abs_logit_diff"] == 0.0 and policy.stats.prompts == 2 * 2 * 3
+    assert set(measured["ttft_ms"]) == {0, 2} and all(v > 0 for t in measured["ttft_ms"].values() for v in t.values())
+    lines = _routed_lines({"pool_shared_blocks": 2, **measured}, {"ttft_ms": {8: 1.0, 16: 2.0}}, 0.5, {"prompt_lengths": (8, 16)})
+    assert "| (pruned pre-fill + router time, added) | 1.50 ms | 2.50 ms |" in lines and lines[-1].startswith("| 2 | ")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 def test_compiled_block_step_equals_the_eager_one(scheme):

@@ -19,6 +19,7 @@ from .block import block_step
 from .engine import Engine
 from .errors import PuddingError
 from .omission import OmissionSet
+from .policy import Pending, shared_blocks
 
 
 class Clock:
@@ -111,6 +112,35 @@ def router_timing(policy, prompts: Sequence[str], repeats: int = 20) -> float:
     for p in prompts[:3]:
         policy.choose_one(p)
     return statistics.median(policy.choose_one(p).ms for _ in range(repeats) for p in prompts)
+
+
+def router_text(words: int) -> str:
+    """A prompt of about `words` words (the router reads at most its max_length tokens of it)."""
+    pool = " ".join(ROUTER_PROMPTS).split()
+    return " ".join(pool[i % len(pool)] for i in range(words))
+
+
+def routed_prefill(engine: Engine, policy, lengths: Sequence[int], shared_values: Sequence[int], repeats: int) -> dict:
+    """Time to first token with routing included, measured rather than added: per number of blocks pre-filled ahead
+    of the choice (0: route, then pre-fill), per prompt length, the median of `Engine.start` with a pending choice
+    (the router reads a prompt about as long as the engine's, on its own stream)."""
+    clock = Clock(engine.device)
+    out: dict = {"ttft_ms": {}, "max_abs_logit_diff": 0.0}
+    for shared in shared_values:
+        out["ttft_ms"][shared] = {}
+        for length in lengths:
+            ids, text = _prompt(length, engine.shape.vocab), router_text(length)
+
+            def run():
+                return engine.start(ids, Pending(shared, lambda: policy.choose_one(text)))
+
+            out["ttft_ms"][shared][length] = clock.median(lambda: run()[2].argmax(-1), repeats)
+            choice, _, logits = run()  # the same logits as choosing first, then one pre-fill graph
+            ahead = logits.clone()
+            engine.use(choice.omit)
+            diff = (engine.prefill(ids) - ahead).abs().max().item()
+            out["max_abs_logit_diff"] = max(out["max_abs_logit_diff"], diff)
+    return out
 
 
 def swap_timing(engine: Engine, base: OmissionSet, targets: dict[int, OmissionSet], prompt: int, repeats: int) -> dict:
@@ -309,6 +339,10 @@ LLAMA_31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=
 PAPER_SET = (20, 22, 24, 26, 27, 28, 30)
 SWAP_SETS = {2: (20, 22, 24, 26, 27, 29, 31), 4: (18, 19, 24, 26, 27, 29, 31), 7: (8, 9, 10, 11, 12, 13, 14)}
 
+# The router's pool for the shape benchmark: the paper-style set and its 2- and 4-block neighbours, all in the
+# late-middle of the stack, so every set keeps blocks 0-17 (routing overlaps their pre-fill: `Engine.start`).
+ROUTER_POOL = (PAPER_SET, SWAP_SETS[2], SWAP_SETS[4])
+
 ROUTER_PROMPTS = [
     "Question: Which of these would help to prevent infections from spreading?\nAnswer:",
     "A man is sitting on a roof. He",
@@ -334,8 +368,10 @@ def _row(t: SetTimings) -> dict:
 
 
 def compare(engine: Engine, dense: SetTimings, pruned: SetTimings, bandwidth: float | None, router_ms: float,
-            settings: BenchSettings, references: dict | None = None) -> dict:
-    """Ratios against dense, against the ceilings and against the references measured in the same run."""
+            settings: BenchSettings, references: dict | None = None, routed_ttft: dict | None = None) -> dict:
+    """Ratios against dense, against the ceilings and against the references measured in the same run. With
+    `routed_ttft` (prompt length -> TTFT measured with routing, `routed_prefill`), the pre-fill speedup with routing
+    is taken from it; otherwise the router's time is added to the pruned pre-fill."""
     references = references or {}
     bytes_dense = weight_bytes_per_token(engine, dense.kept)
     bytes_pruned = weight_bytes_per_token(engine, pruned.kept)
@@ -354,8 +390,10 @@ def compare(engine: Engine, dense: SetTimings, pruned: SetTimings, bandwidth: fl
             out[f"{name}_decode_of_ceiling"] = t.decode_tok_s / ceiling
     for p in settings.prompt_lengths:
         flop_ratio = prefill_flops(engine, dense.kept, p) / prefill_flops(engine, pruned.kept, p)
-        speedup = dense.ttft_ms[p] / (pruned.ttft_ms[p] + router_ms)
+        with_routing = routed_ttft[p] if routed_ttft else pruned.ttft_ms[p] + router_ms
+        speedup = dense.ttft_ms[p] / with_routing
         out["prefill"][p] = {"speedup_with_router": speedup, "speedup_without_router": dense.ttft_ms[p] / pruned.ttft_ms[p],
+                             "ttft_with_routing_ms": with_routing, "routing_measured": bool(routed_ttft),
                              "flop_ratio": flop_ratio, "of_flop_ratio": speedup / flop_ratio}
         for name, t in (("dense", dense), ("pruned", pruned)):
             for reference, values in (("gemm_bound", references.get(f"{name}_gemm_ms")),
@@ -414,6 +452,14 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     log(f"warm-up (compile + capture, 5 sets): {warm:.1f} s")
     dense = time_set(engine, dense_set, "dense", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
     pruned = time_set(engine, pruned_set, "pruned", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
+    routed = None
+    if policy is not None:
+        pool_shared = shared_blocks(policy.sets)
+        measured = routed_prefill(engine, policy, settings.prompt_lengths, sorted({0, 8, pool_shared}), settings.repeats)
+        results["routed_prefill"] = {"pool_shared_blocks": pool_shared, **measured}
+        routed = measured["ttft_ms"]
+        log(f"pre-fill with routing (blocks ahead -> ms): {routed}; largest logit difference from choosing first "
+            f"{measured['max_abs_logit_diff']:.3g}")
     references = {"dense_gemm_ms": gemm_bound(engine, dense_set, settings.prompt_lengths, settings.repeats),
                   "pruned_gemm_ms": gemm_bound(engine, pruned_set, settings.prompt_lengths, settings.repeats)}
     log(f"GEMM-only bound: dense {references['dense_gemm_ms']}, pruned {references['pruned_gemm_ms']}")
@@ -424,7 +470,8 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     references["pruned_transformers_ms"] = transformers_forward(config, device, pruned_set, settings.prompt_lengths, settings.repeats)
     log(f"transformers eager: dense {references['dense_transformers_ms']}, pruned {references['pruned_transformers_ms']}")
     results["all_resident"] = {"dense": _row(dense), "pruned": _row(pruned), "references": references,
-                               "comparison": compare(engine, dense, pruned, bandwidth, router_ms, settings, references),
+                               "comparison": compare(engine, dense, pruned, bandwidth, router_ms, settings, references,
+                                                     routed[pool_shared] if routed else None),
                                "memory": {"dense": peak_memory(engine, dense_set, 512, 512, baseline),
                                           "pruned": peak_memory(engine, pruned_set, 512, 512, baseline)}}
     switch_clock = Clock(device)
@@ -597,7 +644,10 @@ def markdown(report: dict) -> str:
         lines += [f"## {shape['model']} ({weights}, batch 1)", "",
                   f"HBM bandwidth measured in the same run: {shape['hbm_bandwidth_gb_s']:.0f} GB/s (copy, read + write). "
                   f"Router (batch 1, same device): {shape['router_ms']:.2f} ms. Warm-up (compile + graph capture): {shape['warm_up_s']:.1f} s.", ""]
-        lines += _table(ar["dense"], ar["pruned"], shape["router_ms"], settings)
+        routed = shape.get("routed_prefill")
+        lines += _table(ar["dense"], ar["pruned"], shape["router_ms"], settings,
+                        _key(routed["ttft_ms"], routed["pool_shared_blocks"]) if routed else None)
+        lines += _routed_lines(routed, ar["pruned"], shape["router_ms"], settings)
         lines += _prefill_lines(ar, settings)
         lines += ["", "| figure | measured | target | met |", "|---|---|---|---|"]
         for goal in shape_goals(shape):
@@ -655,7 +705,8 @@ def shape_goals(shape: dict) -> list[dict]:
     for p, v in c["prefill"].items():
         goals.append({"figure": f"pre-fill speedup at {p} tokens (routing included), of the FLOP ratio",
                       "measured": v["of_flop_ratio"], "target": "≥ 97%", "met": v["of_flop_ratio"] >= 0.97,
-                      "detail": f"{v['speedup_with_router']:.3f}x of {v['flop_ratio']:.3f}x ({100 * v['of_flop_ratio']:.1f}%)"})
+                      "detail": f"{v['speedup_with_router']:.3f}x of {v['flop_ratio']:.3f}x ({100 * v['of_flop_ratio']:.1f}%"
+                                f"{', routing measured beside pre-fill' if v.get('routing_measured') else ''})"})
     for name in ("dense", "pruned"):
         of = c.get(f"{name}_decode_of_ceiling")
         if of is not None:
@@ -719,7 +770,26 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def _table(dense: dict, pruned: dict, router_ms: float, settings: dict) -> list[str]:
+def _routed_lines(routed: dict | None, pruned: dict, router_ms: float, settings: dict) -> list[str]:
+    if not routed:
+        return []
+    prompts = settings["prompt_lengths"]
+    lines = ["", f"Pre-fill with routing, measured (`Engine.start` with a pending choice): the router reads the prompt on "
+             f"its own stream while the blocks every set keeps pre-fill; the pool's sets all keep the first "
+             f"{routed['pool_shared_blocks']} blocks (0 = route, then pre-fill). Largest logit difference from choosing "
+             f"first: {routed['max_abs_logit_diff']:.3g}.", "",
+             "| blocks pre-filled ahead | " + " | ".join(f"TTFT, prompt {p}" for p in prompts) + " |",
+             "|---|" + "---|" * len(prompts),
+             "| (pruned pre-fill + router time, added) | " + " | ".join(
+                 f"{_key(pruned['ttft_ms'], p) + router_ms:.2f} ms" for p in prompts) + " |"]
+    for shared, values in routed["ttft_ms"].items():
+        lines.append(f"| {shared} | " + " | ".join(f"{_key(values, p):.2f} ms" for p in prompts) + " |")
+    return lines
+
+
+def _table(dense: dict, pruned: dict, router_ms: float, settings: dict, routed_ttft: dict | None = None) -> list[str]:
+    """Table 6's layout. The routed row's TTFT is the measured one where given (`routed_prefill`), else pre-fill plus
+    the router's time; its generation times add the router's time."""
     prompts = settings["prompt_lengths"]
     gens = settings["gen_lengths"]
     key = lambda d, k: d[k] if k in d else d[str(k)]  # noqa: E731 - JSON turns int keys into strings
@@ -727,11 +797,14 @@ def _table(dense: dict, pruned: dict, router_ms: float, settings: dict) -> list[
             " | ".join(f"prompt {settings['base_prompt']} + {g} new" for g in gens) + " | decode tok/s |",
             "|---|" + "---|" * (len(prompts) + len(gens) + 1)]
     rows = []
+    def ttft(row, p, extra):
+        return key(routed_ttft, p) if extra and routed_ttft else key(row["ttft_ms"], p) + extra
+
     for row, extra in ((dense, 0.0), (pruned, router_ms)):
-        cells = [f"{key(row['ttft_ms'], p) + extra:.1f} ms" for p in prompts] + [f"{(key(row['generate_ms'], g) + extra) / 1000:.3f} s" for g in gens]
+        cells = [f"{ttft(row, p, extra):.1f} ms" for p in prompts] + [f"{(key(row['generate_ms'], g) + extra) / 1000:.3f} s" for g in gens]
         name = row["label"] + (" + router" if extra else "")
         rows.append(f"| {name} ({row['blocks_run']} blocks) | " + " | ".join(cells) + f" | {row['decode_tok_s']:.1f} |")
-    speed = [f"{key(dense['ttft_ms'], p) / (key(pruned['ttft_ms'], p) + router_ms):.2f}x" for p in prompts] + [
+    speed = [f"{key(dense['ttft_ms'], p) / ttft(pruned, p, router_ms):.2f}x" for p in prompts] + [
         f"{key(dense['generate_ms'], g) / (key(pruned['generate_ms'], g) + router_ms):.2f}x" for g in gens]
     rows.append("| speedup | " + " | ".join(speed) + f" | {dense['decode_ms_per_token'] / pruned['decode_ms_per_token']:.2f}x |")
     return head + rows

@@ -571,9 +571,9 @@ def generate_command(
     text = prompt
     if chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    choice = policy.choose_one(prompt)  # the router reads the prompt as the user wrote it, not the chat template
+    # the router reads the prompt as the user wrote it, not the chat template, beside the first blocks' pre-fill
     result = None
-    for piece, result in engine.stream(text, choice, max_new_tokens):
+    for piece, result in engine.stream(text, policy.pending(prompt), max_new_tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -659,12 +659,12 @@ def bench_command(
 
         config = LlamaConfig(**LLAMA_31_8B)
         config._name = "LLaMA-3.1-8B"
-        from .bench import PAPER_SET
+        from .bench import ROUTER_POOL
 
         if schemes:
             report["weights"] = benchmark_weights(config, device, schemes, repeats, log=log)
         else:
-            router = LoadedRouter.untrained(router_encoder, [OmissionSet(PAPER_SET, config.num_hidden_layers)] * 10, device)
+            router = LoadedRouter.untrained(router_encoder, [OmissionSet(s, config.num_hidden_layers) for s in ROUTER_POOL], device)
             report["shape"] = benchmark_shape(config, device, settings, RoutedPolicy(router), log)
     report["bundles"] = [benchmark_bundle(b, device, settings, log) for b in (bundle or [])]
     if shape and schemes:

@@ -6,8 +6,9 @@ block that runs), and on GPUs a CUDA graph of the whole decode step per stack an
 cache only as far as the bucket holding the position), so decoding is not bound by Python or kernel launches. Where
 the blocks live (all on the device, or a memory budget of slots) is `residency.py`.
 
-The engine never chooses blocks: callers ask a policy (`policy.py`) for a `Choice` and pass it in; the time the
-choice took counts in the time to first token.
+The engine never chooses blocks: callers ask a policy (`policy.py`) for a `Choice` and pass it in, and the time the
+choice took counts in the time to first token; or they pass the policy's `Pending` choice, which the engine resolves
+only after the blocks every candidate set keeps have started to pre-fill, so a router's time hides behind them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .block import (BlockLayout, Shape, block_step, block_tensors, engine_archit
                     random_block_tensors, rms_norm, rotary_tables)
 from .errors import PuddingError
 from .omission import OmissionSet
-from .policy import Choice
+from .policy import Choice, Pending
 from .quantize import random_codes, scheme_of
 from .residency import ResidentBlocks, SlotPool
 
@@ -37,7 +38,7 @@ DECODE_BUCKETS = (256, 1024, 4096, 16384, 65536)
 class Timings:
     route_ms: float = 0.0
     swap_ms: float = 0.0  # making the chosen blocks resident (host→device copies are overlapped with pre-fill)
-    prefill_ms: float = 0.0
+    prefill_ms: float = 0.0  # the rest of the time to first token (tokenizing, the pre-fill routing did not hide)
     ttft_ms: float = 0.0  # routing + swap + pre-fill: the time to the first generated token
     decode_ms: float = 0.0
     new_tokens: int = 0
@@ -136,6 +137,7 @@ class Engine:
         self._last = torch.zeros(1, dtype=torch.long, device=self.device)  # the prompt's last position in the bucket
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        self._ahead: tuple | None = None  # (padded length, blocks, graphed, hidden states) of `prefill_ahead`
         self.stack: list[dict] = []
         self.stack_types: list[str] = []
         self.kept: tuple[int, ...] = ()
@@ -308,8 +310,12 @@ class Engine:
             masks["sliding_attention"] = causal & (key_pos[None, :] > positions[:, None] - self.shape.sliding_window)
         return masks
 
-    def _run_stack(self, x: torch.Tensor, positions: torch.Tensor, masks: dict | None, keys: int, step, wait: bool = False) -> torch.Tensor:
-        for j, (w, layer_type) in enumerate(zip(self.stack, self.stack_types)):
+    def _run_stack(self, x: torch.Tensor, positions: torch.Tensor, masks: dict | None, keys: int, step, wait: bool = False,
+                   start: int = 0, layers: list[tuple[dict, str]] | None = None) -> torch.Tensor:
+        """x through the stack from position `start` (or through `layers`, from position 0), each stack position
+        with its own KV cache."""
+        layers = list(zip(self.stack, self.stack_types))[start:] if layers is None else layers
+        for j, (w, layer_type) in enumerate(layers, start):
             if wait and self._events[j] is not None:
                 torch.cuda.current_stream().wait_event(self._events[j])
             cos, sin = (t[positions] for t in self.rotary[layer_type])
@@ -334,6 +340,58 @@ class Engine:
         buffer the next pre-fill or decode step may overwrite). On GPUs a captured graph per (stack, length bucket)
         runs it, unless a memory-budget swap is still copying blocks in (then the pre-fill waits for each block's
         copy as it reaches it, eagerly)."""
+        padded = self._load_prompt(ids)
+        copying = any(event is not None for event in self._events)
+        if self._graphed(padded, len(ids)) and not copying:
+            graph, logits = self._prefill_graph(padded)
+            graph.replay()
+            return logits
+        logits = self._prefill_padded(padded, wait=True)
+        self._events = [None] * len(self._events)  # the copies are waited for: the stack is resident now
+        return logits
+
+    def can_prefill_ahead(self) -> bool:
+        """Whether blocks can pre-fill before the set is chosen: only when every block sits at a fixed place (all
+        resident) and carries no per-set LoRA update."""
+        return self.blocks.mode == "all" and not self.lora_rank
+
+    @torch.inference_mode()
+    def prefill_ahead(self, ids: Sequence[int], shared: int) -> None:
+        """Start the pre-fill of the first `shared` blocks before the omission set is known (every candidate set
+        keeps them): on GPUs one graph per (length bucket, shared), owned by no set, queued without waiting, so a
+        router can choose meanwhile. `prefill_rest` finishes the pre-fill under the chosen set."""
+        if not self.can_prefill_ahead():
+            raise PuddingError("blocks can pre-fill ahead of the choice only with every block resident and no LoRA")
+        if not 0 < shared <= self.shape.num_blocks:
+            raise PuddingError(f"cannot pre-fill {shared} of {self.shape.num_blocks} blocks ahead")
+        padded = self._load_prompt(ids)
+        graphed = self._graphed(padded, len(ids))
+        if graphed:
+            graph, hidden = self._captured(("ahead", padded, shared), lambda: self._shared_hidden(padded, shared))
+            graph.replay()
+        else:
+            hidden = self._shared_hidden(padded, shared)
+        self._ahead = (padded, shared, graphed, hidden)
+
+    @torch.inference_mode()
+    def prefill_rest(self) -> torch.Tensor:
+        """Finish the pre-fill `prefill_ahead` started, through the rest of the current stack (whose first blocks
+        must be the shared ones); returns the last position's logits, like `prefill`."""
+        if self._ahead is None:
+            raise PuddingError("nothing was pre-filled ahead")
+        padded, shared, graphed, hidden = self._ahead
+        self._ahead = None
+        if self.kept[:shared] != tuple(range(shared)):
+            raise PuddingError(f"the stack does not start with the {shared} blocks pre-filled ahead")
+        if graphed:
+            graph, logits = self._captured(("rest", padded, shared, *self._graph_key()),
+                                           lambda: self._rest_logits(padded, shared, hidden))
+            graph.replay()
+            return logits
+        return self._rest_logits(padded, shared, hidden)
+
+    def _load_prompt(self, ids: Sequence[int]) -> int:
+        """Write the prompt into the pre-fill buffer, padded to its bucket; returns the padded length."""
         length = len(ids)
         if not 0 < length <= self.max_len:  # direct callers (benchmarks, the lm-eval model) skip generate's check
             raise PuddingError(f"the prompt ({length} tokens) must have 1 to {self.max_len} tokens (the engine's context)")
@@ -342,26 +400,39 @@ class Engine:
         if padded > length:
             self._prompt[0, length:padded].zero_()
         self._last.fill_(length - 1)
-        copying = any(event is not None for event in self._events)
-        if self.use_graphs and padded == self.bucket(length) and not copying:
-            graph, logits = self._prefill_graph(padded)
-            graph.replay()
-            return logits
-        logits = self._prefill_padded(padded, wait=True)
-        self._events = [None] * len(self._events)  # the copies are waited for: the stack is resident now
-        return logits
+        return padded
+
+    def _graphed(self, padded: int, length: int) -> bool:
+        return self.use_graphs and padded == self.bucket(length)
 
     def _prefill_padded(self, length: int, wait: bool = False) -> torch.Tensor:
-        x = self._prompt_hidden(length, wait)
-        return self._logits(x.index_select(1, self._last)[:, 0])
+        return self._last_logits(self._prompt_hidden(length, wait))
+
+    def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._logits(hidden.index_select(1, self._last)[:, 0])
+
+    def _prompt_context(self, length: int) -> tuple[torch.Tensor, dict | None]:
+        """Positions of the first `length` tokens of the pre-fill buffer, and the masks they need: a sliding window
+        shorter than the prompt needs an explicit one; otherwise attention is plainly causal."""
+        positions = self._positions[:length]
+        needs_mask = self.shape.sliding_window is not None and length > self.shape.sliding_window
+        return positions, self._masks(positions, length) if needs_mask else None
 
     def _prompt_hidden(self, length: int, wait: bool = False) -> torch.Tensor:
         """The last hidden states of the first `length` tokens of the pre-fill buffer, filling the KV cache."""
-        positions = self._positions[:length]
-        # A sliding window shorter than the prompt needs an explicit mask; otherwise plain causal attention.
-        needs_mask = self.shape.sliding_window is not None and length > self.shape.sliding_window
-        masks = self._masks(positions, length) if needs_mask else None
+        positions, masks = self._prompt_context(length)
         return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, length, self._prefill_block, wait)
+
+    def _shared_hidden(self, length: int, shared: int) -> torch.Tensor:
+        """The prompt through blocks 0 .. shared-1, which are stack positions 0 .. shared-1 of any set keeping them."""
+        positions, masks = self._prompt_context(length)
+        layers = [(self.blocks.views[b], self.shape.layer_types[b]) for b in range(shared)]
+        return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, length, self._prefill_block,
+                               layers=layers)
+
+    def _rest_logits(self, length: int, shared: int, hidden: torch.Tensor) -> torch.Tensor:
+        positions, masks = self._prompt_context(length)
+        return self._last_logits(self._run_stack(hidden, positions, masks, length, self._prefill_block, start=shared))
 
     @torch.inference_mode()
     def prompt_logprobs(self, ids: Sequence[int], chosen: Choice | OmissionSet, top: int = 0,
@@ -471,15 +542,35 @@ class Engine:
             self._longest_token_bytes = 4 * max(map(len, self.tokenizer.get_vocab()))
         return len(text.encode("utf-8", "replace")) // (2 * max(1, self._longest_token_bytes))
 
-    def stream(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet, max_new_tokens: int = 128,
+    @torch.inference_mode()
+    def start(self, ids: Sequence[int], chosen: Choice | Pending) -> tuple[Choice, dict, torch.Tensor]:
+        """Make the chosen set the running stack and pre-fill the prompt: returns the choice, what the switch did
+        (`use`) and the last position's logits. A pending choice (`Policy.pending`) is asked for only after the blocks
+        every candidate keeps have started to pre-fill, so routing overlaps them; a set that does not keep them (one
+        the policy could not name) is pre-filled from the start."""
+        shared = 0
+        if isinstance(chosen, Pending):
+            if chosen.shared and self.can_prefill_ahead():
+                shared = min(chosen.shared, self.shape.num_blocks)
+                self.prefill_ahead(ids, shared)
+            chosen = chosen.result()
+            self._check_set(chosen.omit)
+            if shared and tuple(chosen.omit.kept()[:shared]) != tuple(range(shared)):
+                shared, self._ahead = 0, None
+        swap = self.use(chosen.omit)
+        return chosen, swap, self.prefill_rest() if shared else self.prefill(ids)
+
+    def stream(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet | Pending, max_new_tokens: int = 128,
                stop_ids: Sequence[int] | None = None, logprobs: int | None = None) -> Iterator[tuple[str, Generation]]:
-        """Yield (new text, generation so far) as tokens arrive, under the chosen set (a policy's `Choice`, whose
-        routing time counts in the time to first token, or a plain omission set). With `logprobs` (the number of most
-        likely alternatives to keep), each generated token's log-probability is recorded too."""
-        choice = chosen if isinstance(chosen, Choice) else Choice(chosen)
-        self._check_set(choice.omit)
+        """Yield (new text, generation so far) as tokens arrive, under the chosen set: a policy's `Choice` (its
+        routing time counts in the time to first token), a `Pending` one (routing runs inside, beside the pre-fill of
+        the blocks every candidate keeps: `start`), or a plain omission set. With `logprobs` (the number of most likely
+        alternatives to keep), each generated token's log-probability is recorded too."""
+        pending = isinstance(chosen, Pending)
+        if not pending:
+            chosen = chosen if isinstance(chosen, Choice) else Choice(chosen)
+            self._check_set(chosen.omit)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        timings = Timings(route_ms=choice.ms)
         started = time.perf_counter()
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -487,17 +578,16 @@ class Engine:
         if len(ids) + max_new_tokens > self.max_len:
             raise PuddingError(f"prompt ({len(ids)} tokens) plus {max_new_tokens} new tokens exceed the engine's "
                                f"context of {self.max_len} tokens")
-        swap_started = time.perf_counter()
-        timings.swap = self.use(choice.omit)
-        timings.swap_ms = 1000 * (time.perf_counter() - swap_started)
         stops = set(stop_ids if stop_ids is not None else self._stop_ids())
-        logits = self.prefill(ids)
+        choice, swap, logits = self.start(ids, chosen)
         token = logits.argmax(-1)
         first = int(token)
         scored = [] if logprobs is None else [_scored(logits, token, logprobs)]
         sync()
-        timings.prefill_ms = 1000 * (time.perf_counter() - swap_started) - timings.swap_ms
-        timings.ttft_ms = choice.ms + 1000 * (time.perf_counter() - started)
+        # A choice made before the call adds its time; a pending one was made inside (partly hidden by pre-fill).
+        ttft = 1000 * (time.perf_counter() - started) + (0.0 if pending else choice.ms)
+        timings = Timings(route_ms=choice.ms, swap_ms=swap["ms"], ttft_ms=ttft, swap=swap,
+                          prefill_ms=max(0.0, ttft - choice.ms - swap["ms"]))
         generated = [first]
         detokenizer = TextStream(self.tokenizer)
         decode_started = time.perf_counter()
@@ -522,7 +612,7 @@ class Engine:
                 scored.append(_scored(logits, token, logprobs))
             position += 1
 
-    def generate(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet, max_new_tokens: int = 128,
+    def generate(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet | Pending, max_new_tokens: int = 128,
                  stop_ids: Sequence[int] | None = None, on_text: Callable[[str], None] | None = None) -> Generation:
         result = None
         for piece, result in self.stream(prompt, chosen, max_new_tokens, stop_ids):

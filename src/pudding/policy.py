@@ -13,7 +13,7 @@ its own routing statistics (prompts routed, time spent, prompts the router had t
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,34 @@ class Choice:
     index: int | None = None  # its number among the policy's sets (a bundle's candidate sets), if it is one of them
     routed: bool = False  # chosen by a router for this prompt (not fixed, not forced)
     ms: float = 0.0  # time spent choosing (routing), part of the time to first token
+
+
+@dataclass
+class Pending:
+    """A choice the engine asks for only once it has started on the prompt: every set the policy can choose keeps
+    the first `shared` blocks, so those pre-fill while the policy chooses (a router runs on its own stream), and the
+    router's time hides behind them instead of adding to the time to first token."""
+
+    shared: int
+    decide: Callable[[], Choice]
+    _choice: Choice | None = None
+
+    def result(self) -> Choice:
+        if self._choice is None:
+            self._choice = self.decide()
+        return self._choice
+
+
+def decided(chosen: Choice | Pending) -> Choice:
+    """The choice itself, made now if it was pending."""
+    return chosen.result() if isinstance(chosen, Pending) else chosen
+
+
+def shared_blocks(sets: Sequence[OmissionSet]) -> int:
+    """How many leading blocks every one of these sets keeps (the blocks before the first one any of them omits)."""
+    if not sets:
+        return 0
+    return min(min(s) if len(s) else s.num_blocks for s in sets)
 
 
 @dataclass
@@ -64,6 +92,11 @@ class Policy:
 
     def choose_one(self, prompt: str) -> Choice:
         return self.choose([prompt])[0]
+
+    def pending(self, prompt: str) -> Pending:
+        """The choice for one prompt, made when the engine asks for it (`Engine.stream`): a policy whose choice
+        depends on the prompt lets the blocks all its sets keep pre-fill meanwhile."""
+        return Pending(0 if self.fixed is not None else shared_blocks(self.sets), lambda: self.choose_one(prompt))
 
     @property
     def fixed(self) -> OmissionSet | None:

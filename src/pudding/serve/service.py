@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ..engine import Generation, Timings
 from ..errors import PuddingError
 from ..omission import OmissionSet
-from ..policy import Choice, Policy
+from ..policy import Choice, Policy, decided
 from .wire import (
     MAX_STOP_STRINGS, ApiError, ChatMessage, OpenAIRequest, PuddingOptions, chat_logprobs, completion_logprobs,
 )
@@ -229,9 +229,14 @@ class Service:
         queue_ms = 1000 * (time.perf_counter() - job.queued_at)
         if job.cancelled.is_set():
             return Outcome(None, None, queue_ms)
-        choice = job.forced or self.policy.choose_one(job.route_text)
-        scores = self.engine.prompt_logprobs(job.ids, choice, job.logprobs or 0) if job.echo and job.logprobs is not None else None
+        # a routed choice is made when the engine asks for it, beside the pre-fill of the blocks every set keeps
+        choice = job.forced or self.policy.pending(job.route_text)
+        scores = None
+        if job.echo and job.logprobs is not None:
+            choice = decided(choice)
+            scores = self.engine.prompt_logprobs(job.ids, choice, job.logprobs or 0)
         if job.max_tokens == 0:  # the prompt's log-probabilities only
+            choice = decided(choice)
             generation = Generation("", [], list(choice.omit), choice.index, Timings(route_ms=choice.ms), len(job.ids),
                                     routed=choice.routed, logprobs=[])
             return Outcome(generation, "length", queue_ms, scores)
