@@ -260,3 +260,20 @@ def test_margin_router_variant_trains_on_margin_labels_and_competes_for_deployme
     assert trained.returncode == 0, trained.stderr[-2000:]
     config = json.loads((bundle / "router-margin-ce-soft" / "router.json").read_text())
     assert config["settings"]["objective"] == "ce-soft" and config["training"]["labels"] == "margin"
+
+
+def test_a_long_prompt_is_tokenized_only_as_far_as_the_router_reads():
+    """The router tokenizes a long prompt only up to a whitespace past what it reads (tokenizing 2048 words costs
+    ~4.5 ms of CPU), and gets exactly the ids and truncation flags of tokenizing it all: long and short prompts,
+    newlines, accents and CJK characters, and a prompt without whitespace (tokenized whole: one unknown word)."""
+    from pudding.router import LoadedRouter
+
+    router = LoadedRouter.untrained("minilm-l6", [OmissionSet([1], 30), OmissionSet([2], 30)])
+    prompts = ["Question: what does a cow eat?\nAnswer:", "word " * 200, ("Crème brûlée, 東京 and\tnewlines\n" * 300),
+               "x" * 5000, " ".join(str(i) for i in range(3000)), "tail " * 254 + "end"]
+    limit = router.settings.max_length
+    full = router.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
+    expected = [ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:] for ids in full]
+    ids, truncated = router._tokenize(prompts)
+    assert ids == expected and truncated == [len(f) > limit for f in full] == [False, False, True, False, True, True]
+    assert router.tokenizer(prompts[1:2], truncation=True, max_length=limit)["input_ids"] == ids[1:2]
