@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from pudding.bundle import Bundle
@@ -72,7 +73,6 @@ def test_label_table_round_trip(tmp_path):
 
 
 def test_objectives_agree_on_lower_is_better():
-    import torch
 
     labels = torch.tensor([[1.0, 3.0, 2.0]])
     assert objective_loss(labels.clone(), labels, "mse").item() == 0
@@ -266,7 +266,7 @@ def test_a_long_prompt_is_tokenized_only_as_far_as_the_router_reads():
     """The router tokenizes a long prompt only up to a whitespace past what it reads (tokenizing 2048 words costs
     ~4.5 ms of CPU), and gets exactly the ids and truncation flags of tokenizing it all: long and short prompts,
     newlines, accents and CJK characters, and a prompt without whitespace (tokenized whole: one unknown word)."""
-    from pudding.router import LoadedRouter
+
 
     router = LoadedRouter.untrained("minilm-l6", [OmissionSet([1], 30), OmissionSet([2], 30)])
     prompts = ["Question: what does a cow eat?\nAnswer:", "word " * 200, ("Crème brûlée, 東京 and\tnewlines\n" * 300),
@@ -277,3 +277,17 @@ def test_a_long_prompt_is_tokenized_only_as_far_as_the_router_reads():
     ids, truncated = router._tokenize(prompts)
     assert ids == expected and truncated == [len(f) > limit for f in full] == [False, False, True, False, True, True]
     assert router.tokenizer(prompts[1:2], truncation=True, max_length=limit)["input_ids"] == ids[1:2]
+
+
+def test_the_compiled_router_forward_equals_the_eager_one():
+    """On GPUs the router's batch-1 graphs hold its forward compiled by inductor (one build for every prompt length:
+    fewer, fused kernels): it predicts what the eager encoder predicts, at every length the router reads."""
+    from pudding.router import _GraphedRouter
+
+    router = LoadedRouter.untrained("minilm-l6", [OmissionSet([1], 30), OmissionSet([2], 30), OmissionSet([3], 30)])
+    graphed = _GraphedRouter(router.router, "ce-soft", compiled=True)
+    assert graphed.forward is not graphed._eager_forward
+    with torch.inference_mode():
+        for length in (2, 20, 151, 256):
+            ids = torch.randint(1000, 20000, (1, length), generator=torch.Generator().manual_seed(length))
+            torch.testing.assert_close(graphed.forward(ids), graphed._eager_forward(ids), rtol=1e-5, atol=1e-5)
