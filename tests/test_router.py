@@ -73,7 +73,6 @@ def test_label_table_round_trip(tmp_path):
 
 
 def test_objectives_agree_on_lower_is_better():
-
     labels = torch.tensor([[1.0, 3.0, 2.0]])
     assert objective_loss(labels.clone(), labels, "mse").item() == 0
     logits = torch.tensor([[5.0, -5.0, 0.0]])  # a CE router confident in set 0
@@ -266,8 +265,6 @@ def test_a_long_prompt_is_tokenized_only_as_far_as_the_router_reads():
     """The router tokenizes a long prompt only up to a whitespace past what it reads (tokenizing 2048 words costs
     ~4.5 ms of CPU), and gets exactly the ids and truncation flags of tokenizing it all: long and short prompts,
     newlines, accents and CJK characters, and a prompt without whitespace (tokenized whole: one unknown word)."""
-
-
     router = LoadedRouter.untrained("minilm-l6", [OmissionSet([1], 30), OmissionSet([2], 30)])
     prompts = ["Question: what does a cow eat?\nAnswer:", "word " * 200, ("Crème brûlée, 東京 and\tnewlines\n" * 300),
                "x" * 5000, " ".join(str(i) for i in range(3000)), "tail " * 254 + "end"]
