@@ -1,9 +1,9 @@
 """How much of the router's time hides behind pre-fill? The engine (LLaMA-3.1-8B shape, random bf16 weights, batch 1)
 pre-fills the blocks every candidate set keeps while the router (MiniLM-L6, untrained: its time does not depend on
 its weights) reads the prompt on its own CUDA stream (`Engine.start` with `Policy.pending`). Measured per prompt
-length and per number of blocks pre-filled ahead (0: route, then pre-fill), for the router's graphed forward compiled
-by inductor or not (`--builds`) and its stream at the given priorities (`--priorities`), next to the pruned pre-fill
-alone and the router alone on an idle GPU, and a profile of the router (tokenizing, graph replay, kernels).
+length and per number of blocks pre-filled ahead (0: route, then pre-fill), with the router's stream at the given
+priorities (`--priorities`), next to the pruned pre-fill alone and the router alone on an idle GPU, and a profile of
+the router (tokenizing, graph replay, kernels).
 
 Usage (GPU): PYTHONPATH=src python benchmarks/routing_overlap.py --output results/routing-overlap-h200.json
 """
@@ -23,7 +23,7 @@ from pudding.bench import LLAMA_31_8B, PAPER_SET, ROUTER_POOL, Clock, _prompt, r
 from pudding.engine import Engine
 from pudding.omission import OmissionSet
 from pudding.policy import RoutedPolicy, shared_blocks
-from pudding.router import LoadedRouter, _GraphedRouter
+from pudding.router import LoadedRouter
 
 
 def router_profile(policy, words: int, repeats: int) -> dict:
@@ -35,17 +35,17 @@ def router_profile(policy, words: int, repeats: int) -> dict:
     text = router_text(words)
     ids = router._tokenize([text])[0][0]
     tokenize_ms = statistics.median(_wall(lambda: router._tokenize([text])) for _ in range(repeats))
-    policy.choose_one(text)
+    policy.choose_one(text)  # its graph for this length
     static_ids, _, graph = router._graphs.graphs[len(ids)]
     replay_ms = Clock("cuda").median(graph.replay, repeats)
     batch = torch.tensor([ids], device="cuda")
     with torch.inference_mode():
         for _ in range(3):
-            router._graphs.forward(batch)
+            router.router(batch)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                router._graphs.forward(batch)
+                router.router(batch)
             torch.cuda.synchronize()
     kernels = {e.key: (e.count / 10, getattr(e, "device_time_total", 0) / 10) for e in prof.key_averages() if e.count}
     top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:10]
@@ -66,7 +66,6 @@ def main() -> None:
     parser.add_argument("--lengths", default="128,256,512,2048")
     parser.add_argument("--ahead", default="0,4,8,18", help="blocks pre-filled ahead of the choice")
     parser.add_argument("--priorities", default="0", help="CUDA stream priorities of the router (lower is higher)")
-    parser.add_argument("--builds", default="compiled,eager", help="the router's graphed forward: compiled, eager")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -77,35 +76,27 @@ def main() -> None:
     engine = Engine.random(transformers.LlamaConfig(**LLAMA_31_8B), "cuda", max_len=4096)
     engine.warm_up(pool)
     clock = Clock("cuda")
-    report = {**provenance(args), "pool_shared_blocks": shared_blocks(pool), "builds": {}}
+    report = {**provenance(args), "pool_shared_blocks": shared_blocks(pool), "runs": {}}
     engine.use(OmissionSet(PAPER_SET, blocks))
     report["pruned_prefill_ms"] = {n: clock.median(lambda n=n: engine.prefill(_prompt(n, engine.shape.vocab)).argmax(-1), args.repeats)
                                    for n in lengths}
-    print("pruned pre-fill", report["pruned_prefill_ms"], flush=True)
-    reference = None
-    for build in args.builds.split(","):  # the router's graphed forward compiled by inductor, or as it is
-        policy = RoutedPolicy(LoadedRouter.untrained("minilm-l6", pool, "cuda"))
-        policy.router._graphs = _GraphedRouter(policy.router.router, "mse", compiled=build == "compiled")
-        started = time.perf_counter()
+    policy = RoutedPolicy(LoadedRouter.untrained("minilm-l6", pool, "cuda"))
+    policy.warm_up()
+    for n in lengths:  # the router alone on an idle GPU, reading a prompt of about n words (up to 256 tokens)
+        policy.choose_one(router_text(n))
+    report["router_alone_ms"] = {n: statistics.median(policy.choose_one(router_text(n)).ms for _ in range(args.repeats))
+                                 for n in lengths}
+    report["router_profile"] = [router_profile(policy, words, args.repeats) for words in (15, 128, 2048)]
+    print("pruned pre-fill", report["pruned_prefill_ms"], "router alone", report["router_alone_ms"], flush=True)
+    for prof in report["router_profile"]:
+        print("router profile", {k: v for k, v in prof.items() if k != "top_kernels"}, flush=True)
+    for priority in (int(p) for p in args.priorities.split(",")):
+        policy.router._graphs.stream = torch.cuda.Stream(priority=priority)
+        policy.router._graphs.graphs.clear()  # captured again on the new stream (captures keep their stream's workspace)
         policy.warm_up()
-        row = {"warm_up_s": time.perf_counter() - started, "runs": {}}
-        for n in lengths:  # the router alone on an idle GPU, reading a prompt of about n words (up to 256 tokens)
-            policy.choose_one(router_text(n))
-        row["router_alone_ms"] = {n: statistics.median(policy.choose_one(router_text(n)).ms for _ in range(args.repeats))
-                                  for n in lengths}
-        predicted = policy.router.route([router_text(n) for n in (15, 128, 2048)][:1]).predicted
-        reference = predicted if reference is None else reference
-        row["max_abs_prediction_diff_vs_first_build"] = float(abs(predicted - reference).max())
-        row["router_profile"] = [router_profile(policy, words, args.repeats) for words in (15, 128, 2048)]
-        print(build, "router alone", row["router_alone_ms"], "warm-up", row["warm_up_s"], flush=True)
-        for prof in row["router_profile"]:
-            print(build, "router profile", {k: v for k, v in prof.items() if k != "top_kernels"}, flush=True)
-        for priority in (int(p) for p in args.priorities.split(",")):
-            policy.router._graphs.stream = torch.cuda.Stream(priority=priority)
-            measured = routed_prefill(engine, policy, lengths, [int(a) for a in args.ahead.split(",")], args.repeats)
-            row["runs"][priority] = measured
-            print(build, "priority", priority, measured, flush=True)
-        report["builds"][build] = row
+        measured = routed_prefill(engine, policy, lengths, [int(a) for a in args.ahead.split(",")], args.repeats)
+        report["runs"][priority] = measured
+        print("priority", priority, measured, flush=True)
     save(report, args.output)
 
 

@@ -275,16 +275,3 @@ def test_a_long_prompt_is_tokenized_only_as_far_as_the_router_reads():
     assert ids == expected and truncated == [len(f) > limit for f in full] == [False, False, True, False, True, True]
     assert router.tokenizer(prompts[1:2], truncation=True, max_length=limit)["input_ids"] == ids[1:2]
 
-
-def test_the_compiled_router_forward_equals_the_eager_one():
-    """On GPUs the router's batch-1 graphs hold its forward compiled by inductor (one build for every prompt length:
-    fewer, fused kernels): it predicts what the eager encoder predicts, at every length the router reads."""
-    from pudding.router import _GraphedRouter
-
-    router = LoadedRouter.untrained("minilm-l6", [OmissionSet([1], 30), OmissionSet([2], 30), OmissionSet([3], 30)])
-    graphed = _GraphedRouter(router.router, "ce-soft", compiled=True)
-    assert graphed.forward is not graphed._eager_forward
-    with torch.inference_mode():
-        for length in (2, 20, 151, 256):
-            ids = torch.randint(1000, 20000, (1, length), generator=torch.Generator().manual_seed(length))
-            torch.testing.assert_close(graphed.forward(ids), graphed._eager_forward(ids), rtol=1e-5, atol=1e-5)

@@ -481,8 +481,9 @@ class Engine:
         """A CUDA graph of `step` (compiled on its first run), captured once per key; all share one memory pool,
         since they replay one at a time."""
         if key not in self._graphs:
-            # one side stream for every capture: each new stream would get its own cuBLAS workspace (about 1 GB
-            # across the ~30 graphs of the 8B benchmark, the whole of what the memory budget held beyond its allowance)
+            # one side stream for every warm-up and capture: each new stream would get its own cuBLAS workspace
+            # (about 1 GB across the ~30 graphs of the 8B benchmark); and not torch's shared capture stream, whose
+            # workspace the router's graphs would use too while they replay beside pre-fill (policy.Pending)
             side = self._capture_stream = getattr(self, "_capture_stream", None) or torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -492,7 +493,7 @@ class Engine:
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):  # its products keep this stream's workspace
                 logits = step()
             self._graphs[key] = (graph, logits)
         return self._graphs[key]

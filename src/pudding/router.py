@@ -241,21 +241,17 @@ class _GraphedRouter:
     bound by kernel launches (about 4 ms for MiniLM-L6 on an H100); the replay launches them all at once. One prompt
     needs no padding, so no mask: the graph holds only the token ids.
 
-    The graphed forward is compiled first (one build for every length): inductor fuses the encoder's ~35 kernels a
-    layer into ~10, which matters most when the router runs beside pre-fill (`policy.Pending`), where each of its
-    kernels waits for SMs the pre-fill's products hold. An encoder that does not compile is graphed as it is."""
+    The graphs are captured on the router's own stream, not torch's shared capture stream: a captured product keeps
+    the cuBLAS workspace of the stream it was captured on, and the router replays beside the engine's pre-fill graphs
+    (`policy.Pending`), so a workspace shared with them would be written by both at once (it was: wrong logits)."""
 
-    def __init__(self, router: Router, objective: str, compiled: bool = True) -> None:
+    def __init__(self, router: Router, objective: str) -> None:
         self.router = router
         self.objective = objective
-        self.forward = torch.compile(self._eager_forward, dynamic=True) if compiled else self._eager_forward
         self.graphs: dict[int, tuple] = {}
         self.pool = None  # one memory pool for all lengths: graphs replay one at a time
         self.broken = False  # an encoder whose forward cannot be captured falls back to eager routing
-        self.stream = None  # the side stream captures warm up on
-
-    def _eager_forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return predicted_losses(self.router(ids), self.objective)
+        self.stream = None  # the router's stream: captures, warm-ups and replays run on it
 
     @torch.inference_mode()
     def scores(self, ids: list[int]) -> np.ndarray | None:
@@ -274,26 +270,18 @@ class _GraphedRouter:
             return out.float().cpu().numpy()[0]
 
     def _capture(self, length: int) -> tuple:
-        if self.forward is not self._eager_forward:
-            try:
-                return self._capture_with(self.forward, length)
-            except Exception:  # noqa: BLE001 - any compiler failure: graph the encoder uncompiled instead
-                self.forward = self._eager_forward
-        return self._capture_with(self.forward, length)
-
-    def _capture_with(self, forward, length: int) -> tuple:
         device = next(self.router.parameters()).device
         static_ids = torch.zeros(1, length, dtype=torch.long, device=device)
         side = self.stream = self.stream or torch.cuda.Stream(device)  # one stream: one cuBLAS workspace
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up outside the capture: compilation, lazy initialisation, allocator
-                forward(static_ids)
+            for _ in range(2):  # warm-up outside the capture: lazy initialisation, allocator
+                self.router(static_ids)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         self.pool = self.pool or torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = forward(static_ids)
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
+            out = predicted_losses(self.router(static_ids), self.objective)
         return static_ids, out, graph
 
 
