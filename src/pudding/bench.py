@@ -481,6 +481,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     gc.collect()
     torch._C._cuda_clearCublasWorkspaces()  # and the workspaces of the reference runs' streams: the peak is the engine's
     torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated()  # the router's weights again: its workspace went with the others
 
     kept = num_blocks - len(PAPER_SET)
     engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, budget=kept, compile_mode=settings.compile_mode)
