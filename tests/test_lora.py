@@ -83,6 +83,15 @@ def test_recipe_rejects_bad_settings():
             LoraRecipe(**bad).validate()
 
 
+def test_recipe_takes_settings_by_their_option_names():
+    """`pipeline --lora-option NAME=VALUE`: `pudding lora`'s option names (hyphens or underscores), typed values,
+    per-task=all for whole train splits; the micro-batch never exceeds the step."""
+    recipe = LoraRecipe(per_task=100).with_options(["micro-batch=64", "lr=2e-4", "per_task=all", " epochs = 1"])
+    assert (recipe.micro_batch, recipe.lr, recipe.per_task, recipe.epochs) == (64, 2e-4, None, 1)
+    assert LoraRecipe().with_options(["batch-size=8", "micro-batch=32"]).micro_batch == 8
+    assert LoraRecipe().with_options([]) == LoraRecipe()
+
+
 def _bundle(path, smollm2, sets):
     bundle = Bundle.create_or_open(path, smollm2.info(), len(sets[0]), {})
     bundle.write_candidates([CandidateSet(s, [{"task": "hand-picked"}]) for s in sets], {})
@@ -238,7 +247,7 @@ def test_pipeline_lora_stage_trains_and_evaluates_table4_rows(smollm2, tmp_path)
     plain = cli(*common, "--stages", "baselines,lora")
     assert plain.returncode == 0, plain.stderr
     assert not (bundle.path / "adapters").exists()
-    ran = cli(*common, "--stages", "lora", "--lora")
+    ran = cli(*common, "--stages", "lora", "--lora", "--lora-option", "rank=4", "--lora-option", "micro-batch=64")
     assert ran.returncode == 0, ran.stderr
     made = {p.name for p in (bundle.path / "adapters").iterdir() if not p.name.endswith(".partial")}
     store = AdapterStore(bundle.path, smollm2.model)
@@ -247,7 +256,8 @@ def test_pipeline_lora_stage_trains_and_evaluates_table4_rows(smollm2, tmp_path)
         assert store.directory(omit).name in made
     for row in ("sleb-lora", "shortened-ppl-lora"):
         document = json.loads((bundle.path / "evals" / f"{row}.json").read_text())
-        assert document["settings"]["pipeline"]["lora"]["rank"] == 8
+        recipe = document["settings"]["pipeline"]["lora"]
+        assert recipe["rank"] == 4 and recipe["micro_batch"] == recipe["batch_size"] == 8  # a pass holds at most a step
         assert document["tasks"]["arc_easy"]["n"] == 6
 
 

@@ -749,7 +749,7 @@ def pipeline_command(
     variants: VariantsOpt = None,
     stages: StagesOpt = None,
     lora: Annotated[bool, typer.Option("--lora", help="Also train a LoRA adapter per set (paper Table 4; the lora stage, off by default) and evaluate with them.")] = False,
-    lora_micro_batch: Annotated[Optional[int], typer.Option("--lora-micro-batch", min=1, help="With --lora: examples per forward pass while training (default 4; gradients accumulate to 64 examples a step either way, so a GPU can take 64).")] = None,
+    lora_options: Annotated[Optional[list[str]], typer.Option("--lora-option", help="With --lora: a recipe setting NAME=VALUE as `pudding lora` names it (micro-batch=64 lets a GPU run a 64-example step in one pass; per-task=500, epochs=1, rank=16, lr=2e-4, ...); repeatable.")] = None,
     ablations: Annotated[Optional[str], typer.Option("--ablations", help="Also run ablations: all, or some of sets-5, sets-30, ppl-candidates, objectives.")] = None,
     small: SmallOpt = False,
     data_dir: DataDirOpt = None,
@@ -775,11 +775,10 @@ def pipeline_command(
     if lora:
         from .lora import LoraRecipe
 
-        config.lora = LoraRecipe.small(config.label_limit) if small else LoraRecipe(per_task=config.label_limit)
-        if lora_micro_batch is not None:
-            config.lora.micro_batch = min(lora_micro_batch, config.lora.batch_size)
-    elif lora_micro_batch is not None:
-        raise PuddingError("--lora-micro-batch is for --lora")
+        recipe = LoraRecipe.small(config.label_limit) if small else LoraRecipe(per_task=config.label_limit)
+        config.lora = recipe.with_options(lora_options or [])
+    elif lora_options:
+        raise PuddingError("--lora-option is for --lora")
     chosen = _stages(stages)
     extra = () if not ablations else (ABLATIONS if ablations == "all" else tuple(a.strip() for a in ablations.split(",")))
     for name in extra:

@@ -22,7 +22,7 @@ import math
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +62,38 @@ class LoraRecipe:
         """Toy sizes for `pipeline --small` (the README's demo): a few steps on a CPU."""
         return cls(epochs=1, batch_size=8, micro_batch=4, max_length=32, per_task=per_task, text_windows=4, warmup_steps=2)
 
+    def with_options(self, options: Sequence[str]) -> LoraRecipe:
+        """This recipe with NAME=VALUE settings, named as `pudding lora`'s options (micro-batch=64, per-task=500,
+        rank=16, lr=2e-4; per-task=all for whole train splits), validated."""
+        known = {f.name for f in fields(self)}
+        names = ", ".join(n.replace("_", "-") for n in known)
+        changes = {}
+        for option in options:
+            name, equals, value = option.partition("=")
+            key = name.strip().replace("-", "_")
+            if not equals or key not in known:
+                raise PuddingError(f"--lora-option '{option}' is not NAME=VALUE with NAME one of {names}")
+            if key == "per_task" and value.strip().lower() == "all":
+                changes[key] = None
+                continue
+            kind = float if key in ("lr", "dropout") else int
+            try:
+                changes[key] = kind(value)
+            except ValueError:
+                raise PuddingError(f"--lora-option {name.strip()}: '{value}' is not {'a number' if kind is float else 'an integer'}") from None
+        recipe = replace(self, **changes)
+        recipe.micro_batch = min(recipe.micro_batch, recipe.batch_size)  # a pass never holds more than a step
+        recipe.validate()
+        return recipe
+
     def validate(self) -> None:
         for name in ("rank", "alpha", "epochs", "batch_size", "micro_batch", "max_length", "save_every"):
             if getattr(self, name) < 1:
                 raise PuddingError(f"LoRA {name.replace('_', ' ')} must be at least 1")
+        if self.per_task is not None and self.per_task < 1:
+            raise PuddingError("LoRA per task must be at least 1 (or all)")
+        if self.text_windows < 0 or self.warmup_steps < 0:
+            raise PuddingError("LoRA text windows and warm-up steps must be at least 0")
         if not 0 <= self.dropout < 1:
             raise PuddingError("LoRA dropout must be in [0, 1)")
         if not self.lr > 0 or self.lr == float("inf"):
