@@ -213,6 +213,24 @@ def test_bench_measures_prefill_with_routing_beside_the_shared_blocks():
     assert "| (pruned pre-fill + router time, added) | 1.50 ms | 2.50 ms |" in lines and lines[-1].startswith("| 2 | ")
 
 
+def test_the_committed_h200_report_renders_with_its_goals():
+    """results/bench-h200.json (a real `pudding bench` run) renders as the Markdown the command writes: Table 6, the
+    routed pre-fill measured beside the shared blocks, and one goal line per target of the engine issue."""
+    import json
+    from pathlib import Path
+
+    from pudding.bench import markdown, shape_goals
+
+    report = json.loads((Path(__file__).parents[1] / "results" / "bench-h200.json").read_text())
+    goals = shape_goals(report["shape"])
+    assert len(goals) == 15 and {g["target"] for g in goals} == {"≤ 1.25x", "≥ 97%", "≥ 85%", "≤ 2 ms", "≤ allowance"}
+    assert all("routing measured beside pre-fill" in g["detail"] for g in goals if "routing included" in g["figure"])
+    text = markdown(report)
+    shared = report["shape"]["routed_prefill"]["pool_shared_blocks"]
+    assert "| blocks pre-filled ahead |" in text and f"\n| {shared} | " in text
+    assert text.count("| **no** |") == sum(not g["met"] for g in goals)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 def test_compiled_block_step_equals_the_eager_one(scheme):

@@ -422,6 +422,8 @@ def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int,
             "engine_peak_gb": (torch.cuda.max_memory_allocated() - baseline) / 1e9,
             # held beyond weights and KV cache: graph memory pools, compiled-kernel and cuBLAS workspaces, tables
             "engine_other_gb": (torch.cuda.memory_allocated() - baseline - accounted) / 1e9,
+            # held only for a while: activations of a pre-fill that runs outside a graph (right after a swap)
+            "transient_gb": (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()) / 1e9,
             "engine_blocks_gb": mem["blocks"] / 1e9, "embed_head_norm_gb": mem["embed_head_norm"] / 1e9,
             "kv_cache_gb": mem["kv_cache"] / 1e9, "block_gb": mem["block_bytes"] / 1e9}
 
@@ -724,7 +726,8 @@ def shape_goals(shape: dict) -> list[dict]:
                   "met": mb["within_allowed"],
                   "detail": f"{mm['engine_peak_gb']:.2f} GB; allowance {mb['allowed_gb']:.2f} GB ({mb['slots']} blocks + KV "
                             f"+ 1 spare slot + embeddings/head + cuBLAS workspaces "
-                            f"{mm.get('cublas_workspaces_gb', 0):.2f} GB)"})
+                            f"{mm.get('cublas_workspaces_gb', 0):.2f} GB)"
+                            + (f"; at the peak {mm['transient_gb']:.2f} GB of activations" if "transient_gb" in mm else "")})
     return goals
 
 
