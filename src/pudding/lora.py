@@ -65,7 +65,7 @@ class LoraRecipe:
     def with_options(self, options: Sequence[str]) -> LoraRecipe:
         """This recipe with NAME=VALUE settings, named as `pudding lora`'s options (micro-batch=64, per-task=500,
         rank=16, lr=2e-4; per-task=all for whole train splits), validated."""
-        known = {f.name for f in fields(self)}
+        known = [f.name for f in fields(self)]  # declaration order: the message reads the same on every run
         names = ", ".join(n.replace("_", "-") for n in known)
         changes = {}
         for option in options:
