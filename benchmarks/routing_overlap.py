@@ -3,7 +3,8 @@ pre-fills the blocks every candidate set keeps while the router (MiniLM-L6, untr
 its weights) reads the prompt on its own CUDA stream (`Engine.start` with `Policy.pending`). Measured per prompt
 length and per number of blocks pre-filled ahead (0: route, then pre-fill), with the router's stream at the given
 priorities (`--priorities`), next to the pruned pre-fill alone and the router alone on an idle GPU, and a profile of
-the router (tokenizing, graph replay, kernels).
+the router (tokenizing, graph replay, kernels); once per encoder dtype (`--router-dtypes`: bf16, the GPU default,
+and fp32).
 
 Usage (GPU): PYTHONPATH=src python benchmarks/routing_overlap.py --output results/routing-overlap-h200.json
 """
@@ -61,11 +62,31 @@ def _wall(fn) -> float:
     return 1000 * (time.perf_counter() - started)
 
 
+def overlap(engine: Engine, policy, lengths: list[int], args) -> dict:
+    """One router: alone on an idle GPU, its profile, and beside pre-fill at each stream priority."""
+    policy.warm_up()
+    for n in lengths:  # the router alone on an idle GPU, reading a prompt of about n words (up to 256 tokens)
+        policy.choose_one(router_text(n))
+    out = {"router_alone_ms": {n: statistics.median(policy.choose_one(router_text(n)).ms for _ in range(args.repeats))
+                               for n in lengths},
+           "router_profile": [router_profile(policy, words, args.repeats) for words in (15, 128, 2048)], "runs": {}}
+    for prof in out["router_profile"]:
+        print("router profile", {k: v for k, v in prof.items() if k != "top_kernels"}, flush=True)
+    for priority in (int(p) for p in args.priorities.split(",")):
+        policy.router._graphs.stream = torch.cuda.Stream(priority=priority)
+        policy.router._graphs.graphs.clear()  # captured again on the new stream (captures keep their stream's workspace)
+        policy.warm_up()
+        out["runs"][priority] = routed_prefill(engine, policy, lengths, [int(a) for a in args.ahead.split(",")], args.repeats)
+        print("priority", priority, out["runs"][priority], flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="128,256,512,2048")
     parser.add_argument("--ahead", default="0,4,8,18", help="blocks pre-filled ahead of the choice")
     parser.add_argument("--priorities", default="0", help="CUDA stream priorities of the router (lower is higher)")
+    parser.add_argument("--router-dtypes", default="bfloat16,float32", help="what the router's encoder computes in")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -76,27 +97,15 @@ def main() -> None:
     engine = Engine.random(transformers.LlamaConfig(**LLAMA_31_8B), "cuda", max_len=4096)
     engine.warm_up(pool)
     clock = Clock("cuda")
-    report = {**provenance(args), "pool_shared_blocks": shared_blocks(pool), "runs": {}}
+    report = {**provenance(args), "pool_shared_blocks": shared_blocks(pool), "routers": {}}
     engine.use(OmissionSet(PAPER_SET, blocks))
     report["pruned_prefill_ms"] = {n: clock.median(lambda n=n: engine.prefill(_prompt(n, engine.shape.vocab)).argmax(-1), args.repeats)
                                    for n in lengths}
-    policy = RoutedPolicy(LoadedRouter.untrained("minilm-l6", pool, "cuda"))
-    policy.warm_up()
-    for n in lengths:  # the router alone on an idle GPU, reading a prompt of about n words (up to 256 tokens)
-        policy.choose_one(router_text(n))
-    report["router_alone_ms"] = {n: statistics.median(policy.choose_one(router_text(n)).ms for _ in range(args.repeats))
-                                 for n in lengths}
-    report["router_profile"] = [router_profile(policy, words, args.repeats) for words in (15, 128, 2048)]
-    print("pruned pre-fill", report["pruned_prefill_ms"], "router alone", report["router_alone_ms"], flush=True)
-    for prof in report["router_profile"]:
-        print("router profile", {k: v for k, v in prof.items() if k != "top_kernels"}, flush=True)
-    for priority in (int(p) for p in args.priorities.split(",")):
-        policy.router._graphs.stream = torch.cuda.Stream(priority=priority)
-        policy.router._graphs.graphs.clear()  # captured again on the new stream (captures keep their stream's workspace)
-        policy.warm_up()
-        measured = routed_prefill(engine, policy, lengths, [int(a) for a in args.ahead.split(",")], args.repeats)
-        report["runs"][priority] = measured
-        print("priority", priority, measured, flush=True)
+    for dtype in args.router_dtypes.split(","):
+        policy = RoutedPolicy(LoadedRouter.untrained("minilm-l6", pool, "cuda", dtype))
+        report["routers"][dtype] = measured = overlap(engine, policy, lengths, args)
+        print(dtype, "router alone", measured["router_alone_ms"], flush=True)
+    print("pruned pre-fill", report["pruned_prefill_ms"], flush=True)
     save(report, args.output)
 
 

@@ -99,6 +99,17 @@ def test_router_trains_saves_and_routes(tmp_path):
     assert long.truncated == [True]
     with pytest.raises(PuddingError, match="empty prompt"):
         loaded.route(["   "])
+    # the GPU's default: the encoder in bf16, pooled and headed in fp32; same choices, predictions a rounding apart
+    assert loaded.dtype == torch.float32 and next(loaded.router.head.parameters()).dtype == torch.float32
+    low = LoadedRouter(directory, dtype="bfloat16")
+    assert next(low.router.encoder.parameters()).dtype == torch.bfloat16
+    assert next(low.router.head.parameters()).dtype == torch.float32
+    prompts = ["Question: what does a cow eat?\nAnswer:", "The woman opened the window and"]
+    low_result = low.route(prompts)
+    assert low_result.choices == result.choices and low_result.predicted.dtype == np.float32
+    np.testing.assert_allclose(low_result.predicted, result.predicted, atol=0.05 * np.ptp(result.predicted))
+    with pytest.raises(PuddingError, match="unknown router dtype 'int8'"):
+        LoadedRouter(directory, dtype="int8")
 
 
 def test_router_training_is_deterministic():

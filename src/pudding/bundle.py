@@ -264,11 +264,11 @@ class Bundle:
         found = sorted(p.name[len(MAIN_ROUTER) + 1:] for p in self.path.glob(f"{MAIN_ROUTER}-*") if (p / "router.json").exists())
         return ([MAIN_ROUTER] if (self.router_dir() / "router.json").exists() else []) + found
 
-    def router(self, name: str = MAIN_ROUTER, device: str = "cpu"):
+    def router(self, name: str = MAIN_ROUTER, device: str = "cpu", dtype: str = "auto"):
         """A trained router of the bundle, routing to the bundle's candidate sets (refused if trained on others)."""
         from .router import LoadedRouter
 
-        router = LoadedRouter(self.router_dir(name, must_exist=True), device, self.model["num_blocks"])
+        router = LoadedRouter(self.router_dir(name, must_exist=True), device, self.model["num_blocks"], dtype)
         if router.sets != self.omission_sets():
             raise PuddingError(f"the router in {self.router_dir(name)} was trained on other sets than the bundle's "
                                "candidates: train it again (`pudding train-router`)")

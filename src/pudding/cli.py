@@ -621,6 +621,7 @@ def bench_command(
     shape: Annotated[Optional[str], typer.Option("--shape", help="Benchmark a model of this shape with random weights: llama-3.1-8b.")] = "llama-3.1-8b",
     bundle: Annotated[Optional[list[Path]], typer.Option("--bundle", "-b", help="Also benchmark a real model with its bundle (repeatable).")] = None,
     router_encoder: Annotated[str, typer.Option("--router-encoder", help="Encoder of the router timed with the random-weight model.")] = "minilm-l6",
+    router_dtype: Annotated[str, typer.Option("--router-dtype", help="What that router's encoder computes in: auto (bf16 on a GPU), bfloat16 or float32.")] = "auto",
     repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
     compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs.")] = None,
     quantize: QuantizeOpt = None,
@@ -636,10 +637,11 @@ def bench_command(
     from .omission import OmissionSet
     from .policy import RoutedPolicy
     from .quantize import check_scheme
-    from .router import LoadedRouter
+    from .router import LoadedRouter, encoder_dtype
     from .storage import atomic_write_json, atomic_write_text, check_output_file, environment
 
     check_scheme(quantize)
+    encoder_dtype(router_dtype, "cuda")
     schemes = [s.strip() for s in weights.split(",")] if weights else []
     for scheme in schemes:
         if scheme not in ("int8", "int4", "lora"):
@@ -664,8 +666,9 @@ def bench_command(
         if schemes:
             report["weights"] = benchmark_weights(config, device, schemes, repeats, log=log)
         else:
-            router = LoadedRouter.untrained(router_encoder, [OmissionSet(s, config.num_hidden_layers) for s in ROUTER_POOL], device)
+            router = LoadedRouter.untrained(router_encoder, [OmissionSet(s, config.num_hidden_layers) for s in ROUTER_POOL], device, router_dtype)
             report["shape"] = benchmark_shape(config, device, settings, RoutedPolicy(router), log)
+            report["shape"]["router_dtype"] = str(router.dtype).removeprefix("torch.")
     report["bundles"] = [benchmark_bundle(b, device, settings, log) for b in (bundle or [])]
     if shape and schemes:
         report["goals"] = report["weights"]["goals"]

@@ -60,8 +60,9 @@ class Router(nn.Module):
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The prompt's embedding: the encoder's mean-pooled last hidden state, as these encoders were trained;
-        without a mask every position is a real token (one unpadded prompt)."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        without a mask every position is a real token (one unpadded prompt). Pooled and headed in fp32 whatever the
+        encoder runs in."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
         if attention_mask is None:
             return hidden.mean(1)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -115,7 +116,7 @@ class RouteResult:
 class LoadedRouter:
     """A trained router ready to route prompts (on the CPU or next to the model on its GPU)."""
 
-    def __init__(self, directory: Path, device: str = "cpu", num_blocks: int | None = None) -> None:
+    def __init__(self, directory: Path, device: str = "cpu", num_blocks: int | None = None, dtype: str = "auto") -> None:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
@@ -138,11 +139,11 @@ class LoadedRouter:
             sets = [OmissionSet(s, num_blocks) for s in config["sets"]]
         except (OSError, ValueError, SafetensorError, RuntimeError, KeyError, TypeError, PuddingError) as err:
             raise PuddingError(f"router in {directory} is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): retrain it") from None
-        self._setup(router, tokenizer, settings, sets, device)
+        self._setup(router, tokenizer, settings, sets, device, dtype)
         self.config = config
 
     @classmethod
-    def untrained(cls, encoder: str, sets: list[OmissionSet], device: str = "cpu") -> LoadedRouter:
+    def untrained(cls, encoder: str, sets: list[OmissionSet], device: str = "cpu", dtype: str = "auto") -> LoadedRouter:
         """An encoder with a fresh head: routes like a trained router takes time to (for speed measurements)."""
         from transformers import AutoModel, AutoTokenizer
 
@@ -152,12 +153,14 @@ class LoadedRouter:
         torch.manual_seed(0)
         router = Router(AutoModel.from_pretrained(ref.directory, dtype=torch.float32), len(sets))
         self = cls.__new__(cls)
-        self._setup(router, AutoTokenizer.from_pretrained(ref.directory), RouterSettings(encoder=encoder), sets, device)
+        self._setup(router, AutoTokenizer.from_pretrained(ref.directory), RouterSettings(encoder=encoder), sets, device, dtype)
         self.config = {"settings": asdict(self.settings), "sets": [list(s) for s in sets]}
         return self
 
-    def _setup(self, router: Router, tokenizer, settings: RouterSettings, sets: list[OmissionSet], device) -> None:
+    def _setup(self, router: Router, tokenizer, settings: RouterSettings, sets: list[OmissionSet], device, dtype: str) -> None:
+        self.dtype = encoder_dtype(dtype, device)
         self.router = router.to(device).eval()
+        self.router.encoder.to(self.dtype)
         self.tokenizer = tokenizer
         self.settings = settings
         self.sets = sets
@@ -222,6 +225,21 @@ class LoadedRouter:
         for batch, mask, _ in batches({"input_ids": ids}, np.arange(len(prompts)), batch_size, self.device):
             out.append(torch.nn.functional.normalize(self.router.pooled(batch, mask).float(), dim=-1).cpu().numpy())
         return np.concatenate(out), truncated
+
+
+ENCODER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def encoder_dtype(name: str, device) -> torch.dtype:
+    """What the router's encoder computes in: `auto` is bf16 on a GPU, where its fp32 products run on the plain
+    FMA units (0.57 of its 0.80 ms at batch 1 on an H200) and it shares the device with the pre-fill it should hide
+    behind, and fp32 on a CPU, whose bf16 products are no faster. The pooling and the head stay fp32; bf16 routing
+    choices are checked against fp32 ones by `benchmarks/router_precision.py`."""
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in ENCODER_DTYPES:
+        raise PuddingError(f"unknown router dtype '{name}' (use auto, {', '.join(ENCODER_DTYPES)})")
+    return ENCODER_DTYPES[name]
 
 
 READ_CHARS_PER_TOKEN = 6  # English runs ~4.5 characters per WordPiece token: a third more is read before tokenizing
