@@ -128,6 +128,7 @@ def damaged(bundle, tmp_path):
     (["export", "--omit", "3", "--lora", "--output", "x"], "--lora needs --bundle"),
     (["export", "--omit", "3", "--lora", "--format", "gguf", "--output", "x.gguf"], "--lora is for --format hf"),
     (["bench", "--weights", "int3", "--output", "x.json"], "unknown --weights value 'int3'"),
+    (["bench", "--router-dtype", "int3", "--output", "x.json"], "unknown router dtype 'int3'"),
 ])
 def test_bad_arguments(args, fragment, tmp_path, monkeypatch, smollm2):
     monkeypatch.chdir(tmp_path)
