@@ -403,8 +403,18 @@ def compare(engine: Engine, dense: SetTimings, pruned: SetTimings, bandwidth: fl
     return out
 
 
-def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int, baseline: int = 0) -> dict:
-    """Peak GPU memory of a pre-fill + generation; `baseline` is what was allocated before the engine was built
+def graph_pool_free_bytes() -> int:
+    """Bytes that CUDA-graph private memory pools reserve beyond their live tensors: the captured graphs'
+    intermediates. A replay writes them while the allocator counts them free (replays do not go through it), so
+    `max_memory_allocated` does not see them; the device holds them for as long as the graphs live."""
+    return sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
+               if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
+def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int, baseline: int = 0,
+                pools_baseline: int = 0) -> dict:
+    """Peak GPU memory of a pre-fill + generation: the allocator's peak plus the graph pools' intermediates.
+    `baseline` and `pools_baseline` are what was allocated, and held in graph pools, before the engine was built
     (the router), reported apart from the engine's own peak."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -416,11 +426,15 @@ def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int,
     torch.cuda.synchronize()
     mem = engine.memory()
     accounted = mem["blocks"] + mem["embed_head_norm"] + mem["kv_cache"]
+    pools = graph_pool_free_bytes() - pools_baseline
     return {"peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
             "allocated_gb": torch.cuda.memory_allocated() / 1e9,
             "before_engine_gb": baseline / 1e9,
-            "engine_peak_gb": (torch.cuda.max_memory_allocated() - baseline) / 1e9,
-            # held beyond weights and KV cache: graph memory pools, compiled-kernel and cuBLAS workspaces, tables
+            "allocator_peak_gb": (torch.cuda.max_memory_allocated() - baseline) / 1e9,  # what the allocator saw
+            "graph_pools_gb": pools / 1e9,  # the graphs' intermediates, which it did not
+            "engine_peak_gb": (torch.cuda.max_memory_allocated() - baseline + pools) / 1e9,
+            # held beyond weights and KV cache by live tensors: graph outputs and static inputs, compiled-kernel
+            # and cuBLAS workspaces, tables
             "engine_other_gb": (torch.cuda.memory_allocated() - baseline - accounted) / 1e9,
             # held only for a while: activations of a pre-fill that runs outside a graph (right after a swap)
             "transient_gb": (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()) / 1e9,
@@ -445,7 +459,8 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
 
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()  # the router, which lives beside the model
-    results["router_gb"] = baseline / 1e9
+    pools_baseline = graph_pool_free_bytes()  # and its graphs' intermediates
+    results["router_gb"] = (baseline + pools_baseline) / 1e9
     engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, compile_mode=settings.compile_mode)
     started = time.perf_counter()
     dense_set = OmissionSet.dense(num_blocks)
@@ -474,8 +489,8 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     results["all_resident"] = {"dense": _row(dense), "pruned": _row(pruned), "references": references,
                                "comparison": compare(engine, dense, pruned, bandwidth, router_ms, settings, references,
                                                      routed[pool_shared] if routed else None),
-                               "memory": {"dense": peak_memory(engine, dense_set, 512, 512, baseline),
-                                          "pruned": peak_memory(engine, pruned_set, 512, 512, baseline)}}
+                               "memory": {"dense": peak_memory(engine, dense_set, 512, 512, baseline, pools_baseline),
+                                          "pruned": peak_memory(engine, pruned_set, 512, 512, baseline, pools_baseline)}}
     switch_clock = Clock(device)
     results["all_resident"]["switch_ms"] = switch_clock.median(lambda: (engine.use(dense_set), engine.use(pruned_set)), 10)
     log(f"all resident: dense {dense.decode_tok_s:.1f} tok/s, pruned {pruned.decode_tok_s:.1f} tok/s; took {time.perf_counter() - started:.0f} s")
@@ -484,6 +499,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     torch._C._cuda_clearCublasWorkspaces()  # and the workspaces of the reference runs' streams: the peak is the engine's
     torch.cuda.empty_cache()
     baseline = torch.cuda.memory_allocated()  # the router's weights again: its workspace went with the others
+    pools_baseline = graph_pool_free_bytes()  # the router's graph pool (the engine's went with it)
 
     kept = num_blocks - len(PAPER_SET)
     engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, budget=kept, compile_mode=settings.compile_mode)
@@ -492,7 +508,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
                              settings.gen_lengths, settings.repeats)
     swaps = swap_timing(engine, pruned_set, {n: OmissionSet(s, num_blocks) for n, s in SWAP_SETS.items()},
                         max(settings.prompt_lengths), max(2, settings.repeats // 2))
-    memory = peak_memory(engine, pruned_set, 512, 512, baseline)
+    memory = peak_memory(engine, pruned_set, 512, 512, baseline, pools_baseline)
     memory["cublas_workspaces_gb"] = cublas_workspace_bytes() / 1e9
     # The allowance: the kept blocks, one spare slot for swaps, the KV cache, embeddings and head, and cuBLAS's
     # workspaces. Those are a fixed buffer per stream that runs products (CUBLAS_WORKSPACE_CONFIG), the same for any
@@ -667,8 +683,10 @@ def markdown(report: dict) -> str:
         for n, s in mb["swaps"].items():
             lines.append(f"| {n} | {s['copy_ms']:.1f} ms | {s['ttft_with_switch_ms']:.1f} ms | {s['ttft_resident_ms']:.1f} ms | {s['exposed_ms']:.1f} ms |")
         mem = ar["memory"]
-        lines += ["", f"Peak GPU memory during pre-fill 512 + 512 tokens: all resident {mem['dense']['peak_allocated_gb']:.2f} GB; "
-                  f"memory budget ({mb['slots']} slots + 1 spare) {mb['memory']['peak_allocated_gb']:.2f} GB. "
+        pools = lambda m: m.get("graph_pools_gb", 0.0)  # noqa: E731 (not recorded before 2026-12-04)
+        lines += ["", f"Peak GPU memory during pre-fill 512 + 512 tokens (allocator peak + graph pools' intermediates): "
+                  f"all resident {mem['dense']['peak_allocated_gb'] + pools(mem['dense']):.2f} GB; memory budget "
+                  f"({mb['slots']} slots + 1 spare) {mb['memory']['peak_allocated_gb'] + pools(mb['memory']):.2f} GB. "
                   f"Memory-budget pruned decode: {mb['pruned']['decode_tok_s']:.1f} tok/s.", ""]
     if report.get("weights"):
         lines += _weights_lines(report["weights"])
@@ -727,7 +745,8 @@ def shape_goals(shape: dict) -> list[dict]:
                   "detail": f"{mm['engine_peak_gb']:.2f} GB; allowance {mb['allowed_gb']:.2f} GB ({mb['slots']} blocks + KV "
                             f"+ 1 spare slot + embeddings/head + cuBLAS workspaces "
                             f"{mm.get('cublas_workspaces_gb', 0):.2f} GB)"
-                            + (f"; at the peak {mm['transient_gb']:.2f} GB of activations" if "transient_gb" in mm else "")})
+                            + (f"; at the peak {mm['transient_gb']:.2f} GB of activations" if "transient_gb" in mm else "")
+                            + (f"; graph pools {mm['graph_pools_gb']:.2f} GB" if "graph_pools_gb" in mm else "")})
     return goals
 
 
