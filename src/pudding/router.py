@@ -227,19 +227,17 @@ class LoadedRouter:
         return np.concatenate(out), truncated
 
 
-ENCODER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def encoder_dtype(name: str, device) -> torch.dtype:
-    """What the router's encoder computes in: `auto` is bf16 on a GPU, where its fp32 products run on the plain
-    FMA units (0.57 of its 0.80 ms at batch 1 on an H200) and it shares the device with the pre-fill it should hide
-    behind, and fp32 on a CPU, whose bf16 products are no faster. The pooling and the head stay fp32; bf16 routing
-    choices are checked against fp32 ones by `benchmarks/router_precision.py`."""
-    if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if name not in ENCODER_DTYPES:
-        raise PuddingError(f"unknown router dtype '{name}' (use auto, {', '.join(ENCODER_DTYPES)})")
-    return ENCODER_DTYPES[name]
+    """What the router's encoder computes in, named as the model's --dtype (`models.parse_dtype`): `auto` is bf16 on
+    a GPU, where its fp32 products run on the plain FMA units (0.57 of its 0.80 ms at batch 1 on an H200) and it
+    shares the device with the pre-fill it should hide behind, and fp32 on a CPU, whose bf16 products are slower.
+    The pooling and the head stay fp32; bf16 choices are checked against fp32 by `benchmarks/router_precision.py`."""
+    from .models import parse_dtype
+
+    try:
+        return parse_dtype(name, str(device))
+    except PuddingError:
+        raise PuddingError(f"unknown router dtype '{name}' (use auto, float32, bfloat16 or float16)") from None
 
 
 READ_CHARS_PER_TOKEN = 6  # English runs ~4.5 characters per WordPiece token: a third more is read before tokenizing
