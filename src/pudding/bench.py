@@ -172,12 +172,17 @@ def swap_timing(engine: Engine, base: OmissionSet, targets: dict[int, OmissionSe
                 engine.prefill(ids).argmax(-1)
 
             ttft_switch.append(clock.time(switch_and_prefill))
+        engine.use(base)
+        engine.prefill(ids)
         engine.use(target)
+        switched = engine.prefill(ids).clone()  # eager, waiting for the copies
         resident = clock.median(lambda: engine.prefill(ids).argmax(-1), repeats)
         out[differ] = {"copy_ms": statistics.median(copy_ms), "ttft_with_switch_ms": statistics.median(ttft_switch),
                        "ttft_resident_ms": resident,
                        "exposed_ms": statistics.median(ttft_switch) - resident,
-                       "blocks_copied": differ}
+                       "blocks_copied": differ,
+                       # the pre-fill right after the switch against the graphed one of the resident stack
+                       "max_abs_logit_diff": (switched - engine.prefill(ids)).abs().max().item()}
     return out
 
 
@@ -259,33 +264,70 @@ def profile_decode(engine: Engine, omit: OmissionSet, steps: int = 20) -> dict:
 
 
 def _profile_decode(engine: Engine, omit: OmissionSet, steps: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     engine.use(omit)
     token = engine.prefill(_prompt(128, engine.shape.vocab)).argmax(-1)
+
+    def step(i: int) -> None:
+        engine._position.fill_(128 + i)
+        engine._token.copy_(token.view(1, 1))
+        engine._decode_eager(engine.decode_keys(128 + i))
+
+    kernels = _kernels_per_run(step, steps)
+    summary = _kernel_summary(kernels, len(engine.kept))
+    gemv_us = summary["matmul_us_per_step"]
+    weight_bytes = weight_bytes_per_token(engine, len(engine.kept))
+    return {**summary, "matmul_bandwidth_gb_s": weight_bytes / (gemv_us * 1e-6) / 1e9 if gemv_us else None}
+
+
+def profile_prefill(engine: Engine, omit: OmissionSet, length: int = 128, runs: int = 10) -> dict:
+    """What a pre-fill spends its time on, like `profile_decode`: the compiled blocks run eagerly, kernels grouped
+    by name, split into matrix products, attention and the rest (norms, rotary, activation, copies, the head's
+    last-position product counts as a product)."""
+    try:
+        engine.use(omit)
+        ids = _prompt(length, engine.shape.vocab)
+        padded = engine._load_prompt(ids)
+        kernels = _kernels_per_run(lambda i: engine._prefill_padded(padded), runs)
+        summary = _kernel_summary(kernels, len(engine.kept))
+        summary["attention_us"] = sum(v["us_per_step"] for k, v in kernels.items() if _is_attention(k))
+        summary["length"] = length
+        return summary
+    except Exception as problem:  # as in profile_decode
+        return {"error": f"{type(problem).__name__}: {problem}"}
+
+
+def _kernels_per_run(run, runs: int) -> dict[str, dict]:
+    """Kernels of `run(i)` (three unprofiled runs first), grouped by name: launches and GPU µs per run."""
+    from torch.profiler import ProfilerActivity, profile
+
     for i in range(3):
-        engine._decode_eager(engine.decode_keys(128))
+        run(i)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(steps):
-            engine._position.fill_(128 + i)
-            engine._token.copy_(token.view(1, 1))
-            engine._decode_eager(engine.decode_keys(128 + i))
+        for i in range(runs):
+            run(i)
         torch.cuda.synchronize()
     kernels: dict[str, dict] = {}
     for event in prof.key_averages():
         if event.device_type is not None and "CUDA" in str(event.device_type) and event.count:
-            kernels[event.key] = {"launches_per_step": event.count / steps,
-                                  "us_per_step": event.device_time_total / steps if hasattr(event, "device_time_total") else event.cuda_time_total / steps}
-    total_us = sum(k["us_per_step"] for k in kernels.values())
+            total = event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+            kernels[event.key] = {"launches_per_step": event.count / runs, "us_per_step": total / runs}
+    return kernels
+
+
+def _kernel_summary(kernels: dict[str, dict], kept: int) -> dict:
     launches = sum(k["launches_per_step"] for k in kernels.values())
-    kept = len(engine.kept)
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"])[:12]
-    weight_bytes = weight_bytes_per_token(engine, kept)
-    gemv_us = sum(v["us_per_step"] for k, v in kernels.items() if _is_matrix_product(k))
-    return {"kernels_per_step": launches, "kernels_per_block": launches / kept, "gpu_us_per_step": total_us,
-            "matmul_us_per_step": gemv_us, "matmul_bandwidth_gb_s": weight_bytes / (gemv_us * 1e-6) / 1e9 if gemv_us else None,
+    return {"kernels_per_step": launches, "kernels_per_block": launches / kept,
+            "gpu_us_per_step": sum(k["us_per_step"] for k in kernels.values()),
+            "matmul_us_per_step": sum(v["us_per_step"] for k, v in kernels.items()
+                                      if _is_matrix_product(k) and not _is_attention(k)),
             "top_kernels": [{"name": k[:120], **v} for k, v in top]}
+
+
+def _is_attention(kernel: str) -> bool:
+    name = kernel.lower()
+    return any(mark in name for mark in ("flash", "fmha", "attention", "sdpa"))
 
 
 def _is_matrix_product(kernel: str) -> bool:
@@ -403,43 +445,40 @@ def compare(engine: Engine, dense: SetTimings, pruned: SetTimings, bandwidth: fl
     return out
 
 
-def graph_pool_free_bytes() -> int:
-    """Bytes that CUDA-graph private memory pools reserve beyond their live tensors: the captured graphs'
-    intermediates. A replay writes them while the allocator counts them free (replays do not go through it), so
-    `max_memory_allocated` does not see them; the device holds them for as long as the graphs live."""
-    return sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
-               if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
+def graph_pool_bytes() -> int:
+    """Bytes the CUDA-graph private memory pools hold from the device: the captured graphs' outputs and
+    intermediates (a replay writes these while the allocator counts them free, since replays do not go through it),
+    and the eager work the engine runs in its pool."""
+    return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
-def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int, baseline: int = 0,
-                pools_baseline: int = 0) -> dict:
-    """Peak GPU memory of a pre-fill + generation: the allocator's peak plus the graph pools' intermediates.
-    `baseline` and `pools_baseline` are what was allocated, and held in graph pools, before the engine was built
-    (the router), reported apart from the engine's own peak."""
+def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int, reserved_baseline: int = 0,
+                pools_baseline: int = 0, switch_from: OmissionSet | None = None) -> dict:
+    """Peak GPU memory the engine holds during a pre-fill + generation: the most the allocator reserved from the
+    device (weights, cache, buffers, cuBLAS workspaces, the graphs' pool, rounding), beside what each of those
+    parts holds. With `switch_from` the run starts from that set (memory budget: the switch copies blocks in, and
+    the pre-fill that waits for them runs eagerly). `reserved_baseline` and `pools_baseline` are what the router held
+    before the engine was built."""
+    ids = _prompt(prompt, engine.shape.vocab)
+    if switch_from is not None:
+        engine.use(switch_from)
+        engine.prefill(ids)
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # what earlier runs (references, other engines) left cached is not the engine's
     torch.cuda.reset_peak_memory_stats()
     engine.use(omit)
-    ids = _prompt(prompt, engine.shape.vocab)
     token = engine.prefill(ids).argmax(-1)
     for i in range(new_tokens):
         token = engine.decode_step(token, prompt + i).argmax(-1)
     torch.cuda.synchronize()
     mem = engine.memory()
-    accounted = mem["blocks"] + mem["embed_head_norm"] + mem["kv_cache"]
-    pools = graph_pool_free_bytes() - pools_baseline
-    return {"peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
-            "allocated_gb": torch.cuda.memory_allocated() / 1e9,
-            "before_engine_gb": baseline / 1e9,
-            "allocator_peak_gb": (torch.cuda.max_memory_allocated() - baseline) / 1e9,  # what the allocator saw
-            "graph_pools_gb": pools / 1e9,  # the graphs' intermediates, which it did not
-            "engine_peak_gb": (torch.cuda.max_memory_allocated() - baseline + pools) / 1e9,
-            # held beyond weights and KV cache by live tensors: graph outputs and static inputs, compiled-kernel
-            # and cuBLAS workspaces, tables
-            "engine_other_gb": (torch.cuda.memory_allocated() - baseline - accounted) / 1e9,
-            # held only for a while: activations of a pre-fill that runs outside a graph (right after a swap)
-            "transient_gb": (torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()) / 1e9,
+    return {"engine_peak_gb": (torch.cuda.max_memory_reserved() - reserved_baseline) / 1e9,
+            "reserved_gb": (torch.cuda.memory_reserved() - reserved_baseline) / 1e9,
+            "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,  # the allocator's view (router included)
+            "router_reserved_gb": reserved_baseline / 1e9, "switched": switch_from is not None,
+            "graph_pool_gb": (graph_pool_bytes() - pools_baseline) / 1e9,
             "engine_blocks_gb": mem["blocks"] / 1e9, "embed_head_norm_gb": mem["embed_head_norm"] / 1e9,
-            "kv_cache_gb": mem["kv_cache"] / 1e9, "block_gb": mem["block_bytes"] / 1e9}
+            "kv_cache_gb": mem["kv_cache"] / 1e9, "buffers_gb": mem["buffers"] / 1e9, "block_gb": mem["block_bytes"] / 1e9}
 
 
 def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, log=print) -> dict:
@@ -458,9 +497,10 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     results["router_ms"] = router_ms
 
     torch.cuda.synchronize()
-    baseline = torch.cuda.memory_allocated()  # the router, which lives beside the model
-    pools_baseline = graph_pool_free_bytes()  # and its graphs' intermediates
-    results["router_gb"] = (baseline + pools_baseline) / 1e9
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_reserved()  # the router, which lives beside the model
+    pools_baseline = graph_pool_bytes()  # its graphs' pool (within what it reserved)
+    results["router_gb"] = baseline / 1e9
     engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, compile_mode=settings.compile_mode)
     started = time.perf_counter()
     dense_set = OmissionSet.dense(num_blocks)
@@ -482,6 +522,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     log(f"GEMM-only bound: dense {references['dense_gemm_ms']}, pruned {references['pruned_gemm_ms']}")
     results["decode_profile"] = {"dense": profile_decode(engine, dense_set), "pruned": profile_decode(engine, pruned_set)}
     log(f"decode profile: {results['decode_profile']['dense'].get('kernels_per_block')} kernels per block")
+    results["prefill_profile"] = {"dense": profile_prefill(engine, dense_set), "pruned": profile_prefill(engine, pruned_set)}
     results["prefill_graphs_equal_eager"] = graphed_equals_eager(engine, [dense_set, pruned_set], settings.prompt_lengths)
     references["dense_transformers_ms"] = transformers_forward(config, device, dense_set, settings.prompt_lengths, settings.repeats)
     references["pruned_transformers_ms"] = transformers_forward(config, device, pruned_set, settings.prompt_lengths, settings.repeats)
@@ -498,25 +539,34 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     gc.collect()
     torch._C._cuda_clearCublasWorkspaces()  # and the workspaces of the reference runs' streams: the peak is the engine's
     torch.cuda.empty_cache()
-    baseline = torch.cuda.memory_allocated()  # the router's weights again: its workspace went with the others
-    pools_baseline = graph_pool_free_bytes()  # the router's graph pool (the engine's went with it)
+    baseline = torch.cuda.memory_reserved()  # the router's weights and pool again: its workspace went with the others
+    pools_baseline = graph_pool_bytes()
 
     kept = num_blocks - len(PAPER_SET)
     engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, budget=kept, compile_mode=settings.compile_mode)
     engine.warm_up([pruned_set] + [OmissionSet(s, num_blocks) for s in SWAP_SETS.values()])
+    # The graphs' pool after each phase: it grows with the longest pre-fill captured and not with sets or swaps
+    pool_by_phase = {"warm-up (5 sets, decode graphs)": graph_pool_bytes() - pools_baseline}
     budget_pruned = time_set(engine, pruned_set, "pruned (memory budget)", settings.prompt_lengths, settings.base_prompt,
                              settings.gen_lengths, settings.repeats)
+    pool_by_phase[f"pre-fill up to {max(settings.prompt_lengths)} tokens"] = workspace = graph_pool_bytes() - pools_baseline
     swaps = swap_timing(engine, pruned_set, {n: OmissionSet(s, num_blocks) for n, s in SWAP_SETS.items()},
                         max(settings.prompt_lengths), max(2, settings.repeats // 2))
-    memory = peak_memory(engine, pruned_set, 512, 512, baseline, pools_baseline)
+    pool_by_phase["swaps (eager pre-fill after each)"] = graph_pool_bytes() - pools_baseline
+    memory = peak_memory(engine, pruned_set, 512, 512, baseline, pools_baseline,
+                         switch_from=OmissionSet(SWAP_SETS[max(SWAP_SETS)], num_blocks))
+    pool_by_phase["the peak's run"] = graph_pool_bytes() - pools_baseline
     memory["cublas_workspaces_gb"] = cublas_workspace_bytes() / 1e9
-    # The allowance: the kept blocks, one spare slot for swaps, the KV cache, embeddings and head, and cuBLAS's
-    # workspaces. Those are a fixed buffer per stream that runs products (CUBLAS_WORKSPACE_CONFIG), the same for any
-    # model or budget, so they are counted, measured, rather than hidden in the slack.
+    # The allowance: the kept blocks, one spare slot for swaps, the KV cache, embeddings and head, the engine's
+    # buffers, cuBLAS's workspaces (a fixed buffer per stream that runs products, the same for any model or budget)
+    # and the activation workspace: the graphs' pool once the longest pre-fill was captured, which every later run
+    # (other sets, swaps, the eager pre-fill after a swap) must fit in. All are measured; rounding is not allowed.
     weights_and_cache = memory["embed_head_norm_gb"] + (kept + 1) * memory["block_gb"] + memory["kv_cache_gb"]
-    allowed = weights_and_cache + memory["cublas_workspaces_gb"]
+    allowed = weights_and_cache + memory["buffers_gb"] + memory["cublas_workspaces_gb"] + workspace / 1e9
     results["memory_budget"] = {"slots": kept, "pruned": _row(budget_pruned), "swaps": swaps, "memory": memory,
                                 "allowed_gb": allowed, "within_allowed": memory["engine_peak_gb"] <= allowed,
+                                "activation_workspace_gb": workspace / 1e9,
+                                "graph_pool_by_phase_gb": {k: v / 1e9 for k, v in pool_by_phase.items()},
                                 "beyond_weights_and_cache_gb": memory["engine_peak_gb"] - weights_and_cache}
     log(f"memory budget: pruned {budget_pruned.decode_tok_s:.1f} tok/s, 7-block switch {swaps[7]['copy_ms']:.1f} ms copy, "
         f"{swaps[7]['exposed_ms']:.1f} ms exposed")
@@ -673,21 +723,20 @@ def markdown(report: dict) -> str:
             lines.append(f"| {goal['figure']} | {goal['detail']} | {goal['target']} | {_yes(goal['met'])} |")
         mb = shape["memory_budget"]
         lines += [""] + _profile_lines(shape.get("decode_profile", {}))
+        lines += _prefill_profile_lines(shape.get("prefill_profile", {}), ar)
         if shape.get("prefill_graphs_equal_eager"):
             checks = shape["prefill_graphs_equal_eager"]
             lines += [f"Graphed, bucketed, compiled pre-fill against plain eager pre-fill on the same prompts: next token "
                       f"equal in {sum(c['same_next_token'] for c in checks)} of {len(checks)}, largest logit difference "
                       f"{max(c['max_abs_logit_diff'] for c in checks):.3f} (bf16 kernels round differently).", ""]
         lines += ["", "Block swaps (memory-budget mode, pruned set to a set differing in n blocks):", "",
-                  "| n | host→device copy | TTFT after switch | TTFT resident | added |", "|---|---|---|---|---|"]
+                  "| n | host→device copy | TTFT after switch | TTFT resident | added | logits after switch vs resident |",
+                  "|---|---|---|---|---|---|"]
         for n, s in mb["swaps"].items():
-            lines.append(f"| {n} | {s['copy_ms']:.1f} ms | {s['ttft_with_switch_ms']:.1f} ms | {s['ttft_resident_ms']:.1f} ms | {s['exposed_ms']:.1f} ms |")
-        mem = ar["memory"]
-        pools = lambda m: m.get("graph_pools_gb", 0.0)  # noqa: E731 (not recorded before 2026-12-04)
-        lines += ["", f"Peak GPU memory during pre-fill 512 + 512 tokens (allocator peak + graph pools' intermediates): "
-                  f"all resident {mem['dense']['peak_allocated_gb'] + pools(mem['dense']):.2f} GB; memory budget "
-                  f"({mb['slots']} slots + 1 spare) {mb['memory']['peak_allocated_gb'] + pools(mb['memory']):.2f} GB. "
-                  f"Memory-budget pruned decode: {mb['pruned']['decode_tok_s']:.1f} tok/s.", ""]
+            diff = f"{s['max_abs_logit_diff']:.3g}" if "max_abs_logit_diff" in s else "not checked"
+            lines.append(f"| {n} | {s['copy_ms']:.1f} ms | {s['ttft_with_switch_ms']:.1f} ms | {s['ttft_resident_ms']:.1f} ms "
+                         f"| {s['exposed_ms']:.1f} ms | {diff} |")
+        lines += _memory_lines(ar["memory"], mb)
     if report.get("weights"):
         lines += _weights_lines(report["weights"])
     for bundle in report.get("bundles", []):
@@ -742,12 +791,34 @@ def shape_goals(shape: dict) -> list[dict]:
     mm = mb["memory"]
     goals.append({"figure": "memory-budget peak, engine", "measured": mm["engine_peak_gb"], "target": "≤ allowance",
                   "met": mb["within_allowed"],
-                  "detail": f"{mm['engine_peak_gb']:.2f} GB; allowance {mb['allowed_gb']:.2f} GB ({mb['slots']} blocks + KV "
-                            f"+ 1 spare slot + embeddings/head + cuBLAS workspaces "
-                            f"{mm.get('cublas_workspaces_gb', 0):.2f} GB)"
-                            + (f"; at the peak {mm['transient_gb']:.2f} GB of activations" if "transient_gb" in mm else "")
-                            + (f"; graph pools {mm['graph_pools_gb']:.2f} GB" if "graph_pools_gb" in mm else "")})
+                  "detail": f"{mm['engine_peak_gb']:.2f} GB; allowance {mb['allowed_gb']:.2f} GB ({mb['slots']} blocks + 1 "
+                            f"spare slot + embeddings/head + KV + buffers + cuBLAS workspaces "
+                            f"{mm.get('cublas_workspaces_gb', 0):.2f} GB"
+                            + (f" + activation workspace {mb['activation_workspace_gb']:.2f} GB"
+                               if "activation_workspace_gb" in mb else "") + ")"})
     return goals
+
+
+def _memory_lines(all_resident: dict, mb: dict) -> list[str]:
+    mm = mb["memory"]
+    lines = ["", f"Memory-budget pruned decode: {mb['pruned']['decode_tok_s']:.1f} tok/s."]
+    if "graph_pool_gb" not in mm:  # reports before 2026-12-04 took the allocator's peak
+        return lines + [f"Peak GPU memory (allocator): memory budget {mm['peak_allocated_gb']:.2f} GB.", ""]
+    parts = {f"blocks ({mb['slots']} slots + 1 spare)": mm["engine_blocks_gb"], "embeddings, head, norm": mm["embed_head_norm_gb"],
+             "KV cache": mm["kv_cache_gb"], "buffers (rotary tables, inputs)": mm["buffers_gb"],
+             "cuBLAS workspaces": mm["cublas_workspaces_gb"], "graphs' pool (outputs, activations)": mm["graph_pool_gb"]}
+    rest = mm["engine_peak_gb"] - sum(parts.values())
+    lines += ["", "Memory-budget engine at its peak (pre-fill 512 + 512 tokens right after a swap, whose pre-fill waits for "
+              "the copies and runs eagerly in the graphs' pool), GB the allocator reserved from the device:", "",
+              "| part | GB |", "|---|---|"]
+    lines += [f"| {name} | {gb:.3f} |" for name, gb in parts.items()]
+    lines += [f"| rest (allocator rounding, anything unaccounted) | {rest:.3f} |",
+              f"| **peak reserved** | **{mm['engine_peak_gb']:.3f}** |", "",
+              "The graphs' pool after each phase (GB): " + "; ".join(
+                  f"{phase} {gb:.3f}" for phase, gb in mb["graph_pool_by_phase_gb"].items()) + ".",
+              "", "All resident, same run: " + ", ".join(
+                  f"{name} {m['engine_peak_gb']:.2f} GB" for name, m in all_resident.items()) + " reserved at the peak.", ""]
+    return lines
 
 
 def _prefill_lines(ar: dict, settings: dict) -> list[str]:
@@ -784,6 +855,25 @@ def _profile_lines(profile: dict) -> list[str]:
                   f"matrix products {prof['matmul_us_per_step']:.0f} µs" + (f" at {bw:.0f} GB/s on the weights" if bw else "") + "):", "",
                   "| kernel | launches per step | µs per step |", "|---|---|---|"]
         for k in prof["top_kernels"][:8]:
+            lines.append(f"| `{k['name'][:70]}` | {k['launches_per_step']:.0f} | {k['us_per_step']:.0f} |")
+        lines.append("")
+    return lines
+
+
+def _prefill_profile_lines(profile: dict, all_resident: dict) -> list[str]:
+    lines = []
+    for name, prof in profile.items():
+        if "error" in prof:
+            lines += [f"Pre-fill profile, {name}: not available ({prof['error']}).", ""]
+            continue
+        other = prof["gpu_us_per_step"] - prof["matmul_us_per_step"] - prof["attention_us"]
+        graphed = _key(all_resident[name]["ttft_ms"], prof["length"]) * 1000
+        lines += [f"Pre-fill profile, {name}, {prof['length']} tokens (compiled blocks run eagerly; the graphed pre-fill "
+                  f"took {graphed:.0f} µs): {prof['kernels_per_step']:.0f} kernels, {prof['kernels_per_block']:.1f} per "
+                  f"block; GPU busy {prof['gpu_us_per_step']:.0f} µs: matrix products {prof['matmul_us_per_step']:.0f} µs "
+                  f"(the head's last-position product among them), attention {prof['attention_us']:.0f} µs, other "
+                  f"kernels {other:.0f} µs.", "", "| kernel | launches | µs |", "|---|---|---|"]
+        for k in prof["top_kernels"][:10]:
             lines.append(f"| `{k['name'][:70]}` | {k['launches_per_step']:.0f} | {k['us_per_step']:.0f} |")
         lines.append("")
     return lines

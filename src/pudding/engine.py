@@ -13,6 +13,7 @@ only after the blocks every candidate set keeps have started to pre-fill, so a r
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -128,8 +129,9 @@ class Engine:
             self._prefill_block = torch.compile(block_step, fullgraph=True, dynamic=None)  # a new bucket: dynamic
         capacity = shape.num_blocks if blocks.mode == "all" else blocks.capacity
         cache_shape = (1, shape.kv_heads, max_len, shape.head_dim)
-        self.k_cache = [torch.zeros(cache_shape, dtype=self.dtype, device=self.device) for _ in range(capacity)]
-        self.v_cache = [torch.zeros(cache_shape, dtype=self.dtype, device=self.device) for _ in range(capacity)]
+        # one allocation per K and V (the allocator rounds each up), a view per stack position
+        self.k_cache = list(torch.zeros((capacity, *cache_shape), dtype=self.dtype, device=self.device).unbind(0))
+        self.v_cache = list(torch.zeros((capacity, *cache_shape), dtype=self.dtype, device=self.device).unbind(0))
         self._token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self._position = torch.zeros(1, dtype=torch.long, device=self.device)
         self._prompt = torch.zeros(1, max_len, dtype=torch.long, device=self.device)  # pre-fill's (padded) input
@@ -346,7 +348,8 @@ class Engine:
             graph, logits = self._prefill_graph(padded)
             graph.replay()
             return logits
-        logits = self._prefill_padded(padded, wait=True)
+        with self._graph_memory():
+            logits = self._prefill_padded(padded, wait=True)
         self._events = [None] * len(self._events)  # the copies are waited for: the stack is resident now
         return logits
 
@@ -445,15 +448,16 @@ class Engine:
         if len(ids) > self.max_len:
             raise PuddingError(f"the prompt ({len(ids)} tokens) exceeds the engine's context of {self.max_len} tokens")
         self._prompt[0, : len(ids)].copy_(torch.tensor(ids))
-        hidden = self._prompt_hidden(len(ids), wait=True)[0]
-        self._events = [None] * len(self._events)
         token_logprobs: list[float | None] = [None]
         tops: list[dict[int, float] | None] = [None]
-        targets = torch.tensor(ids[1:], device=self.device)
-        for start in range(0, len(ids) - 1, chunk):  # logits over the vocabulary a chunk of positions at a time
-            logprobs = self._logits(hidden[start : start + chunk][: len(ids) - 1 - start]).log_softmax(-1)
-            token_logprobs += logprobs.gather(1, targets[start : start + len(logprobs), None])[:, 0].tolist()
-            tops += _top(logprobs, top)
+        with self._graph_memory():
+            hidden = self._prompt_hidden(len(ids), wait=True)[0]
+            self._events = [None] * len(self._events)
+            targets = torch.tensor(ids[1:], device=self.device)
+            for start in range(0, len(ids) - 1, chunk):  # logits over the vocabulary a chunk of positions at a time
+                logprobs = self._logits(hidden[start : start + chunk][: len(ids) - 1 - start]).log_softmax(-1)
+                token_logprobs += logprobs.gather(1, targets[start : start + len(logprobs), None])[:, 0].tolist()
+                tops += _top(logprobs, top)
         return token_logprobs, tops
 
     def decode_keys(self, position: int) -> int:
@@ -481,22 +485,45 @@ class Engine:
         """A CUDA graph of `step` (compiled on its first run), captured once per key; all share one memory pool,
         since they replay one at a time."""
         if key not in self._graphs:
-            # one side stream for every warm-up and capture: each new stream would get its own cuBLAS workspace
-            # (about 1 GB across the ~30 graphs of the 8B benchmark); and not torch's shared capture stream, whose
-            # workspace the router's graphs would use too while they replay beside pre-fill (policy.Pending)
-            side = self._capture_stream = getattr(self, "_capture_stream", None) or torch.cuda.Stream()
+            side = self._side_stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: compilation, allocator
                     step()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool, stream=side):  # its products keep this stream's workspace
+            with torch.cuda.graph(graph, pool=self._memory_pool().id, stream=side):  # its products keep this stream's workspace
                 logits = step()
             self._graphs[key] = (graph, logits)
         return self._graphs[key]
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        """The stream of every warm-up, capture and pooled eager run: each new stream would get its own cuBLAS
+        workspace (about 1 GB across the ~30 graphs of the 8B benchmark), and torch's shared capture stream would
+        share its workspace with the router's graphs, which replay beside pre-fill (policy.Pending)."""
+        if getattr(self, "_capture_stream", None) is None:
+            self._capture_stream = torch.cuda.Stream()
+        return self._capture_stream
+
+    def _memory_pool(self) -> torch.cuda.MemPool:
+        if self._pool is None:
+            self._pool = torch.cuda.MemPool()
+        return self._pool
+
+    @contextlib.contextmanager
+    def _graph_memory(self):
+        """Run eager work (a pre-fill that waits for a swap's copies, prompt log-probabilities) in the graphs' memory
+        pool and on their stream, so that its activations reuse the graphs' intermediates instead of adding their
+        own: the activation memory stays that of the longest captured pre-fill. What it returns lives in the pool
+        like a graph's output, valid until the next pre-fill or decode step (which `prefill` already says)."""
+        if not self.use_graphs:
+            yield
+            return
+        side, main = self._side_stream(), torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side), torch.cuda.use_mem_pool(self._memory_pool()):
+            yield
+        main.wait_stream(side)
 
     @torch.inference_mode()
     def decode_step(self, token: torch.Tensor, position: int) -> torch.Tensor:
@@ -627,13 +654,18 @@ class Engine:
         return [self.tokenizer.eos_token_id]
 
     def memory(self) -> dict:
-        """Bytes of weights and cache held on the device."""
+        """Bytes held on the device: weights, cache, and the engine's own buffers (rotary tables, inputs, LoRA
+        slots); not the graphs' pool (activations and outputs) nor cuBLAS's workspaces."""
         def size(t):
             return t.numel() * t.element_size()
 
         blocks = sum(size(f) for f in (self.blocks.flats if self.blocks.mode == "all" else self.blocks.slots))
+        tables = [t for pair in self.rotary.values() for t in pair]
+        inputs = [self._token, self._position, self._prompt, self._positions, self._last]
+        lora = getattr(self, "_lora_slots", []) + [t for per_set in self.adapters.values() for t in per_set.values()]
         return {"blocks": blocks, "embed_head_norm": size(self.embed) + size(self.head) + size(self.final_norm),
-                "kv_cache": sum(size(t) for t in self.k_cache + self.v_cache), "block_bytes": self.layout.nbytes}
+                "kv_cache": sum(size(t) for t in self.k_cache + self.v_cache), "block_bytes": self.layout.nbytes,
+                "buffers": sum(size(t) for t in tables + inputs + lora)}
 
 
 def _top(logprobs: torch.Tensor, k: int) -> list[dict[int, float]]:

@@ -40,7 +40,10 @@ class SlotPool:
     def __init__(self, host: list[torch.Tensor], layout: BlockLayout, slots: int, device) -> None:
         self.host = host
         self.layout = layout
-        self.slots = [layout.empty(device) for _ in range(slots + 1)]  # +1 spare
+        # +1 spare; one allocation for all slots, so that the allocator rounds up once rather than once a slot
+        stride = -(-layout.nbytes // 512) * 512  # each slot starts aligned for any kernel
+        rows = torch.empty(slots + 1, stride, dtype=torch.uint8, device=device)
+        self.slots = [row[: layout.nbytes] for row in rows.unbind(0)]
         self.views = [layout.views(s) for s in self.slots]
         self.holds: list[int | None] = [None] * len(self.slots)
         self.device = torch.device(device)
