@@ -317,10 +317,13 @@ class Engine:
         """x through the stack from position `start` (or through `layers`, from position 0), each stack position
         with its own KV cache."""
         layers = list(zip(self.stack, self.stack_types))[start:] if layers is None else layers
+        # cos / sin of these positions once per attention type, not once per block (a gather kernel each)
+        rotary = {kind: (cos[positions], sin[positions]) for kind, (cos, sin) in self.rotary.items()
+                  if any(layer_type == kind for _, layer_type in layers)}
         for j, (w, layer_type) in enumerate(layers, start):
             if wait and self._events[j] is not None:
                 torch.cuda.current_stream().wait_event(self._events[j])
-            cos, sin = (t[positions] for t in self.rotary[layer_type])
+            cos, sin = rotary[layer_type]
             mask = None if masks is None else masks[layer_type]
             x = step(x, w, self.k_cache[j], self.v_cache[j], positions, cos, sin, mask, keys, self.shape, self.arch)
         return x
