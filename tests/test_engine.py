@@ -229,6 +229,10 @@ def test_the_committed_h200_report_renders_with_its_goals():
     shared = report["shape"]["routed_prefill"]["pool_shared_blocks"]
     assert "| blocks pre-filled ahead |" in text and f"\n| {shared} | " in text
     assert text.count("| **no** |") == sum(not g["met"] for g in goals)
+    # the memory-budget peak with its parts (they and the rest add up to it) and the graphs' pool per phase
+    memory = report["shape"]["memory_budget"]
+    assert "| **peak reserved** |" in text and "The graphs' pool after each phase" in text
+    assert memory["allowed_gb"] >= memory["activation_workspace_gb"] > 0 and "Pre-fill profile, dense, 128 tokens" in text
 
 
 @pytest.mark.slow
