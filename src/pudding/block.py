@@ -235,9 +235,10 @@ def block_step(
     k_cache.index_copy_(2, positions, k)
     v_cache.index_copy_(2, positions, v)
     groups = shape.heads // shape.kv_heads
-    if mask is None:  # pre-fill from an empty cache: plain causal attention over the new tokens
-        attn = torch.nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), is_causal=True, scale=shape.attn_scale)
+    if mask is None:  # pre-fill from an empty cache: plain causal attention over the new tokens, K/V heads shared
+        # by their query groups inside the kernel (a copy of K and V per group cost ~0.3 ms at 128 tokens, 8B, H200)
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=shape.attn_scale,
+                                                                enable_gqa=groups > 1)
     else:  # attend to the cache; query heads grouped by their KV head, so the cache is read once
         qg = q.reshape(batch, shape.kv_heads, groups * tokens, shape.head_dim)
         scores = torch.matmul(qg, k_cache[:, :, :keys].transpose(2, 3)).float() * shape.attn_scale
