@@ -138,7 +138,8 @@ class Engine:
         self._positions = torch.arange(max_len, device=self.device)
         self._last = torch.zeros(1, dtype=torch.long, device=self.device)  # the prompt's last position in the bucket
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._pool = None  # the graphs' memory pool (`_memory_pool`), and their stream (`_side_stream`)
+        self._capture_stream = None
         self._ahead: tuple | None = None  # (padded length, blocks, graphed, hidden states) of `prefill_ahead`
         self.stack: list[dict] = []
         self.stack_types: list[str] = []
@@ -318,8 +319,8 @@ class Engine:
         with its own KV cache."""
         layers = list(zip(self.stack, self.stack_types))[start:] if layers is None else layers
         # cos / sin of these positions once per attention type, not once per block (a gather kernel each)
-        rotary = {kind: (cos[positions], sin[positions]) for kind, (cos, sin) in self.rotary.items()
-                  if any(layer_type == kind for _, layer_type in layers)}
+        rotary = {kind: (self.rotary[kind][0][positions], self.rotary[kind][1][positions])
+                  for kind in {layer_type for _, layer_type in layers}}
         for j, (w, layer_type) in enumerate(layers, start):
             if wait and self._events[j] is not None:
                 torch.cuda.current_stream().wait_event(self._events[j])
@@ -504,7 +505,7 @@ class Engine:
         """The stream of every warm-up, capture and pooled eager run: each new stream would get its own cuBLAS
         workspace (about 1 GB across the ~30 graphs of the 8B benchmark), and torch's shared capture stream would
         share its workspace with the router's graphs, which replay beside pre-fill (policy.Pending)."""
-        if getattr(self, "_capture_stream", None) is None:
+        if self._capture_stream is None:
             self._capture_stream = torch.cuda.Stream()
         return self._capture_stream
 
