@@ -359,12 +359,25 @@ def graphed_equals_eager(engine: Engine, sets: Sequence[OmissionSet], lengths: S
     return out
 
 
-def cublas_workspace_bytes() -> int:
-    """Memory the cuBLAS handles hold as workspaces (allocated through PyTorch's allocator): freed and measured."""
+def cublas_workspace_bytes() -> tuple[int, int]:
+    """Memory the cuBLAS handles hold as workspaces (allocated through PyTorch's allocator), freed and measured:
+    (outside the graphs' pools, inside them). A stream's workspace is allocated where its first product runs: for the
+    engine's graphs' stream that may be inside their pool (the eager pre-fill after a swap), and `graph_pool_bytes`
+    already counts it there."""
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    before = _allocated_by_pool()
     torch._C._cuda_clearCublasWorkspaces()
-    return before - torch.cuda.memory_allocated()
+    after = _allocated_by_pool()
+    return before[False] - after[False], before[True] - after[True]
+
+
+def _allocated_by_pool() -> dict[bool, int]:
+    """Bytes allocated (in use) outside (False) and inside (True) the CUDA-graph private pools."""
+    allocated = {False: 0, True: 0}
+    for segment in torch.cuda.memory_snapshot():
+        in_pool = tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)
+        allocated[in_pool] += sum(b["size"] for b in segment["blocks"] if b["state"] == "active_allocated")
+    return allocated
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -556,7 +569,8 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     memory = peak_memory(engine, pruned_set, 512, 512, baseline, pools_baseline,
                          switch_from=OmissionSet(SWAP_SETS[max(SWAP_SETS)], num_blocks))
     pool_by_phase["the peak's run"] = graph_pool_bytes() - pools_baseline
-    memory["cublas_workspaces_gb"] = cublas_workspace_bytes() / 1e9
+    outside, inside = cublas_workspace_bytes()
+    memory["cublas_workspaces_gb"], memory["cublas_in_graph_pool_gb"] = outside / 1e9, inside / 1e9  # counted once
     # The allowance: the kept blocks, one spare slot for swaps, the KV cache, embeddings and head, the engine's
     # buffers, cuBLAS's workspaces (a fixed buffer per stream that runs products, the same for any model or budget)
     # and the activation workspace: the graphs' pool once the longest pre-fill was captured, which every later run
@@ -814,7 +828,10 @@ def _memory_lines(all_resident: dict, mb: dict) -> list[str]:
     lines += [f"| {name} | {gb:.3f} |" for name, gb in parts.items()]
     lines += [f"| rest (allocator rounding, anything unaccounted) | {rest:.3f} |",
               f"| **peak reserved** | **{mm['engine_peak_gb']:.3f}** |", "",
-              "The graphs' pool after each phase (GB): " + "; ".join(
+              (f"The graphs' pool includes {mm['cublas_in_graph_pool_gb']:.3f} GB of cuBLAS workspace (its stream's "
+               "first product ran in the pool); the cuBLAS row is the workspaces outside it. "
+               if "cublas_in_graph_pool_gb" in mm else "")
+              + "The graphs' pool after each phase (GB): " + "; ".join(
                   f"{phase} {gb:.3f}" for phase, gb in mb["graph_pool_by_phase_gb"].items()) + ".",
               "", "All resident, same run: " + ", ".join(
                   f"{name} {m['engine_peak_gb']:.2f} GB" for name, m in all_resident.items()) + " reserved at the peak.", ""]

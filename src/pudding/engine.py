@@ -140,6 +140,8 @@ class Engine:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # the graphs' memory pool (`_memory_pool`), and their stream (`_side_stream`)
         self._capture_stream = None
+        self.prioritize_prefill = True  # pre-fill ahead of a pending choice on a high-priority stream (`start`)
+        self._priority_stream = None
         self._ahead: tuple | None = None  # (padded length, blocks, graphed, hidden states) of `prefill_ahead`
         self.stack: list[dict] = []
         self.stack_types: list[str] = []
@@ -321,13 +323,22 @@ class Engine:
         # cos / sin of these positions once per attention type, not once per block (a gather kernel each)
         rotary = {kind: (self.rotary[kind][0][positions], self.rotary[kind][1][positions])
                   for kind in {layer_type for _, layer_type in layers}}
+        h = None  # the next block's normalized input, computed by the block before it (`block_step`)
         for j, (w, layer_type) in enumerate(layers, start):
-            if wait and self._events[j] is not None:
-                torch.cuda.current_stream().wait_event(self._events[j])
+            following = j - start + 1 < len(layers)
+            if wait:  # the block reads the next one's norm weight too: both copies must have arrived (memory budget)
+                self._wait_for_copies(j, j + 1 + following)
             cos, sin = rotary[layer_type]
             mask = None if masks is None else masks[layer_type]
-            x = step(x, w, self.k_cache[j], self.v_cache[j], positions, cos, sin, mask, keys, self.shape, self.arch)
+            next_norm = layers[j - start + 1][0]["attn_norm"] if following else None
+            x, h = step(x, w, self.k_cache[j], self.v_cache[j], positions, cos, sin, mask, keys, self.shape, self.arch,
+                        h, next_norm)
         return x
+
+    def _wait_for_copies(self, first: int, end: int) -> None:
+        for event in self._events[first:end]:
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(rms_norm(x, self.final_norm, self.shape.eps, self.arch.norm), self.head).float()
@@ -580,17 +591,36 @@ class Engine:
         (`use`) and the last position's logits. A pending choice (`Policy.pending`) is asked for only after the blocks
         every candidate keeps have started to pre-fill, so routing overlaps them; a set that does not keep them (one
         the policy could not name) is pre-filled from the start."""
-        shared = 0
-        if isinstance(chosen, Pending):
-            if chosen.shared and self.can_prefill_ahead():
-                shared = min(chosen.shared, self.shape.num_blocks)
-                self.prefill_ahead(ids, shared)
+        if not (isinstance(chosen, Pending) and chosen.shared and self.can_prefill_ahead()):
+            chosen = chosen.result() if isinstance(chosen, Pending) else chosen
+            self._check_set(chosen.omit)
+            swap = self.use(chosen.omit)
+            return chosen, swap, self.prefill(ids)
+        shared = min(chosen.shared, self.shape.num_blocks)
+        with self._beside_routing():
+            self.prefill_ahead(ids, shared)
             chosen = chosen.result()
             self._check_set(chosen.omit)
-            if shared and tuple(chosen.omit.kept()[:shared]) != tuple(range(shared)):
-                shared, self._ahead = 0, None
-        swap = self.use(chosen.omit)
-        return chosen, swap, self.prefill_rest() if shared else self.prefill(ids)
+            swap = self.use(chosen.omit)
+            if tuple(chosen.omit.kept()[:shared]) == tuple(range(shared)):
+                return chosen, swap, self.prefill_rest()
+            self._ahead = None
+            return chosen, swap, self.prefill(ids)
+
+    @contextlib.contextmanager
+    def _beside_routing(self):
+        """Pre-fill on a high-priority stream while a router runs on its own: the GPU schedules pre-fill's kernels
+        first and the router's fill the SMs they leave idle, so the router slows pre-fill less (`prioritize_prefill`)."""
+        if not (self.use_graphs and self.prioritize_prefill):
+            yield
+            return
+        if self._priority_stream is None:
+            self._priority_stream = torch.cuda.Stream(priority=-1)  # higher than the default 0
+        main = torch.cuda.current_stream()
+        self._priority_stream.wait_stream(main)
+        with torch.cuda.stream(self._priority_stream):
+            yield
+        main.wait_stream(self._priority_stream)
 
     def stream(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet | Pending, max_new_tokens: int = 128,
                stop_ids: Sequence[int] | None = None, logprobs: int | None = None) -> Iterator[tuple[str, Generation]]:
