@@ -2,7 +2,7 @@
 pre-fills the blocks every candidate set keeps while the router (MiniLM-L6, untrained: its time does not depend on
 its weights) reads the prompt on its own CUDA stream (`Engine.start` with `Policy.pending`). Measured per prompt
 length and per number of blocks pre-filled ahead (0: route, then pre-fill), with the router's stream at the given
-priorities (`--priorities`) and the engine's pre-fill at normal or high priority (`--prefill-priority`), next to the pruned pre-fill alone and the router alone on an idle GPU, and a profile of
+priorities (`--priorities`), next to the pruned pre-fill alone and the router alone on an idle GPU, and a profile of
 the router (tokenizing, graph replay, kernels); once per encoder dtype (`--router-dtypes`: bf16, the GPU default,
 and fp32).
 
@@ -76,11 +76,8 @@ def overlap(engine: Engine, policy, lengths: list[int], args) -> dict:
         policy.router._graphs.stream = torch.cuda.Stream(priority=priority)
         policy.router._graphs.graphs.clear()  # captured again on the new stream (captures keep their stream's workspace)
         policy.warm_up()
-        for prefill in args.prefill_priority.split(","):
-            engine.prioritize_prefill = prefill == "high"  # `Engine._beside_routing`
-            key = priority if prefill == "normal" else f"{priority}, pre-fill high"
-            out["runs"][key] = routed_prefill(engine, policy, lengths, [int(a) for a in args.ahead.split(",")], args.repeats)
-            print("router priority", priority, "pre-fill", prefill, out["runs"][key], flush=True)
+        out["runs"][priority] = routed_prefill(engine, policy, lengths, [int(a) for a in args.ahead.split(",")], args.repeats)
+        print("priority", priority, out["runs"][priority], flush=True)
     return out
 
 
@@ -89,8 +86,6 @@ def main() -> None:
     parser.add_argument("--lengths", default="128,256,512,2048")
     parser.add_argument("--ahead", default="0,4,8,18", help="blocks pre-filled ahead of the choice")
     parser.add_argument("--priorities", default="0", help="CUDA stream priorities of the router (lower is higher)")
-    parser.add_argument("--prefill-priority", default="normal,high",
-                        help="the engine's pre-fill beside the router: on the caller's stream (normal) or a high-priority one")
     parser.add_argument("--router-dtypes", default="bfloat16,float32", help="what the router's encoder computes in")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--output", type=Path)

@@ -255,3 +255,12 @@ def test_compiled_block_step_equals_the_eager_one(scheme):
         for engine in (eager, compiled):
             engine.use(engine.omission(omit))
         torch.testing.assert_close(compiled.prefill(ids).clone(), eager.prefill(ids).clone(), rtol=1e-4, atol=1e-4)
+    # the compiled stack split ahead of a choice (its closing add and the next norm then in two kernels, not one
+    # fused: `block_step`) gives the whole stack's logits
+    if scheme is None:
+        from pudding.policy import Choice, Pending
+
+        omit = compiled.omission((3, 5))
+        whole = (compiled.use(omit), compiled.prefill(ids).clone())[1]
+        split = compiled.start(ids, Pending(2, lambda: Choice(omit)))[2]
+        torch.testing.assert_close(split, whole, rtol=0, atol=0)

@@ -125,6 +125,10 @@ class Engine:
                 if hasattr(torch._dynamo.config, limit):
                     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
             torch._inductor.config.coordinate_descent_tuning = True  # tunes the fused small kernels of a step
+            # A block's closing residual add and the next block's input norm fuse into one kernel (`block_step`);
+            # rounding the sum to bf16 before the norm reads it, as eager does, keeps a pre-fill split ahead of a
+            # choice (`prefill_ahead`) equal to one run whole, and the compiled block to the eager one.
+            torch._inductor.config.emulate_precision_casts = True
             self._decode_block = torch.compile(block_step, fullgraph=True, dynamic=False, mode=compile_mode)
             self._prefill_block = torch.compile(block_step, fullgraph=True, dynamic=None)  # a new bucket: dynamic
         capacity = shape.num_blocks if blocks.mode == "all" else blocks.capacity
@@ -140,8 +144,6 @@ class Engine:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # the graphs' memory pool (`_memory_pool`), and their stream (`_side_stream`)
         self._capture_stream = None
-        self.prioritize_prefill = True  # pre-fill ahead of a pending choice on a high-priority stream (`start`)
-        self._priority_stream = None
         self._ahead: tuple | None = None  # (padded length, blocks, graphed, hidden states) of `prefill_ahead`
         self.stack: list[dict] = []
         self.stack_types: list[str] = []
@@ -591,36 +593,17 @@ class Engine:
         (`use`) and the last position's logits. A pending choice (`Policy.pending`) is asked for only after the blocks
         every candidate keeps have started to pre-fill, so routing overlaps them; a set that does not keep them (one
         the policy could not name) is pre-filled from the start."""
-        if not (isinstance(chosen, Pending) and chosen.shared and self.can_prefill_ahead()):
-            chosen = chosen.result() if isinstance(chosen, Pending) else chosen
-            self._check_set(chosen.omit)
-            swap = self.use(chosen.omit)
-            return chosen, swap, self.prefill(ids)
-        shared = min(chosen.shared, self.shape.num_blocks)
-        with self._beside_routing():
-            self.prefill_ahead(ids, shared)
+        shared = 0
+        if isinstance(chosen, Pending):
+            if chosen.shared and self.can_prefill_ahead():
+                shared = min(chosen.shared, self.shape.num_blocks)
+                self.prefill_ahead(ids, shared)
             chosen = chosen.result()
             self._check_set(chosen.omit)
-            swap = self.use(chosen.omit)
-            if tuple(chosen.omit.kept()[:shared]) == tuple(range(shared)):
-                return chosen, swap, self.prefill_rest()
-            self._ahead = None
-            return chosen, swap, self.prefill(ids)
-
-    @contextlib.contextmanager
-    def _beside_routing(self):
-        """Pre-fill on a high-priority stream while a router runs on its own: the GPU schedules pre-fill's kernels
-        first and the router's fill the SMs they leave idle, so the router slows pre-fill less (`prioritize_prefill`)."""
-        if not (self.use_graphs and self.prioritize_prefill):
-            yield
-            return
-        if self._priority_stream is None:
-            self._priority_stream = torch.cuda.Stream(priority=-1)  # higher than the default 0
-        main = torch.cuda.current_stream()
-        self._priority_stream.wait_stream(main)
-        with torch.cuda.stream(self._priority_stream):
-            yield
-        main.wait_stream(self._priority_stream)
+            if shared and tuple(chosen.omit.kept()[:shared]) != tuple(range(shared)):
+                shared, self._ahead = 0, None
+        swap = self.use(chosen.omit)
+        return chosen, swap, self.prefill_rest() if shared else self.prefill(ids)
 
     def stream(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet | Pending, max_new_tokens: int = 128,
                stop_ids: Sequence[int] | None = None, logprobs: int | None = None) -> Iterator[tuple[str, Generation]]:
