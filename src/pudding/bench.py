@@ -371,13 +371,15 @@ def cublas_workspace_bytes() -> tuple[int, int]:
     return before[False] - after[False], before[True] - after[True]
 
 
-def _allocated_by_pool() -> dict[bool, int]:
-    """Bytes allocated (in use) outside (False) and inside (True) the CUDA-graph private pools."""
-    allocated = {False: 0, True: 0}
+def _allocated_by_pool(unused: bool = False) -> dict[bool, int]:
+    """Bytes allocated (in use) outside (False) and inside (True) the CUDA-graph private pools; with `unused`, the
+    bytes their segments hold but nothing uses (segment rounding, cached free blocks)."""
+    out = {False: 0, True: 0}
     for segment in torch.cuda.memory_snapshot():
         in_pool = tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)
-        allocated[in_pool] += sum(b["size"] for b in segment["blocks"] if b["state"] == "active_allocated")
-    return allocated
+        used = sum(b["size"] for b in segment["blocks"] if b["state"] == "active_allocated")
+        out[in_pool] += segment["total_size"] - used if unused else used
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -485,7 +487,8 @@ def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int,
         token = engine.decode_step(token, prompt + i).argmax(-1)
     torch.cuda.synchronize()
     mem = engine.memory()
-    return {"engine_peak_gb": (torch.cuda.max_memory_reserved() - reserved_baseline) / 1e9,
+    return {"outside_pools_unused_gb": _allocated_by_pool(unused=True)[False] / 1e9,  # segments' slack, at the end
+            "engine_peak_gb": (torch.cuda.max_memory_reserved() - reserved_baseline) / 1e9,
             "reserved_gb": (torch.cuda.memory_reserved() - reserved_baseline) / 1e9,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,  # the allocator's view (router included)
             "router_reserved_gb": reserved_baseline / 1e9, "switched": switch_from is not None,
@@ -826,7 +829,9 @@ def _memory_lines(all_resident: dict, mb: dict) -> list[str]:
               "the copies and runs eagerly in the graphs' pool), GB the allocator reserved from the device:", "",
               "| part | GB |", "|---|---|"]
     lines += [f"| {name} | {gb:.3f} |" for name, gb in parts.items()]
-    lines += [f"| rest (allocator rounding, anything unaccounted) | {rest:.3f} |",
+    lines += [f"| rest (allocator rounding, anything unaccounted) | {rest:.3f} |"
+              + (f" (after the run, segments outside the graphs' pools, the router's included, held {mm['outside_pools_unused_gb']:.3f} GB unused)"
+                 if "outside_pools_unused_gb" in mm else ""),
               f"| **peak reserved** | **{mm['engine_peak_gb']:.3f}** |", "",
               (f"The graphs' pool includes {mm['cublas_in_graph_pool_gb']:.3f} GB of cuBLAS workspace (its stream's "
                "first product ran in the pool); the cuBLAS row is the workspaces outside it. "

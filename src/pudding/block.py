@@ -220,15 +220,16 @@ def block_step(
     keys: int,  # how many cache positions attention reads
     shape: Shape,
     arch: Architecture,
-    h: torch.Tensor | None = None,  # x normalized by this block's input norm, when the block before computed it
-    next_norm: torch.Tensor | None = None,  # the next block's input-norm weight, None for the stack's last block
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The residual stream after the block and, given `next_norm`, the next block's normalized input. Normalizing
-    for the next block here lets the compiler fuse the block's closing residual add with that norm: one kernel and
-    one read of the hidden states fewer per block (the stack's first block normalizes its own input)."""
+    added: torch.Tensor | None = None,  # the block before's output, still to be added to x (None: the first block)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream and this block's output, whose addition to it is left to the next block (or the caller).
+    Deferred so, the addition fuses with the next block's input norm (one kernel and one pass over the hidden
+    states fewer per block), and a stack run in two parts (pre-fill ahead of a choice) runs the very kernels, and
+    so computes the very numbers, of the stack run whole."""
+    if added is not None:
+        x = x + added
     batch, tokens, _ = x.shape
-    if h is None:
-        h = rms_norm(x, w["attn_norm"], shape.eps, arch.norm)
+    h = rms_norm(x, w["attn_norm"], shape.eps, arch.norm)
     qkv = _linear(h, w, "qkv", w.get("qkv_bias"))
     q_size, kv_size = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     q = qkv[..., :q_size].view(batch, tokens, shape.heads, shape.head_dim).transpose(1, 2)
@@ -260,8 +261,7 @@ def block_step(
     out = _linear(_act(gate, arch.activation) * up, w, "down")
     if arch.sandwich:
         out = rms_norm(out, w["post_mlp_norm"], shape.eps, arch.norm)
-    x = x + out
-    return x, None if next_norm is None else rms_norm(x, next_norm, shape.eps, arch.norm)
+    return x, out
 
 
 def rotary_tables(module, positions_kind: str, shape: Shape, max_len: int, device, dtype) -> dict:
