@@ -255,8 +255,7 @@ def test_compiled_block_step_equals_the_eager_one(scheme):
         for engine in (eager, compiled):
             engine.use(engine.omission(omit))
         torch.testing.assert_close(compiled.prefill(ids).clone(), eager.prefill(ids).clone(), rtol=1e-4, atol=1e-4)
-    # the compiled stack split ahead of a choice (its closing add and the next norm then in two kernels, not one
-    # fused: `block_step`) gives the whole stack's logits
+    # the compiled stack run in two parts, ahead of a choice and after it, gives the whole stack's logits exactly
     if scheme is None:
         from pudding.policy import Choice, Pending
 

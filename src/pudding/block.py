@@ -220,14 +220,7 @@ def block_step(
     keys: int,  # how many cache positions attention reads
     shape: Shape,
     arch: Architecture,
-    added: torch.Tensor | None = None,  # the block before's output, still to be added to x (None: the first block)
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual stream and this block's output, whose addition to it is left to the next block (or the caller).
-    Deferred so, the addition fuses with the next block's input norm (one kernel and one pass over the hidden
-    states fewer per block), and a stack run in two parts (pre-fill ahead of a choice) runs the very kernels, and
-    so computes the very numbers, of the stack run whole."""
-    if added is not None:
-        x = x + added
+) -> torch.Tensor:
     batch, tokens, _ = x.shape
     h = rms_norm(x, w["attn_norm"], shape.eps, arch.norm)
     qkv = _linear(h, w, "qkv", w.get("qkv_bias"))
@@ -261,7 +254,7 @@ def block_step(
     out = _linear(_act(gate, arch.activation) * up, w, "down")
     if arch.sandwich:
         out = rms_norm(out, w["post_mlp_norm"], shape.eps, arch.norm)
-    return x, out
+    return x + out
 
 
 def rotary_tables(module, positions_kind: str, shape: Shape, max_len: int, device, dtype) -> dict:

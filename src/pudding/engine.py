@@ -33,8 +33,6 @@ PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # pre-fil
 # Context lengths a decode graph attends over: a step reads the cache only up to the bucket holding its position, not
 # the whole context (~5% of an 8B-shape step at a 4096 context on an H200). Four apart: each is one more compile.
 DECODE_BUCKETS = (256, 1024, 4096, 16384, 65536)
-# Hidden states between blocks: the residual stream and the last block's output, not yet added to it (`block_step`)
-Hidden = tuple[torch.Tensor, torch.Tensor | None]
 
 
 @dataclass
@@ -315,23 +313,21 @@ class Engine:
             masks["sliding_attention"] = causal & (key_pos[None, :] > positions[:, None] - self.shape.sliding_window)
         return masks
 
-    def _run_stack(self, hidden: Hidden, positions: torch.Tensor, masks: dict | None, keys: int, step, wait: bool = False,
-                   start: int = 0, layers: list[tuple[dict, str]] | None = None) -> Hidden:
-        """The hidden states through the stack from position `start` (or through `layers`, from position 0), each
-        stack position with its own KV cache."""
+    def _run_stack(self, x: torch.Tensor, positions: torch.Tensor, masks: dict | None, keys: int, step, wait: bool = False,
+                   start: int = 0, layers: list[tuple[dict, str]] | None = None) -> torch.Tensor:
+        """x through the stack from position `start` (or through `layers`, from position 0), each stack position
+        with its own KV cache."""
         layers = list(zip(self.stack, self.stack_types))[start:] if layers is None else layers
         # cos / sin of these positions once per attention type, not once per block (a gather kernel each)
         rotary = {kind: (self.rotary[kind][0][positions], self.rotary[kind][1][positions])
                   for kind in {layer_type for _, layer_type in layers}}
-        x, added = hidden
         for j, (w, layer_type) in enumerate(layers, start):
             if wait and self._events[j] is not None:
                 torch.cuda.current_stream().wait_event(self._events[j])
             cos, sin = rotary[layer_type]
             mask = None if masks is None else masks[layer_type]
-            x, added = step(x, w, self.k_cache[j], self.v_cache[j], positions, cos, sin, mask, keys, self.shape,
-                            self.arch, added)
-        return x, added
+            x = step(x, w, self.k_cache[j], self.v_cache[j], positions, cos, sin, mask, keys, self.shape, self.arch)
+        return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(rms_norm(x, self.final_norm, self.shape.eps, self.arch.norm), self.head).float()
@@ -419,8 +415,8 @@ class Engine:
     def _prefill_padded(self, length: int, wait: bool = False) -> torch.Tensor:
         return self._last_logits(self._prompt_hidden(length, wait))
 
-    def _last_logits(self, hidden: Hidden) -> torch.Tensor:
-        return self._logits(_summed(hidden, self._last)[:, 0])
+    def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._logits(hidden.index_select(1, self._last)[:, 0])
 
     def _prompt_context(self, length: int) -> tuple[torch.Tensor, dict | None]:
         """Positions of the first `length` tokens of the pre-fill buffer, and the masks they need: a sliding window
@@ -429,20 +425,19 @@ class Engine:
         needs_mask = self.shape.sliding_window is not None and length > self.shape.sliding_window
         return positions, self._masks(positions, length) if needs_mask else None
 
-    def _prompt_hidden(self, length: int, wait: bool = False) -> Hidden:
+    def _prompt_hidden(self, length: int, wait: bool = False) -> torch.Tensor:
         """The last hidden states of the first `length` tokens of the pre-fill buffer, filling the KV cache."""
         positions, masks = self._prompt_context(length)
-        return self._run_stack((self._embed(self._prompt[:, :length]), None), positions, masks, length,
-                               self._prefill_block, wait)
+        return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, length, self._prefill_block, wait)
 
-    def _shared_hidden(self, length: int, shared: int) -> Hidden:
+    def _shared_hidden(self, length: int, shared: int) -> torch.Tensor:
         """The prompt through blocks 0 .. shared-1, which are stack positions 0 .. shared-1 of any set keeping them."""
         positions, masks = self._prompt_context(length)
         layers = [(self.blocks.views[b], self.shape.layer_types[b]) for b in range(shared)]
-        return self._run_stack((self._embed(self._prompt[:, :length]), None), positions, masks, length,
-                               self._prefill_block, layers=layers)
+        return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, length, self._prefill_block,
+                               layers=layers)
 
-    def _rest_logits(self, length: int, shared: int, hidden: Hidden) -> torch.Tensor:
+    def _rest_logits(self, length: int, shared: int, hidden: torch.Tensor) -> torch.Tensor:
         positions, masks = self._prompt_context(length)
         return self._last_logits(self._run_stack(hidden, positions, masks, length, self._prefill_block, start=shared))
 
@@ -460,7 +455,7 @@ class Engine:
         token_logprobs: list[float | None] = [None]
         tops: list[dict[int, float] | None] = [None]
         with self._graph_memory():
-            hidden = _summed(self._prompt_hidden(len(ids), wait=True))[0]
+            hidden = self._prompt_hidden(len(ids), wait=True)[0]
             self._events = [None] * len(self._events)
             targets = torch.tensor(ids[1:], device=self.device)
             for start in range(0, len(ids) - 1, chunk):  # logits over the vocabulary a chunk of positions at a time
@@ -478,8 +473,8 @@ class Engine:
 
     def _decode_eager(self, keys: int) -> torch.Tensor:
         masks = self._masks(self._position, keys)
-        hidden = self._run_stack((self._embed(self._token), None), self._position, masks, keys, self._decode_block)
-        return self._logits(_summed(hidden)[:, -1])
+        x = self._run_stack(self._embed(self._token), self._position, masks, keys, self._decode_block)
+        return self._logits(x[:, -1])
 
     def _graph_key(self) -> tuple:
         return (self.blocks.mode, self.kept if self.blocks.mode == "all" else len(self.kept))
@@ -675,15 +670,6 @@ class Engine:
         return {"blocks": blocks, "embed_head_norm": size(self.embed) + size(self.head) + size(self.final_norm),
                 "kv_cache": sum(size(t) for t in self.k_cache + self.v_cache), "block_bytes": self.layout.nbytes,
                 "buffers": sum(size(t) for t in tables + inputs + lora)}
-
-
-def _summed(hidden: Hidden, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """The residual stream with the last block's output added (`block_step` leaves that to its caller); with `rows`,
-    only at those positions (the prompt's last, whose logits pre-fill returns)."""
-    x, added = hidden
-    if rows is not None:
-        x, added = x.index_select(1, rows), None if added is None else added.index_select(1, rows)
-    return x if added is None else x + added
 
 
 def _top(logprobs: torch.Tensor, k: int) -> list[dict[int, float]]:
