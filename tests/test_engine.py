@@ -233,6 +233,12 @@ def test_the_committed_h200_report_renders_with_its_goals():
     memory = report["shape"]["memory_budget"]
     assert "| **peak reserved** |" in text and "The graphs' pool after each phase" in text
     assert memory["allowed_gb"] >= memory["activation_workspace_gb"] > 0 and "Pre-fill profile, dense, 128 tokens" in text
+    # a later run counts the cuBLAS workspace the graphs' pool holds once (in the pool) and says so
+    later = json.loads((Path(__file__).parents[1] / "results" / "bench-h200-7a44ae1.json").read_text())
+    memory = later["shape"]["memory_budget"]["memory"]
+    text = markdown(later)
+    assert memory["cublas_in_graph_pool_gb"] > 0 and f"includes {memory['cublas_in_graph_pool_gb']:.3f} GB of cuBLAS" in text
+    assert "| cuBLAS workspaces | 0.000 |" in text and "held 0.066 GB unused" in text
 
 
 @pytest.mark.slow
