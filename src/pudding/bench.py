@@ -371,6 +371,15 @@ def cublas_workspace_bytes() -> tuple[int, int]:
     return before[False] - after[False], before[True] - after[True]
 
 
+def slack_segments(top: int = 8) -> list[dict]:
+    """The allocator's segments outside the graphs' pools that hold the most space nothing is allocated in: where the
+    memory-budget peak's "rest" sits (rounding to segment sizes, blocks cached free, one small-block segment per stream)."""
+    segments = [{"stream": s["stream"], "type": s.get("segment_type", "?"), "total_mb": s["total_size"] / 1e6,
+                 "allocated_mb": sum(b["size"] for b in s["blocks"] if b["state"] == "active_allocated") / 1e6}
+                for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) == (0, 0)]
+    return sorted(segments, key=lambda s: s["allocated_mb"] - s["total_mb"])[:top]
+
+
 def _allocated_by_pool(unused: bool = False) -> dict[bool, int]:
     """Bytes allocated (in use) outside (False) and inside (True) the CUDA-graph private pools; with `unused`, the
     bytes their segments hold but nothing uses (segment rounding, cached free blocks)."""
@@ -488,6 +497,7 @@ def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int,
     torch.cuda.synchronize()
     mem = engine.memory()
     return {"outside_pools_unused_gb": _allocated_by_pool(unused=True)[False] / 1e9,  # segments' slack, at the end
+            "slack_segments": slack_segments(),
             "engine_peak_gb": (torch.cuda.max_memory_reserved() - reserved_baseline) / 1e9,
             "reserved_gb": (torch.cuda.memory_reserved() - reserved_baseline) / 1e9,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,  # the allocator's view (router included)
@@ -833,6 +843,10 @@ def _memory_lines(all_resident: dict, mb: dict) -> list[str]:
               + (f" (after the run, segments outside the graphs' pools, the router's included, held {mm['outside_pools_unused_gb']:.3f} GB unused)"
                  if "outside_pools_unused_gb" in mm else ""),
               f"| **peak reserved** | **{mm['engine_peak_gb']:.3f}** |", "",
+              *([("Segments outside the graphs' pools holding the most unused space after the run (MB unused of "
+                  "total, segment type, stream): " + "; ".join(
+                      f"{s['total_mb'] - s['allocated_mb']:.1f} of {s['total_mb']:.1f} ({s['type']}, {s['stream']})"
+                      for s in mm["slack_segments"]) + "."), ""] if mm.get("slack_segments") else []),
               (f"The graphs' pool includes {mm['cublas_in_graph_pool_gb']:.3f} GB of cuBLAS workspace (its stream's "
                "first product ran in the pool); the cuBLAS row is the workspaces outside it. "
                if "cublas_in_graph_pool_gb" in mm else "")
