@@ -365,30 +365,32 @@ def cublas_workspace_bytes() -> tuple[int, int]:
     engine's graphs' stream that may be inside their pool (the eager pre-fill after a swap), and `graph_pool_bytes`
     already counts it there."""
     torch.cuda.synchronize()
-    before = _allocated_by_pool()
+    before = _allocated_by_pool(_segments())
     torch._C._cuda_clearCublasWorkspaces()
-    after = _allocated_by_pool()
+    after = _allocated_by_pool(_segments())
     return before[False] - after[False], before[True] - after[True]
 
 
-def slack_segments(top: int = 8) -> list[dict]:
-    """The allocator's segments outside the graphs' pools that hold the most space nothing is allocated in: where the
-    memory-budget peak's "rest" sits (rounding to segment sizes, blocks cached free, one small-block segment per stream)."""
-    segments = [{"stream": s["stream"], "type": s.get("segment_type", "?"), "total_mb": s["total_size"] / 1e6,
-                 "allocated_mb": sum(b["size"] for b in s["blocks"] if b["state"] == "active_allocated") / 1e6}
-                for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) == (0, 0)]
-    return sorted(segments, key=lambda s: s["allocated_mb"] - s["total_mb"])[:top]
+def _segments() -> list[dict]:
+    """The allocator's segments: whether each belongs to a CUDA graph's private pool, its stream and kind, the bytes it
+    holds from the device and the bytes allocated in it."""
+    return [{"in_pool": tuple(s.get("segment_pool_id", (0, 0))) != (0, 0), "stream": s["stream"],
+             "type": s.get("segment_type", "?"), "total": s["total_size"],
+             "used": sum(b["size"] for b in s["blocks"] if b["state"] == "active_allocated")}
+            for s in torch.cuda.memory_snapshot()]
 
 
-def _allocated_by_pool(unused: bool = False) -> dict[bool, int]:
-    """Bytes allocated (in use) outside (False) and inside (True) the CUDA-graph private pools; with `unused`, the
-    bytes their segments hold but nothing uses (segment rounding, cached free blocks)."""
-    out = {False: 0, True: 0}
-    for segment in torch.cuda.memory_snapshot():
-        in_pool = tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)
-        used = sum(b["size"] for b in segment["blocks"] if b["state"] == "active_allocated")
-        out[in_pool] += segment["total_size"] - used if unused else used
-    return out
+def _allocated_by_pool(segments: list[dict]) -> dict[bool, int]:
+    """Bytes allocated outside (False) and inside (True) the CUDA-graph private pools."""
+    return {in_pool: sum(s["used"] for s in segments if s["in_pool"] == in_pool) for in_pool in (False, True)}
+
+
+def slack_segments(segments: list[dict], top: int = 8) -> list[dict]:
+    """The segments outside the graphs' pools that hold the most space nothing is allocated in: where the memory-budget
+    peak's "rest" sits (rounding to segment sizes, blocks cached free, one small-block segment per stream)."""
+    outside = sorted((s for s in segments if not s["in_pool"]), key=lambda s: s["used"] - s["total"])[:top]
+    return [{"stream": s["stream"], "type": s["type"], "total_mb": s["total"] / 1e6, "allocated_mb": s["used"] / 1e6}
+            for s in outside]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -473,7 +475,7 @@ def graph_pool_bytes() -> int:
     """Bytes the CUDA-graph private memory pools hold from the device: the captured graphs' outputs and
     intermediates (a replay writes these while the allocator counts them free, since replays do not go through it),
     and the eager work the engine runs in its pool."""
-    return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
+    return sum(s["total"] for s in _segments() if s["in_pool"])
 
 
 def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int, reserved_baseline: int = 0,
@@ -496,13 +498,14 @@ def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int,
         token = engine.decode_step(token, prompt + i).argmax(-1)
     torch.cuda.synchronize()
     mem = engine.memory()
-    return {"outside_pools_unused_gb": _allocated_by_pool(unused=True)[False] / 1e9,  # segments' slack, at the end
-            "slack_segments": slack_segments(),
+    segments = _segments()  # after the run: the segments' slack
+    return {"outside_pools_unused_gb": sum(s["total"] - s["used"] for s in segments if not s["in_pool"]) / 1e9,
+            "slack_segments": slack_segments(segments),
             "engine_peak_gb": (torch.cuda.max_memory_reserved() - reserved_baseline) / 1e9,
             "reserved_gb": (torch.cuda.memory_reserved() - reserved_baseline) / 1e9,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,  # the allocator's view (router included)
             "router_reserved_gb": reserved_baseline / 1e9, "switched": switch_from is not None,
-            "graph_pool_gb": (graph_pool_bytes() - pools_baseline) / 1e9,
+            "graph_pool_gb": (sum(s["total"] for s in segments if s["in_pool"]) - pools_baseline) / 1e9,
             "engine_blocks_gb": mem["blocks"] / 1e9, "embed_head_norm_gb": mem["embed_head_norm"] / 1e9,
             "kv_cache_gb": mem["kv_cache"] / 1e9, "buffers_gb": mem["buffers"] / 1e9, "block_gb": mem["block_bytes"] / 1e9}
 

@@ -666,7 +666,7 @@ class Engine:
         blocks = sum(size(f) for f in (self.blocks.flats if self.blocks.mode == "all" else self.blocks.slots))
         tables = [t for pair in self.rotary.values() for t in pair]
         inputs = [self._token, self._position, self._prompt, self._positions, self._last]
-        lora = getattr(self, "_lora_slots", []) + [t for per_set in self.adapters.values() for t in per_set.values()]
+        lora = (self._lora_slots if self.lora_rank else []) + [t for per_set in self.adapters.values() for t in per_set.values()]
         return {"blocks": blocks, "embed_head_norm": size(self.embed) + size(self.head) + size(self.final_norm),
                 "kv_cache": sum(size(t) for t in self.k_cache + self.v_cache), "block_bytes": self.layout.nbytes,
                 "buffers": sum(size(t) for t in tables + inputs + lora)}
