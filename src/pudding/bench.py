@@ -636,6 +636,8 @@ def benchmark_weights(config, device: str, schemes: Sequence[str], repeats: int,
             timed = time_set(engine, omit, name, prompt_lengths, prompt_lengths[0], (128, 256), repeats)
             row[name] = {"decode_tok_s": round(timed.decode_tok_s, 2), "ttft_ms": timed.ttft_ms,
                          "weight_bytes_per_token": weight_bytes_per_token(engine, timed.kept)}
+        if torch.device(device).type == "cuda":  # where a quantized step's time goes besides its products
+            row["decode_profile"] = profile_decode(engine, sets["pruned"])
         rows[f"bf16 + LoRA r{LORA_RANK} (unmerged)" if lora else scheme] = row
         log(f"{scheme} blocks: pruned decode {row['pruned']['decode_tok_s']:.1f} tok/s")
         engine = None
@@ -696,7 +698,8 @@ def _weights_lines(compared: dict) -> list[str]:
                   f"{c['gb_per_s']:.0f} GB/s |" for name, c in checks.items()]
     lines += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
     lines += [f"| {g['figure']} | {g['measured']:.2f}x | {g['target']} | {_yes(g['met'])} |" for g in compared["goals"]]
-    return lines + [""]
+    profiles = {f"{name} blocks, pruned": r["decode_profile"] for name, r in rows.items() if r.get("decode_profile")}
+    return lines + [""] + (_profile_lines(profiles) if profiles else [])
 
 
 def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print) -> dict:

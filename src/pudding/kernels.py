@@ -44,18 +44,82 @@ def _rows_per_program(n: int) -> int:
 if triton is not None:
 
     # Codes become floats by the exponent trick rather than a conversion instruction: an integer c in [0, 2^23) put
-    # in the mantissa of 2^23 (bits 0x4B000000 | c) is the float 2^23 + c, so one integer OR and one float subtraction
-    # give c exactly. Integer-to-float conversions issue at a quarter of the rate of integer and float arithmetic
-    # (16 against 64-128 a clock on an SM). On the H200 it took int4's FFN products from 37 to 22 us; int8's stayed
-    # at 22 us, so something else bounds both now (results/quantized-decode-h200.md).
+    # in the mantissa of 2^23 (bits 0x4B000000 | c) is the float 2^23 + c, so a subtraction gives c exactly.
+    # Integer-to-float conversions issue at a quarter of the rate of integer and float arithmetic on an SM. On a GPU
+    # the bits are built four codes (one 32-bit register) at a time in PTX: one byte permute (prmt) per code picks the
+    # code's byte and three bytes of 0x4B000000; written in Triton the same took a sign extension, an add and an OR
+    # per code, and the integer pipe bounded the kernel (H200, ncu: ALU busiest pipe, 62% of issue slots; int8's FFN
+    # product 21.8 -> 18.3 us; benchmarks/int8_gemv_variants.py). Triton's CPU interpreter runs no PTX: there
+    # (PACKED false) the same arithmetic is written in Triton, which is what the CPU tests check; the GPU test runs
+    # the PTX.
     @triton.jit
     def _exact_float(c, offset: tl.constexpr):
         """c - offset as fp32, for int32 c with 0 <= c < 2^23."""
         return (c | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
 
+    # int8: flipping each byte's sign bit gives c + 128 in [1, 255]; bytes [c + 128, 0, 0, 0x4B] are 2^23 + 128 + c.
+    _INT8_PTX = tl.constexpr("""
+        {
+        .reg .b32 t;
+        xor.b32 t, $4, 0x80808080;
+        prmt.b32 $0, t, 0x4B000000, 0x7540;
+        prmt.b32 $1, t, 0x4B000000, 0x7541;
+        prmt.b32 $2, t, 0x4B000000, 0x7542;
+        prmt.b32 $3, t, 0x4B000000, 0x7543;
+        sub.f32 $0, $0, 0f4B000080;
+        sub.f32 $1, $1, 0f4B000080;
+        sub.f32 $2, $2, 0f4B000080;
+        sub.f32 $3, $3, 0f4B000080;
+        }
+        """)
+
+    # int4: the low and the high nibble of four bytes, each offset by 8; outputs $0-$3 low, $4-$7 high.
+    _INT4_PTX = tl.constexpr("""
+        {
+        .reg .b32 lo, hi;
+        and.b32 lo, $8, 0x0F0F0F0F;
+        shr.u32 hi, $8, 4;
+        and.b32 hi, hi, 0x0F0F0F0F;
+        prmt.b32 $0, lo, 0x4B000000, 0x7540;
+        prmt.b32 $1, lo, 0x4B000000, 0x7541;
+        prmt.b32 $2, lo, 0x4B000000, 0x7542;
+        prmt.b32 $3, lo, 0x4B000000, 0x7543;
+        prmt.b32 $4, hi, 0x4B000000, 0x7540;
+        prmt.b32 $5, hi, 0x4B000000, 0x7541;
+        prmt.b32 $6, hi, 0x4B000000, 0x7542;
+        prmt.b32 $7, hi, 0x4B000000, 0x7543;
+        sub.f32 $0, $0, 0f4B000008;
+        sub.f32 $1, $1, 0f4B000008;
+        sub.f32 $2, $2, 0f4B000008;
+        sub.f32 $3, $3, 0f4B000008;
+        sub.f32 $4, $4, 0f4B000008;
+        sub.f32 $5, $5, 0f4B000008;
+        sub.f32 $6, $6, 0f4B000008;
+        sub.f32 $7, $7, 0f4B000008;
+        }
+        """)
+
+    @triton.jit
+    def _int8_values(w, PACKED: tl.constexpr):
+        """int8 codes as exact fp32 values."""
+        if PACKED:
+            return tl.inline_asm_elementwise(_INT8_PTX, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            return _exact_float(w.to(tl.int32) + 128, 128.0)
+
+    @triton.jit
+    def _int4_values(packed, PACKED: tl.constexpr):
+        """(low nibble - 8, high nibble - 8) of each packed byte, as exact fp32 values."""
+        if PACKED:
+            return tl.inline_asm_elementwise(_INT4_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            widened = packed.to(tl.int32)
+            return _exact_float(widened & 0xF, 8.0), _exact_float(widened >> 4, 8.0)
+
     @triton.jit
     def _gemv_int8_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -64,13 +128,14 @@ if triton is not None:
             col_ok = cols < K
             x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             w = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
-            acc += _exact_float(w.to(tl.int32) + 128, 128.0) * x[None, :]  # code + 128 in [1, 255]
+            acc += _int8_values(w, PACKED) * x[None, :]
         total = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _gemv_int4_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, HALF: tl.constexpr,
-                          GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr):
+                          GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr,
+                          PACKED: tl.constexpr):
         # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high). A group
         # of GROUP inputs is GROUP // 2 consecutive bytes: its products are summed first and scaled once.
         GROUP_BYTES: tl.constexpr = GROUP // 2
@@ -81,10 +146,12 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_B)
             col_ok = cols < HALF
             both = row_ok[:, None] & col_ok[None, :]
-            packed = tl.load(codes_ptr + rows[:, None] * HALF + cols[None, :], mask=both, other=0x88).to(tl.int32)
-            x_even = tl.load(x_ptr + 2 * cols, mask=col_ok, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + 2 * cols + 1, mask=col_ok, other=0.0).to(tl.float32)
-            products = _exact_float(packed & 0xF, 8.0) * x_even[None, :] + _exact_float(packed >> 4, 8.0) * x_odd[None, :]
+            packed = tl.load(codes_ptr + rows[:, None] * HALF + cols[None, :], mask=both, other=0x88)
+            inputs = 2 * start + tl.arange(0, 2 * BLOCK_B)  # one contiguous load, split into even and odd inputs
+            x = tl.load(x_ptr + inputs, mask=inputs < 2 * HALF, other=0.0).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_B, 2)))
+            low, high = _int4_values(packed, PACKED)
+            products = low * x_even[None, :] + high * x_odd[None, :]
             sums = tl.sum(tl.reshape(products, (BLOCK_N, BLOCK_B // GROUP_BYTES, GROUP_BYTES)), axis=2)
             groups = start // GROUP_BYTES + tl.arange(0, BLOCK_B // GROUP_BYTES)
             scale = tl.load(scales_ptr + rows[:, None] * GROUPS + groups[None, :],
@@ -93,14 +160,18 @@ if triton is not None:
         tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
     # On the GPU each matrix shape gets the fastest of a few tilings, measured on its first call (the engine's
-    # warm-up, before any CUDA graph is captured); the interpreter runs the fixed tiling below.
+    # warm-up, before any CUDA graph is captured); the interpreter runs the fixed tiling below. One row per program
+    # won most often on the H200 (many small programs keep more loads in flight than a few large ones).
     def _tilings(chunk: str, sizes) -> list:
-        return [triton.Config({"BLOCK_N": n, chunk: c}, num_warps=w) for n, c, w in sizes]
+        return [triton.Config({"BLOCK_N": n, chunk: c}, num_warps=w, num_stages=1) for n, c, w in sizes]
 
-    _int8_tuned = triton.autotune(_tilings("BLOCK_K", [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4),
-                                                       (8, 1024, 8), (16, 256, 4), (4, 2048, 8)]), key=["N", "K"])(_gemv_int8_kernel)
-    _int4_tuned = triton.autotune(_tilings("BLOCK_B", [(2, 512, 4), (4, 256, 4), (4, 512, 4), (8, 256, 4),
-                                                       (8, 512, 8), (16, 128, 4), (2, 1024, 4), (4, 1024, 8)]),
+    _int8_tuned = triton.autotune(_tilings("BLOCK_K", [(1, 512, 2), (1, 512, 4), (1, 1024, 4), (1, 2048, 8),
+                                                       (2, 1024, 4), (2, 2048, 8), (2, 4096, 8), (4, 1024, 4),
+                                                       (4, 2048, 8), (4, 4096, 8), (8, 1024, 8)]),
+                                  key=["N", "K"])(_gemv_int8_kernel)
+    _int4_tuned = triton.autotune(_tilings("BLOCK_B", [(1, 256, 2), (1, 512, 4), (1, 1024, 4), (1, 2048, 8),
+                                                       (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4),
+                                                       (4, 1024, 8), (8, 256, 4), (8, 512, 8), (16, 128, 4)]),
                                   key=["N", "HALF"])(_gemv_int4_kernel)
 
 
@@ -108,10 +179,11 @@ def _launch_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
     n, k = codes.shape
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     if x.is_cuda:
-        _int8_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, codes, scales, out, n, k)
+        _int8_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, codes, scales, out, n, k, PACKED=True)
     else:
         block_n = _rows_per_program(n)
-        _gemv_int8_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=512)
+        _gemv_int8_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=512,
+                                                       PACKED=False)
     return out
 
 
@@ -121,11 +193,11 @@ def _launch_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
     group = half * 2 // scales.shape[1]
     if x.is_cuda:
         _int4_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, codes, scales, out, n, half, scales.shape[1],
-                                                                      GROUP=group)
+                                                                      GROUP=group, PACKED=True)
     else:
         block_n = _rows_per_program(n)
         _gemv_int4_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, half, scales.shape[1],
-                                                       BLOCK_N=block_n, BLOCK_B=256, GROUP=group)
+                                                       BLOCK_N=block_n, BLOCK_B=256, GROUP=group, PACKED=False)
     return out
 
 
