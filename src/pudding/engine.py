@@ -225,6 +225,8 @@ class Engine:
         embed = filled(shape.vocab * shape.hidden).view(shape.vocab, shape.hidden)
         head = filled(shape.vocab * shape.hidden).view(shape.vocab, shape.hidden)
         norm = torch.ones(shape.hidden, dtype=dtype, device=device)
+        if on_gpu:  # the blocks were filled through device temporaries (up to a whole gate/up matrix): hand their
+            torch.cuda.empty_cache()  # cached segments back, or the KV caches land in them with the rest unused
         return cls(shape, embed, norm, head, residency, layout, rotary, None, **options)
 
     # -- stacks, caches, graphs ---------------------------------------------------------------------------------
