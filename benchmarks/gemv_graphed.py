@@ -1,7 +1,9 @@
 """The products of a decode step alone, as the engine runs them (20 calls captured in one CUDA graph, 10 replays):
 bf16 `F.linear` against `quantized_linear` int8 and int4 (the Triton kernels of kernels.py on a GPU) on the four
 matrix shapes of a LLaMA-3.1-8B block, with the bandwidth reached on the bytes each reads and the tiling the autotuner
-chose. Its output on the H200 (2026-12-03) is in results/quantized-decode-h200.md.
+chose (the smaller matrices may stay in L2 across the 20 calls; benchmarks/int8_gemv_variants.py cycles weights past
+it). Its output on the H200 is in results/quantized-decode-h200-88339e2.md (2026-12-03) and
+results/quantized-decode-h200-1947Z.md (2026-12-04).
 
 With `--library`, PyTorch's own weight-only kernels on the same matrices, at one row (decode) and at `--rows` rows
 (pre-fill), against pudding's paths: `_weight_int8pack_mm` (int8 codes, per-row scales) and tinygemm's

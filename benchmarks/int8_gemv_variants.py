@@ -1,18 +1,25 @@
-"""Why is the int8 GEMV at 1.4x bf16 and not 2x? Variants of kernels.py's one-row int8 product, each on the four
-matrix shapes of a LLaMA-3.1-8B block, weights cycled past L2 (copies summing to > 200 MB), 20 calls per CUDA graph:
+"""Why was the int8 GEMV at 1.4x bf16 and not 2x? Forms of the one-row int8 product, each on the four matrix shapes
+of a LLaMA-3.1-8B block, weights cycled past L2 (copies summing to > 200 MB), 20 calls per CUDA graph:
 
-* `current`: kernels.py's kernel (codes widened by the exponent trick, fp32 multiply-add per code, masks);
-* `even`: the same arithmetic without masks (every shape divides its tile) and one integer add for the exponent
-  trick (c + 0x4B000080 is the float 2^23 + 128 + c's bits) instead of an add and an OR;
-* `dot`: the multiply-adds on tensor cores: a tile of codes widened to bf16 (exactly: |c| <= 127) times the
-  activation chunk broadcast to 16 columns, accumulated in fp32 by `tl.dot`; `dot-native` widens with a plain
-  conversion, `dot-magic` with the exponent trick then a float-to-bf16 rounding (exact here).
+* `kernels.py`: the engine's kernel (codes widened in PTX, a byte permute per code; autotuned tiling);
+* `triton-widening`: the same kernel with the codes widened in Triton (sign extension, add, OR, subtract per code),
+  the form before 2026-12-04 and the one the CPU interpreter runs;
+* `even`: that Triton form without masks (every shape divides its tile) and one integer add for the exponent trick
+  (c + 0x4B000080 is the float 2^23 + 128 + c's bits) instead of an add and an OR;
+* `fp16-route`: PTX widening through half precision (two codes per permute under the fp16 exponent of 1024, a packed
+  fp16 subtraction, then fp16 -> fp32 per code);
+* `dot-native` / `dot-magic`: the multiply-adds on tensor cores: a tile of codes widened to bf16 (exact: |c| <= 127)
+  times the activation chunk broadcast to 16 columns, accumulated in fp32 by `tl.dot`; widened by a plain
+  conversion, or by the exponent trick then a float-to-bf16 rounding.
 
-Prints one line per shape and variant: time per call, GB/s on codes + scales, speed-up over bf16 `F.linear` on the
-same cycled weights, max error relative to the largest output of the dequantized product, and the chosen tiling.
-On a CPU (TRITON_INTERPRET=1) it only checks the variants' arithmetic on a small matrix.
+Prints one line per shape and form: time per call, GB/s on codes + scales, speed-up over bf16 `F.linear` on the same
+cycled weights, max error relative to the largest output of the dequantized product, and the chosen tiling. Its
+output on the H200 is in results/quantized-decode-h200.md. With `--profile`, one call of the FFN down product in a
+few fixed tilings between cudaProfilerStart/Stop, for `ncu --profile-from-start off` (reports in
+results/int8-gemv-variants-h200/). On a CPU (TRITON_INTERPRET=1) it checks the Triton forms' arithmetic on a small
+matrix (the interpreter runs no PTX).
 
-    PYTHONPATH=src python benchmarks/int8_gemv_variants.py
+    PYTHONPATH=src python benchmarks/int8_gemv_variants.py [--profile]
 """
 
 from __future__ import annotations
@@ -63,25 +70,19 @@ def _dot_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, K: tl.constexpr, BLOCK_N:
     tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty))
 
 
-# Codes to floats with packed instructions, four codes (one 32-bit register) at a time: flipping each byte's sign bit
-# gives b = c + 128 in [1, 255]; a byte permute puts two of them under the fp16 exponent of 1024 (0x64XX is the half
-# 1024 + b), two permutes per four codes; then either a packed fp16 subtraction of 1152 gives c exactly (`asm-exact`)
-# or the 1152 is left in and taken off the row's sum at the end as 1152 * sum(x) (`asm-fold`); each half is widened
-# to fp32 (cvt.f32.f16) for the fp32 multiply-add.
-_TO_HALVES_START = """
+# The fp16 route: flipping each byte's sign bit gives b = c + 128 in [1, 255]; a byte permute puts two of them under
+# the fp16 exponent of 1024 (0x64XX is the half 1024 + b), a packed fp16 subtraction of 1152 gives c exactly, and each
+# half is widened to fp32 (cvt.f32.f16) for the fp32 multiply-add.
+_FP16_ROUTE = tl.constexpr("""
     {
     .reg .b32 t, lo, hi, k;
     .reg .b16 h0, h1, h2, h3;
     xor.b32 t, $4, 0x80808080;
     prmt.b32 lo, t, 0x64646464, 0x5140;
     prmt.b32 hi, t, 0x64646464, 0x7362;
-    """
-_SUBTRACT = """
     mov.b32 k, 0x64806480;
     sub.f16x2 lo, lo, k;
     sub.f16x2 hi, hi, k;
-    """
-_WIDEN = """
     mov.b32 {h0, h1}, lo;
     mov.b32 {h2, h3}, hi;
     cvt.f32.f16 $0, h0;
@@ -89,69 +90,20 @@ _WIDEN = """
     cvt.f32.f16 $2, h2;
     cvt.f32.f16 $3, h3;
     }
-    """
-# The same in fp32, one permute per code: bytes [b, 0, 0, 0x4B] are the float 2^23 + b, minus 2^23 + 128 is c.
-_TO_FLOATS = tl.constexpr("""
-    {
-    .reg .b32 t;
-    xor.b32 t, $4, 0x80808080;
-    prmt.b32 $0, t, 0x4B000000, 0x7540;
-    prmt.b32 $1, t, 0x4B000000, 0x7541;
-    prmt.b32 $2, t, 0x4B000000, 0x7542;
-    prmt.b32 $3, t, 0x4B000000, 0x7543;
-    sub.f32 $0, $0, 0f4B000080;
-    sub.f32 $1, $1, 0f4B000080;
-    sub.f32 $2, $2, 0f4B000080;
-    sub.f32 $3, $3, 0f4B000080;
-    }
     """)
-_TO_HALVES_EXACT = tl.constexpr(_TO_HALVES_START + _SUBTRACT + _WIDEN)
-_TO_HALVES_FOLD = tl.constexpr(_TO_HALVES_START + _WIDEN)
 
 
 @triton.jit
-def _asm_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                FOLD: tl.constexpr, FP32: tl.constexpr = False):
+def _fp16_route_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    xsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         w = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=(cols < K)[None, :], other=0)
-        if FP32:
-            f = tl.inline_asm_elementwise(_TO_FLOATS, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
-        elif FOLD:
-            f = tl.inline_asm_elementwise(_TO_HALVES_FOLD, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
-            xsum += x
-        else:
-            f = tl.inline_asm_elementwise(_TO_HALVES_EXACT, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+        f = tl.inline_asm_elementwise(_FP16_ROUTE, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
         acc += f * x[None, :]
-    total = tl.sum(acc, axis=1)
-    if FOLD:
-        total -= 1152.0 * tl.sum(xsum, axis=0)
-    total *= tl.load(scales_ptr + rows).to(tl.float32)
-    tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _prefetch_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    # asm-fp32 with the next chunk's codes loaded before this chunk's products: two loads in flight per thread
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
-    w_ptrs = codes_ptr + rows[:, None] * K + cols[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    w_next = tl.load(w_ptrs)
-    for start in range(0, K - BLOCK_K, BLOCK_K):
-        w = w_next
-        w_next = tl.load(w_ptrs + start + BLOCK_K)
-        x = tl.load(x_ptr + start + cols).to(tl.float32)
-        f = tl.inline_asm_elementwise(_TO_FLOATS, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
-        acc += f * x[None, :]
-    x = tl.load(x_ptr + K - BLOCK_K + cols).to(tl.float32)
-    f = tl.inline_asm_elementwise(_TO_FLOATS, "=r,=r,=r,=r,r", [w_next], dtype=tl.float32, is_pure=True, pack=4)
-    acc += f * x[None, :]
     total = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows).to(tl.float32)
     tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty))
 
@@ -168,54 +120,47 @@ _even_tuned = triton.autotune(_configs("BLOCK_K", [(2, 1024, 4, 3), (4, 512, 4, 
 _dot_tuned = triton.autotune(_configs("BLOCK_K", [(16, 128, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (32, 128, 4, 3),
                                                   (32, 256, 4, 3), (32, 256, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3),
                                                   (16, 256, 4, 4), (32, 128, 4, 5)]), key=["K", "MAGIC"])(_dot_kernel)
-_asm_tuned = triton.autotune(_configs("BLOCK_K", [(n, k, w, 1) for n, k, w in [
+_fp16_route_tuned = triton.autotune(_configs("BLOCK_K", [(n, k, w, 1) for n, k, w in [
     (1, 512, 2), (1, 512, 4), (1, 1024, 2), (1, 1024, 4), (1, 2048, 4), (1, 2048, 8), (1, 4096, 4), (1, 4096, 8),
     (1, 8192, 8), (2, 512, 4), (2, 1024, 4), (2, 2048, 4), (2, 2048, 8), (2, 4096, 8), (4, 512, 4), (4, 1024, 4),
-    (4, 2048, 8), (4, 4096, 8), (8, 1024, 8)]]),
-                             key=["N", "K", "FOLD", "FP32"])(_asm_kernel)
-_prefetch_tuned = triton.autotune(_configs("BLOCK_K", [(1, 512, 4, 1), (1, 1024, 4, 1), (1, 2048, 4, 1), (1, 2048, 8, 1),
-                                                       (2, 512, 4, 1), (2, 1024, 4, 1), (2, 2048, 8, 1), (4, 512, 4, 1),
-                                                       (4, 1024, 4, 1), (4, 2048, 8, 1), (8, 512, 4, 1),
-                                                       (8, 1024, 8, 1), (1, 512, 2, 1), (1, 1024, 2, 1),
-                                                       (2, 512, 2, 1)]), key=["N", "K"])(_prefetch_kernel)
+    (4, 2048, 8), (4, 4096, 8), (8, 1024, 8)]]), key=["N", "K"])(_fp16_route_kernel)
+_triton_widening_tuned = triton.autotune(kernels._int8_tuned.configs, key=["N", "K"])(kernels._gemv_int8_kernel)
 
 
 def run_variant(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     n, k = codes.shape
     out = torch.empty(n, dtype=x.dtype, device=x.device)
-    interpret = not x.is_cuda
-    if name == "current":
+    grid = lambda meta: (n // meta["BLOCK_N"],)  # every shape here divides every tiling's rows
+    if name == "kernels.py":
         return kernels.gemv(x, codes, scales)
-    if name == "even":
-        if interpret:
-            _even_kernel[(n // 4,)](x, codes, scales, out, k, BLOCK_N=4, BLOCK_K=64)
+    if x.is_cuda:
+        if name == "triton-widening":
+            _triton_widening_tuned[grid](x, codes, scales, out, n, k, PACKED=False)
+        elif name == "even":
+            _even_tuned[grid](x, codes, scales, out, k)
+        elif name == "fp16-route":
+            _fp16_route_tuned[grid](x, codes, scales, out, n, k)
         else:
-            _even_tuned[lambda meta: (n // meta["BLOCK_N"],)](x, codes, scales, out, k)
+            _dot_tuned[grid](x, codes, scales, out, k, MAGIC=name == "dot-magic")
         return out
-    if name == "prefetch":
-        _prefetch_tuned[lambda meta: (n // meta["BLOCK_N"],)](x, codes, scales, out, n, k)
-        return out
-    if name.startswith("asm"):
-        _asm_tuned[lambda meta: (n // meta["BLOCK_N"],)](x, codes, scales, out, n, k, FOLD=name == "asm-fold",
-                                                          FP32=name == "asm-fp32")
-        return out
-    magic = name == "dot-magic"
-    if interpret:
-        _dot_kernel[(n // 16,)](x, codes, scales, out, k, BLOCK_N=16, BLOCK_K=64, MAGIC=magic, DOT=tl.float16)
+    if name == "triton-widening":
+        kernels._gemv_int8_kernel[(n // 4,)](x, codes, scales, out, n, k, BLOCK_N=4, BLOCK_K=64, PACKED=False)
+    elif name == "even":
+        _even_kernel[(n // 4,)](x, codes, scales, out, k, BLOCK_N=4, BLOCK_K=64)
     else:
-        _dot_tuned[lambda meta: (n // meta["BLOCK_N"],)](x, codes, scales, out, k, MAGIC=magic)
+        _dot_kernel[(n // 16,)](x, codes, scales, out, k, BLOCK_N=16, BLOCK_K=64, MAGIC=name == "dot-magic",
+                                DOT=tl.float16)
     return out
 
 
+TUNERS = {"triton-widening": _triton_widening_tuned, "even": _even_tuned, "fp16-route": _fp16_route_tuned,
+          "dot-native": _dot_tuned, "dot-magic": _dot_tuned, "kernels.py": kernels._int8_tuned}
+VARIANTS = tuple(TUNERS)
+CPU_VARIANTS = ("triton-widening", "even", "dot-native", "dot-magic")  # the interpreter runs no PTX
+
+
 def best_config(name: str) -> str:
-    tuner = {"even": _even_tuned, "dot-native": _dot_tuned, "dot-magic": _dot_tuned, "asm-exact": _asm_tuned,
-             "asm-fold": _asm_tuned, "asm-fp32": _asm_tuned,
-             "prefetch": _prefetch_tuned}.get(name)
-    return str(getattr(tuner, "best_config", "")) if tuner else ""
-
-
-VARIANTS = ("current", "asm-exact", "asm-fp32")
-CPU_VARIANTS = ("current", "even", "dot-native", "dot-magic")  # the interpreter runs no inline assembly
+    return str(getattr(TUNERS[name], "best_config", ""))
 
 
 def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
@@ -268,8 +213,8 @@ def measure_on_gpu() -> None:
 
 
 def profile_on_gpu() -> None:
-    """One call each of the current int8 kernel (fixed tiling), the unmasked one and inductor's bf16 product on the
-    FFN down matrix, between cudaProfilerStart/Stop, for `ncu --profile-from-start off`."""
+    """One call each of the FFN down product in fixed tilings (4 rows x 1024 inputs, 4 warps; and one row), and of
+    inductor's bf16 product, between cudaProfilerStart/Stop, for `ncu --profile-from-start off`."""
     n, k = SHAPES[0]
     torch._inductor.config.coordinate_descent_tuning = True
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -277,31 +222,17 @@ def profile_on_gpu() -> None:
     codes, scales = quantize_weight(weight, "int8")
     out = torch.empty(n, dtype=x.dtype, device="cuda")
     bf16 = torch.compile(lambda x, w: torch.nn.functional.linear(x, w))
-    calls = {
-        "current": lambda: kernels._gemv_int8_kernel[(n // 4,)](x, codes, scales, out, n, k, BLOCK_N=4, BLOCK_K=1024,
-                                                                num_warps=4),
-        "even": lambda: _even_kernel[(n // 4,)](x, codes, scales, out, k, BLOCK_N=4, BLOCK_K=1024, num_warps=4),
-        "asm-exact": lambda: _asm_kernel[(n // 4,)](x, codes, scales, out, n, k, BLOCK_N=4, BLOCK_K=1024, FOLD=False,
-                                                    num_warps=4),
-        "asm-fold": lambda: _asm_kernel[(n // 4,)](x, codes, scales, out, n, k, BLOCK_N=4, BLOCK_K=1024, FOLD=True,
-                                                   num_warps=4),
-        "asm-fp32": lambda: _asm_kernel[(n // 4,)](x, codes, scales, out, n, k, BLOCK_N=4, BLOCK_K=1024, FOLD=False,
-                                                   FP32=True, num_warps=4),
-        "prefetch-1": lambda: _prefetch_kernel[(n,)](x, codes, scales, out, n, k, BLOCK_N=1, BLOCK_K=1024,
-                                                     num_warps=4),
-        "prefetch-2": lambda: _prefetch_kernel[(n // 2,)](x, codes, scales, out, n, k, BLOCK_N=2, BLOCK_K=2048,
-                                                          num_warps=8),
-        "asm-fp32-1": lambda: _asm_kernel[(n,)](x, codes, scales, out, n, k, BLOCK_N=1, BLOCK_K=1024, FOLD=False,
-                                                FP32=True, num_warps=4),
-        "asm-fp32-wide": lambda: _asm_kernel[(n,)](x, codes, scales, out, n, k, BLOCK_N=1, BLOCK_K=4096, FOLD=False,
-                                                   FP32=True, num_warps=4),
-        "bf16-inductor": lambda: bf16(x, weight),
-    }
-    for call in calls.values():
+
+    def kernel(rows: int, packed: bool):
+        return lambda: kernels._gemv_int8_kernel[(n // rows,)](x, codes, scales, out, n, k, BLOCK_N=rows, BLOCK_K=1024,
+                                                               PACKED=packed, num_warps=4)
+
+    calls = [kernel(4, False), kernel(4, True), kernel(1, True), lambda: bf16(x, weight)]
+    for call in calls:
         call(), call()
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
-    for call in calls.values():
+    for call in calls:
         call()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
