@@ -58,47 +58,19 @@ if triton is not None:
         """c - offset as fp32, for int32 c with 0 <= c < 2^23."""
         return (c | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
 
-    # int8: flipping each byte's sign bit gives c + 128 in [1, 255]; bytes [c + 128, 0, 0, 0x4B] are 2^23 + 128 + c.
-    _INT8_PTX = tl.constexpr("""
-        {
-        .reg .b32 t;
-        xor.b32 t, $4, 0x80808080;
-        prmt.b32 $0, t, 0x4B000000, 0x7540;
-        prmt.b32 $1, t, 0x4B000000, 0x7541;
-        prmt.b32 $2, t, 0x4B000000, 0x7542;
-        prmt.b32 $3, t, 0x4B000000, 0x7543;
-        sub.f32 $0, $0, 0f4B000080;
-        sub.f32 $1, $1, 0f4B000080;
-        sub.f32 $2, $2, 0f4B000080;
-        sub.f32 $3, $3, 0f4B000080;
-        }
-        """)
+    def _bytes_as_floats(register: str, first: int, offset: str) -> str:
+        """PTX: the four bytes of `register` as the floats 2^23 + byte - offset, into outputs $first .. $first + 3
+        (selector 0x754j: byte j of the register, then bytes 0x00, 0x00, 0x4B of the constant)."""
+        permutes = [f"prmt.b32 ${first + j}, {register}, 0x4B000000, 0x754{j};" for j in range(4)]
+        return "\n".join(permutes + [f"sub.f32 ${first + j}, ${first + j}, {offset};" for j in range(4)])
 
-    # int4: the low and the high nibble of four bytes, each offset by 8; outputs $0-$3 low, $4-$7 high.
-    _INT4_PTX = tl.constexpr("""
-        {
-        .reg .b32 lo, hi;
-        and.b32 lo, $8, 0x0F0F0F0F;
-        shr.u32 hi, $8, 4;
-        and.b32 hi, hi, 0x0F0F0F0F;
-        prmt.b32 $0, lo, 0x4B000000, 0x7540;
-        prmt.b32 $1, lo, 0x4B000000, 0x7541;
-        prmt.b32 $2, lo, 0x4B000000, 0x7542;
-        prmt.b32 $3, lo, 0x4B000000, 0x7543;
-        prmt.b32 $4, hi, 0x4B000000, 0x7540;
-        prmt.b32 $5, hi, 0x4B000000, 0x7541;
-        prmt.b32 $6, hi, 0x4B000000, 0x7542;
-        prmt.b32 $7, hi, 0x4B000000, 0x7543;
-        sub.f32 $0, $0, 0f4B000008;
-        sub.f32 $1, $1, 0f4B000008;
-        sub.f32 $2, $2, 0f4B000008;
-        sub.f32 $3, $3, 0f4B000008;
-        sub.f32 $4, $4, 0f4B000008;
-        sub.f32 $5, $5, 0f4B000008;
-        sub.f32 $6, $6, 0f4B000008;
-        sub.f32 $7, $7, 0f4B000008;
-        }
-        """)
+    # int8 (input $4): flipping each byte's sign bit gives c + 128 in [1, 255]; 2^23 + 128 is 0f4B000080.
+    _INT8_PTX = tl.constexpr("{\n.reg .b32 t;\nxor.b32 t, $4, 0x80808080;\n"
+                             + _bytes_as_floats("t", 0, "0f4B000080") + "\n}")
+    # int4 (input $8): the low and the high nibble of each byte, offset 8 (2^23 + 8 is 0f4B000008); $0-$3 low, $4-$7 high.
+    _INT4_PTX = tl.constexpr("{\n.reg .b32 lo, hi;\nand.b32 lo, $8, 0x0F0F0F0F;\nshr.u32 hi, $8, 4;\n"
+                             "and.b32 hi, hi, 0x0F0F0F0F;\n" + _bytes_as_floats("lo", 0, "0f4B000008") + "\n"
+                             + _bytes_as_floats("hi", 4, "0f4B000008") + "\n}")
 
     @triton.jit
     def _int8_values(w, PACKED: tl.constexpr):
