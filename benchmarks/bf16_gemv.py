@@ -4,11 +4,13 @@ engine's compiled step runs) and a Triton GEMV autotuned over 15 tilings; the do
 SiLU-and-product and the residual add, as in the engine. Timed as 20 calls in one CUDA graph, weights cycled over four
 copies so none is served from L2. Needs a GPU; writes gemv.json under $OUT (or /tmp).
 
-    python benchmarks/bf16_gemv.py
+    PYTHONPATH=src python benchmarks/bf16_gemv.py
 
-Output on the H200 (2026-12-04): results/decode-kernels-h200.md, last section.""" 
-import json, os, sys, time
+Output on the H200 (2026-12-04, commit 9329c92, which timed 200 graphed calls with the host clock rather than
+`seconds_per_call`'s median): results/decode-kernels-h200.md, last section.""" 
+import json, os
 import torch, triton, triton.language as tl
+from pudding.bench import seconds_per_call
 
 torch._inductor.config.coordinate_descent_tuning = True
 
@@ -45,22 +47,6 @@ def triton_gemv(x, w, r=None, act=False):
     tuned[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](x, w, r if r is not None else out, out, n, k, ACT=act, RES=r is not None)
     return out
 
-def timeit(fn, iters=200):
-    for _ in range(5): fn()
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3): fn()
-    torch.cuda.current_stream().wait_stream(s)
-    with torch.cuda.graph(g):
-        for _ in range(20): fn()
-    for _ in range(3): g.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters // 20): g.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / iters * 1e6
-
 shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "head": (128256, 4096)}
 out = {}
 for name, (n, k) in shapes.items():
@@ -68,23 +54,23 @@ for name, (n, k) in shapes.items():
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(4)]
     x = torch.randn(k * (2 if name == "down" else 1), device="cuda", dtype=torch.bfloat16)
     r = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    i = [0]
-    def pick():
-        i[0] = (i[0] + 1) % 4
-        return ws[i[0]]
+
+    def us(call):  # microseconds per call of call(weight), the four copies in turn
+        return seconds_per_call(lambda i: call(ws[i % 4]), "cuda") * 1e6
+
     nbytes = n * k * 2
     res = {}
-    res["cublas"] = timeit(lambda: torch.nn.functional.linear(x[:k].view(1, k), pick()))
+    res["cublas"] = us(lambda w: torch.nn.functional.linear(x[:k].view(1, k), w))
     if name == "down":
         f = torch.compile(lambda a, w, r: r + torch.nn.functional.linear(torch.nn.functional.silu(a[:, :k]) * a[:, k:], w), fullgraph=True, dynamic=False)
-        res["inductor"] = timeit(lambda: f(x.view(1, -1), pick(), r))
-        res["triton"] = timeit(lambda: triton_gemv(x, pick(), r, act=True))
+        res["inductor"] = us(lambda w: f(x.view(1, -1), w, r))
+        res["triton"] = us(lambda w: triton_gemv(x, w, r, act=True))
         ref = r.float() + (torch.nn.functional.silu(x[:k]) * x[k:]).float() @ ws[0].float().t()
         res["max_err"] = (triton_gemv(x, ws[0], r, act=True).float() - ref).abs().max().item()
     else:
         f = torch.compile(lambda a, w: torch.nn.functional.linear(a, w), fullgraph=True, dynamic=False)
-        res["inductor"] = timeit(lambda: f(x.view(1, k), pick()))
-        res["triton"] = timeit(lambda: triton_gemv(x, pick()))
+        res["inductor"] = us(lambda w: f(x.view(1, k), w))
+        res["triton"] = us(lambda w: triton_gemv(x, w))
         ref = x.float() @ ws[0].float().t()
         res["max_err"] = (triton_gemv(x, ws[0]).float() - ref).abs().max().item()
     res["best_config"] = str(tuned.best_config)

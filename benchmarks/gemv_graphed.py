@@ -19,19 +19,10 @@ import argparse
 import torch
 
 from pudding import kernels
-from pudding.bench import Clock, graphed
+from pudding.bench import seconds_per_call
 from pudding.quantize import INT4_GROUP, dequantize, quantize_weight, quantized_linear
 
 SHAPES = [(4096, 14336), (14336, 4096), (1024, 4096), (4096, 4096)]  # FFN down, gate/up, k/v, q/o (out x in)
-
-
-def graphed_seconds(step, calls: int = 20, replays: int = 10) -> float:
-    """Seconds per call of `step`: `calls` of them captured in one CUDA graph, the median of `replays` replays."""
-    def steps():
-        for _ in range(calls):
-            step()
-
-    return Clock("cuda").median(graphed(steps, "cuda"), replays) / 1000 / calls
 
 
 def engine_kernels() -> None:
@@ -39,11 +30,11 @@ def engine_kernels() -> None:
     for n, k in SHAPES:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
-        bf16 = graphed_seconds(lambda: torch.nn.functional.linear(x, weight))
+        bf16 = seconds_per_call(lambda i: torch.nn.functional.linear(x, weight), "cuda")
         line = f"{n}x{k}: bf16 {bf16 * 1e6:.1f}us {n * k * 2 / bf16 / 1e9:.0f}GB/s"
         for scheme in ("int8", "int4"):
             codes, scales = quantize_weight(weight, scheme)
-            seconds = graphed_seconds(lambda: quantized_linear(x, codes, scales))
+            seconds = seconds_per_call(lambda i: quantized_linear(x, codes, scales), "cuda")
             moved = codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
             tuner = kernels._int8_tuned if scheme == "int8" else kernels._int4_tuned
             line += (f" | {scheme} {seconds * 1e6:.1f}us {moved / seconds / 1e9:.0f}GB/s x{bf16 / seconds:.2f} "
@@ -67,7 +58,7 @@ def library_kernels(rows: int) -> None:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         for m in (1, rows):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            bf16 = graphed_seconds(lambda: torch.nn.functional.linear(x, weight))
+            bf16 = seconds_per_call(lambda i: torch.nn.functional.linear(x, weight), "cuda")
             line = f"{n}x{k} rows={m}: bf16 {bf16 * 1e6:.1f}us"
             for scheme in ("int8", "int4"):
                 codes, scales = quantize_weight(weight, scheme)
@@ -85,7 +76,7 @@ def library_kernels(rows: int) -> None:
                     try:
                         got = fn().float()
                         error = ((got - reference).abs().max() / reference.abs().max()).item()
-                        seconds = graphed_seconds(fn)
+                        seconds = seconds_per_call(lambda i, fn=fn: fn(), "cuda")
                         line += f" | {scheme} {name} {seconds * 1e6:.1f}us x{bf16 / seconds:.2f} err={error:.1e}"
                     except Exception as failure:  # noqa: BLE001
                         line += f" | {scheme} {name} failed ({type(failure).__name__}: {str(failure)[:80]})"

@@ -24,6 +24,7 @@ matrix (the interpreter runs no PTX).
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 
 from pudding import kernels
+from pudding.bench import seconds_per_call
 from pudding.quantize import dequantize, quantize_weight
 
 SHAPES = [(4096, 14336), (14336, 4096), (1024, 4096), (4096, 4096)]  # FFN down, gate/up, k/v, q/o (out x in)
@@ -177,39 +179,30 @@ def check_on_cpu() -> None:
         print(f"{name}: max relative error {relative_error(run_variant(name, x, codes, scales), reference):.1e}")
 
 
-def cycled_seconds(step, copies: int, calls: int = 20, replays: int = 10) -> float:
-    """Seconds per call of step(i), i cycling over the weight copies, `calls` calls in one CUDA graph."""
-    def steps():
-        for i in range(calls):
-            step(i % copies)
-
-    from pudding.bench import Clock, graphed
-    return Clock("cuda").median(graphed(steps, "cuda"), replays) / 1000 / calls
-
-
 def measure_on_gpu() -> None:
     torch.manual_seed(0)
     for n, k in SHAPES:
-        copies = max(2, -(-200_000_000 // (n * k)))  # int8 copies > 200 MB: every call reads from HBM, not L2
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(min(copies, 4))]
-        weights *= -(-copies // len(weights))
-        bf16_copies = max(2, -(-400_000_000 // (2 * n * k)))
-        bf16_weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(bf16_copies)]
         x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
-        bf16 = cycled_seconds(lambda i, x=x, w=bf16_weights: torch.nn.functional.linear(x, w[i]), bf16_copies)
+        bf16_copies = -(-400_000_000 // (2 * n * k)) + 1  # > 400 MB of weights cycled: every call reads from HBM
+        bf16_weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(bf16_copies)]
+        bf16 = seconds_per_call(lambda i, w=bf16_weights: torch.nn.functional.linear(x, w[i % len(w)]), "cuda")
         print(f"{n}x{k}: bf16 {bf16 * 1e6:.1f}us {2 * n * k / bf16 / 1e9:.0f}GB/s", flush=True)
-        quantized = [quantize_weight(w, "int8") for w in weights[: min(copies, 4)]]
-        quantized = [(c.clone(), s.clone()) for c, s in (quantized * (-(-copies // len(quantized))))[:copies]]
+        del bf16_weights
+        distinct = [quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), "int8") for _ in range(4)]
+        copies = -(-200_000_000 // (n * k)) + 1  # > 200 MB of codes cycled
+        cycled = itertools.islice(itertools.cycle(distinct), copies)
+        quantized = [(codes.clone(), scales.clone()) for codes, scales in cycled]
         reference = dequantize(*quantized[0], torch.float32) @ x.float()
         moved = n * k + 2 * n
         for name in VARIANTS:
             try:
                 error = relative_error(run_variant(name, x, *quantized[0]), reference)
-                seconds = cycled_seconds(lambda i, name=name, x=x, q=quantized: run_variant(name, x, *q[i]), copies)
-                print(f"  {name:10s} {seconds * 1e6:6.1f}us {moved / seconds / 1e9:5.0f}GB/s x{bf16 / seconds:.2f} "
+                seconds = seconds_per_call(lambda i, name=name, q=quantized: run_variant(name, x, *q[i % len(q)]),
+                                           "cuda")
+                print(f"  {name:15s} {seconds * 1e6:6.1f}us {moved / seconds / 1e9:5.0f}GB/s x{bf16 / seconds:.2f} "
                       f"err={error:.1e} {best_config(name)}", flush=True)
-            except Exception as failure:  # noqa: BLE001 - a variant that fails to compile is a result too
-                print(f"  {name:10s} failed: {type(failure).__name__}: {str(failure)[:300]}", flush=True)
+            except Exception as failure:  # noqa: BLE001 - a form that fails to compile is a result too
+                print(f"  {name:15s} failed: {type(failure).__name__}: {str(failure)[:300]}", flush=True)
 
 
 def profile_on_gpu() -> None:

@@ -208,6 +208,17 @@ def graphed(fn: Callable[[], object], device) -> Callable[[], object]:
     return graph.replay
 
 
+def seconds_per_call(step: Callable[[int], object], device, calls: int = 20, replays: int = 10) -> float:
+    """Seconds one call of step takes as the engine runs kernels: step(0) .. step(calls - 1) captured together
+    (`graphed`: timed from Python, a call would measure its launch), the median of `replays` runs. The index lets a
+    benchmark cycle over copies of its weights so that none is served from L2."""
+    def steps():
+        for i in range(calls):
+            step(i)
+
+    return Clock(device).median(graphed(steps, device), replays) / 1000 / calls
+
+
 def gemm_bound(engine: Engine, omit: OmissionSet, lengths: Sequence[int], repeats: int) -> dict[int, float]:
     """Pre-fill's matrix products alone (QKV, output, gate/up and down projections of every block that runs, on the
     engine's own weights), captured in one CUDA graph per length: what pre-fill cannot go below."""
@@ -666,13 +677,7 @@ def gemv_check(scheme: str, config, device: str) -> dict:
     reference = torch.nn.functional.linear(x.float(), dequantize(codes, scales, torch.float32))
     got = quantized_linear(x, codes, scales)
     error = ((got.float() - reference).abs().max() / reference.abs().max()).item()
-    calls = 20
-
-    def products():
-        for _ in range(calls):
-            quantized_linear(x, codes, scales)
-
-    seconds = Clock(device).median(graphed(products, device), repeats=10) / 1000 / calls
+    seconds = seconds_per_call(lambda i: quantized_linear(x, codes, scales), device)
     moved = codes.numel() * codes.element_size() + scales.numel() * scales.element_size()
     return {"kernel": "triton" if kernels.available(x) else "reference", "max_relative_error": error,
             "shape": list(weight.shape), "us_per_call": seconds * 1e6, "gb_per_s": moved / seconds / 1e9}
