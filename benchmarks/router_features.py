@@ -28,13 +28,13 @@ import torch
 
 from pudding.labels import LabelTable, heldout_split
 from pudding.models import load_decoder, resolve_model
+from pudding.router import mean_pooled
 
 MAX_TOKENS = 256  # what the router reads
 
 
-def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    mask = mask.unsqueeze(-1).to(hidden.dtype)
-    return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().numpy()
+def pooled(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    return mean_pooled(hidden.float(), mask).numpy()
 
 
 @torch.inference_mode()
@@ -49,10 +49,10 @@ def decoder_features(prompts: list[str], model_name: str, prefix: int, batch: in
         enc = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True, truncation=True,
                         max_length=MAX_TOKENS)
         hidden = model(**enc, output_hidden_states=True).hidden_states  # [embeddings, after block 1, ...]
-        out["embeddings"].append(mean_pooled(hidden[0], enc["attention_mask"]))
-        out["dense-last"].append(mean_pooled(hidden[-1], enc["attention_mask"]))
+        out["embeddings"].append(pooled(hidden[0], enc["attention_mask"]))
+        out["dense-last"].append(pooled(hidden[-1], enc["attention_mask"]))
         if prefix:
-            out["prefix"].append(mean_pooled(hidden[prefix], enc["attention_mask"]))
+            out["prefix"].append(pooled(hidden[prefix], enc["attention_mask"]))
     return {name: np.concatenate(rows) for name, rows in out.items()}
 
 
@@ -66,7 +66,7 @@ def encoder_features(prompts: list[str], encoder: str = "minilm-l6", batch: int 
     for start in range(0, len(prompts), batch):
         enc = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True, truncation=True,
                         max_length=MAX_TOKENS)
-        rows.append(mean_pooled(model(**enc).last_hidden_state, enc["attention_mask"]))
+        rows.append(pooled(model(**enc).last_hidden_state, enc["attention_mask"]))
     return np.concatenate(rows)
 
 

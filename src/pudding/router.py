@@ -52,6 +52,14 @@ class RouterSettings:
             raise PuddingError("--val-fraction must be in [0, 1)")
 
 
+def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(batch, tokens, dims) -> (batch, dims): the mean over each row's real tokens (all of them without a mask)."""
+    if attention_mask is None:
+        return hidden.mean(1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 class Router(nn.Module):
     def __init__(self, encoder: nn.Module, num_sets: int) -> None:
         super().__init__()
@@ -63,10 +71,7 @@ class Router(nn.Module):
         without a mask every position is a real token (one unpadded prompt). Pooled and headed in fp32 whatever the
         encoder runs in."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-        if attention_mask is None:
-            return hidden.mean(1)
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return mean_pooled(hidden, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted per-set scores."""
