@@ -10,7 +10,7 @@ import pytest
 
 from pudding.bundle import Bundle
 from pudding.errors import PuddingError
-from pudding.labels import LabelTable, label_prompts
+from pudding.labels import LabelTable, heldout_split, label_prompts
 from pudding.omission import OmissionSet
 from pudding.router import LoadedRouter, RouterSettings, objective_loss, predicted_losses
 from pudding.router_training import save_router, train_router
@@ -120,8 +120,57 @@ def test_router_training_is_deterministic():
     assert first == second
 
 
+def test_embeddings_router_is_a_ridge_head_on_the_decoders_mean_pooled_input_embeddings(smollm2, tmp_path):
+    """The router on the decoder's own embeddings: its folded token table predicts exactly what a ridge regression
+    on the prompts' mean-pooled input embeddings (computed here through transformers' embedding module) predicts,
+    it learns the synthetic table's two kinds of prompt, and it saves and loads as a router of its own kind."""
+    from pudding.router import TokenTableRouter, load_router
+    from pudding.router_training import train_embeddings_router
+
+    table = synthetic_table()
+    settings = RouterSettings(encoder="embeddings", max_length=32, val_fraction=0.25)
+    weight = smollm2.decoder.embed_tokens.weight
+    router, history, meta = train_embeddings_router(table, settings, smollm2.tokenizer, weight, 30)
+    assert meta["val_rows"] == 24 and history.epochs[0]["picks_best_set"] == 1.0
+    assert set(meta["ridge_scores"]) == {"0.001", "0.01", "0.1", "1", "10"}
+    # reference: transformers' embeddings of the prompt's tokens, mean-pooled, and a ridge fit by least squares
+    train_rows = heldout_split(len(table), 0.25, 0)[0]
+    with torch.no_grad():
+        pooled = np.stack([smollm2.model.get_input_embeddings()(torch.tensor(smollm2.tokenizer(p, add_special_tokens=False)["input_ids"])).double().mean(0).numpy()
+                           for p in table.prompts])
+    centered = table.labels - table.labels.mean(1, keepdims=True)
+    targets = centered / centered.std()
+    mean, scale = pooled[train_rows].mean(0), pooled[train_rows].std(0) + 1e-6
+    z = (pooled[train_rows] - mean) / scale
+    penalty = np.sqrt(meta["ridge_strength"] * len(z)) * np.eye(z.shape[1])
+    solution = np.linalg.lstsq(np.vstack([z, penalty]), np.vstack([targets[train_rows] - targets[train_rows].mean(0),
+                                                                 np.zeros((z.shape[1], targets.shape[1]))]), rcond=None)[0]
+    expected = ((pooled - mean) / scale) @ solution + targets[train_rows].mean(0)
+    result = router.route(table.prompts)
+    np.testing.assert_allclose(result.predicted, expected, atol=1e-3 * np.ptp(expected))
+    assert result.choices == [1 if i % 2 == 0 else 0 for i in range(len(table))]
+    assert router.route(["word " * 40]).truncated == [True]
+    with pytest.raises(PuddingError, match="empty prompt"):
+        router.route([" \n "])
+    # saved and loaded by kind, the table and tokenizer only (no encoder, no model weights)
+    directory = tmp_path / "router"
+    directory.mkdir()
+    router.save(directory)
+    (directory / "router.json").write_text(json.dumps({"settings": settings.__dict__, "sets": table.sets, "model": {"num_blocks": 30}}))
+    loaded = load_router(directory)
+    assert isinstance(loaded, TokenTableRouter) and loaded.sets == router.sets
+    np.testing.assert_array_equal(loaded.route(table.prompts[:4]).predicted, result.predicted[:4])
+    assert sum(f.stat().st_size for f in directory.rglob("*")) < 30e6
+    (directory / "table.safetensors").write_bytes(b"broken")
+    with pytest.raises(PuddingError, match="is damaged"):
+        load_router(directory)
+    with pytest.raises(PuddingError, match="regresses the labels"):
+        RouterSettings(encoder="embeddings", objective="ce-soft").validate()
+
+
 PIPELINE = ("pipeline", "--small", "--blocks", "2", "--samples", "2", "--limit", "6", "--label-limit", "8", "--epochs", "1",
-            "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--variants", "margin", "--calibration-tasks", "piqa,arc_easy")
+            "--per-prompt", "2", "--tasks", "piqa,winogrande,sciq", "--variants", "margin,embeddings",
+            "--calibration-tasks", "piqa,arc_easy")
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +319,35 @@ def test_margin_router_variant_trains_on_margin_labels_and_competes_for_deployme
     assert trained.returncode == 0, trained.stderr[-2000:]
     config = json.loads((bundle / "router-margin-ce-soft" / "router.json").read_text())
     assert config["settings"]["objective"] == "ce-soft" and config["training"]["labels"] == "margin"
+
+
+@pytest.mark.slow
+def test_embeddings_router_variant_competes_for_deployment_and_trains_from_the_cli(small_bundle, tmp_path):
+    """`--variants embeddings`: a router on the decoder's input embeddings trained beside the paper's (in seconds,
+    no encoder), its routed accuracy looked up, it among the deployment's candidates and in the report's ablations;
+    `train-router --encoder embeddings` makes one from the command line, which routes and evaluates."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(small_bundle, bundle)  # the fixture's pipeline ran with --variants margin,embeddings
+    trained = json.loads((bundle / "router-embeddings" / "router.json").read_text())
+    assert trained["settings"]["encoder"] == "embeddings" and "ridge_strength" in trained["training"]
+    assert not (bundle / "router-embeddings" / "encoder").exists() and (bundle / "router-embeddings" / "table.safetensors").exists()
+    routed = json.loads((bundle / "evals" / "pudding-embeddings.json").read_text())
+    assert "looked up" in routed["lookup"] and routed["tasks"].keys() == {"piqa", "winogrande", "sciq"}
+    names = {c["name"] for c in json.loads((bundle / "policy.json").read_text())["candidates"]}
+    assert {"embeddings", "embeddings-gated"} <= names
+    assert "| router on the decoder's input embeddings |" in (bundle / "report.md").read_text()
+    made = pudding("train-router", "--bundle", str(bundle), "--encoder", "embeddings")
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert json.loads((bundle / "router" / "router.json").read_text())["settings"]["encoder"] == "embeddings"
+    result = pudding("route", "--bundle", str(bundle), "Question: How do I boil an egg?\nAnswer:")
+    assert result.returncode == 0 and "chosen" in result.stdout, result.stderr[-2000:]
+    routed = pudding("eval", "--bundle", str(bundle), "--router", "--tasks", "piqa", "--limit", "4")
+    assert routed.returncode == 0 and "routed" in routed.stdout, routed.stderr[-2000:]
+    assert_clean_failure(pudding("train-router", "--bundle", str(bundle), "--encoder", "embeddings", "--objective",
+                                 "ce-onehot"), "regresses the labels")
+    assert_clean_failure(pudding("train-router", "--bundle", str(bundle), "--encoder", "glove"), "glove")
 
 
 def test_a_long_prompt_is_tokenized_only_as_far_as_the_router_reads():

@@ -710,11 +710,12 @@ def _weights_lines(compared: dict) -> list[str]:
 def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print) -> dict:
     """A real packaged model with a bundle's candidate sets: dense against the first set, with the time the bundle's
     policy takes to choose (a bundle whose router weights were not kept, like those under results/, is timed with an
-    untrained router of the same encoder: routing time does not depend on the weights)."""
+    untrained router of the encoder its router.json names: routing time does not depend on the weights)."""
     from .bundle import Bundle
     from .engine import open_engine
     from .policy import PolicySpec, RoutedPolicy
-    from .router import LoadedRouter, RouterSettings
+    from .router import RouterSettings, untrained_router
+    from .storage import read_json
 
     bundle = Bundle.open(bundle_dir)
     ref = bundle.model_ref()
@@ -723,7 +724,10 @@ def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print
     try:
         policy, timed = PolicySpec().build(ref.num_blocks, bundle, device), "the bundle's policy"
     except PuddingError:  # no router, or its weights were not kept
-        policy, timed = RoutedPolicy(LoadedRouter.untrained(RouterSettings().encoder, sets, device)), "an untrained router"
+        kept = bundle.router_dir() / "router.json"
+        encoder = read_json(kept, "router config")["settings"]["encoder"] if kept.exists() else RouterSettings().encoder
+        policy = RoutedPolicy(untrained_router(encoder, sets, device, decoder_tokenizer=engine.tokenizer))
+        timed = f"an untrained router of the same encoder ({encoder})"
     dense_set = OmissionSet.dense(ref.num_blocks)
     warm = engine.warm_up([dense_set] + sets)
     policy.warm_up()

@@ -266,9 +266,9 @@ class Bundle:
 
     def router(self, name: str = MAIN_ROUTER, device: str = "cpu", dtype: str = "auto"):
         """A trained router of the bundle, routing to the bundle's candidate sets (refused if trained on others)."""
-        from .router import LoadedRouter
+        from .router import load_router
 
-        router = LoadedRouter(self.router_dir(name, must_exist=True), device, self.model["num_blocks"], dtype)
+        router = load_router(self.router_dir(name, must_exist=True), device, self.model["num_blocks"], dtype)
         if router.sets != self.omission_sets():
             raise PuddingError(f"the router in {self.router_dir(name)} was trained on other sets than the bundle's "
                                "candidates: train it again (`pudding train-router`)")

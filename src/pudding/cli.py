@@ -408,7 +408,7 @@ def label_command(
 @app.command("train-router")
 def train_router_command(
     bundle: Annotated[Path, typer.Option("--bundle", "-b", help="Bundle with labels (from `pudding label`).")],
-    encoder: Annotated[str, typer.Option("--encoder", help="minilm-l6 (default) or mpnet-base (BERT-base size, as the paper).")] = "minilm-l6",
+    encoder: Annotated[str, typer.Option("--encoder", help="minilm-l6 (default), mpnet-base (BERT-base size, as the paper) or embeddings (the decoder's own input embeddings with a ridge head: no encoder, routing is a tokenizer pass and a table lookup).")] = "minilm-l6",
     objective: Annotated[str, typer.Option("--objective", help="mse (paper), ce-soft (log-likelihood CE) or ce-onehot.")] = "mse",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     lr: Annotated[float, typer.Option("--lr")] = 1e-5,
@@ -424,14 +424,14 @@ def train_router_command(
     """Train the router (encoder + linear head) on the bundle's labels; saves it and its training curve."""
     from .bundle import Bundle
     from .labels import LABEL_KINDS, LabelTable
-    from .models import check_device, default_device, resolve_model
-    from .router import RouterSettings
+    from .models import check_device, default_device, load_decoder
+    from .router import DECODER_EMBEDDINGS, RouterSettings, check_encoder
     from .router_training import train_bundle_router
 
     opened = Bundle.open(bundle)
     settings = RouterSettings(encoder, objective, lr, weight_decay, batch_size, epochs, warmup_steps, max_length, val_fraction, seed)
     settings.validate()
-    resolve_model(encoder, kind="encoder")
+    check_encoder(encoder)
     path = opened.label_table_path(labels)
     if labels not in LABEL_KINDS or not path.exists():
         raise PuddingError(f"no {labels} labels in {opened.path}: run `pudding label --kind {labels}` first"
@@ -441,7 +441,11 @@ def train_router_command(
         raise PuddingError(f"the labels in {opened.path} are for other candidate sets: rerun `pudding label`")
     device = check_device(device or default_device())
     name = "-".join(part for part in ("" if labels == "tl" else labels, "" if objective == "mse" else objective) if part)
-    target = train_bundle_router(opened, table, settings, device, log_line, name or "router")
+    decoder = None
+    if encoder == DECODER_EMBEDDINGS:  # its input embeddings are all the router reads of the model
+        loaded = load_decoder(opened.model_ref(), "cpu", "bfloat16")
+        decoder = (loaded.tokenizer, loaded.decoder.embed_tokens.weight)
+    target = train_bundle_router(opened, table, settings, device, log_line, name or "router", decoder=decoder)
     out.print(f"router → {target} (training curve: {target / 'training.png'})")
 
 
@@ -620,7 +624,7 @@ def bench_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the JSON; a Markdown table is written beside it.")],
     shape: Annotated[Optional[str], typer.Option("--shape", help="Benchmark a model of this shape with random weights: llama-3.1-8b.")] = "llama-3.1-8b",
     bundle: Annotated[Optional[list[Path]], typer.Option("--bundle", "-b", help="Also benchmark a real model with its bundle (repeatable).")] = None,
-    router_encoder: Annotated[str, typer.Option("--router-encoder", help="Encoder of the router timed with the random-weight model.")] = "minilm-l6",
+    router_encoder: Annotated[str, typer.Option("--router-encoder", help="Encoder of the router timed with the random-weight model: minilm-l6, mpnet-base, or embeddings (the decoder's embeddings, no encoder).")] = "minilm-l6",
     router_dtype: Annotated[str, typer.Option("--router-dtype", help="What that router's encoder computes in: auto (bf16 on a GPU), bfloat16 or float32.")] = "auto",
     repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
     compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs.")] = None,
@@ -633,15 +637,16 @@ def bench_command(
     from datetime import datetime, timezone
 
     from .bench import LLAMA_31_8B, BenchSettings, benchmark_bundle, benchmark_shape, benchmark_weights, markdown, shape_goals
-    from .models import check_device, default_device
+    from .models import check_device, default_device, load_tokenizer, resolve_model
     from .omission import OmissionSet
     from .policy import RoutedPolicy
     from .quantize import check_scheme
-    from .router import LoadedRouter, encoder_dtype
+    from .router import DECODER_EMBEDDINGS, check_encoder, encoder_dtype, untrained_router
     from .storage import atomic_write_json, atomic_write_text, check_output_file, environment
 
     check_scheme(quantize)
     encoder_dtype(router_dtype, "cuda")
+    check_encoder(router_encoder)
     schemes = [s.strip() for s in weights.split(",")] if weights else []
     for scheme in schemes:
         if scheme not in ("int8", "int4", "lora"):
@@ -666,7 +671,10 @@ def bench_command(
         if schemes:
             report["weights"] = benchmark_weights(config, device, schemes, repeats, log=log)
         else:
-            router = LoadedRouter.untrained(router_encoder, [OmissionSet(s, config.num_hidden_layers) for s in ROUTER_POOL], device, router_dtype)
+            pool = [OmissionSet(s, config.num_hidden_layers) for s in ROUTER_POOL]
+            # the shape has no tokenizer: a router on its embeddings reads with the default decoder's (a BPE like LLaMA's)
+            tokenizer = load_tokenizer(resolve_model()) if router_encoder == DECODER_EMBEDDINGS else None
+            router = untrained_router(router_encoder, pool, device, router_dtype, tokenizer)
             report["shape"] = benchmark_shape(config, device, settings, RoutedPolicy(router), log)
             report["shape"]["router_dtype"] = str(router.dtype).removeprefix("torch.")
     report["bundles"] = [benchmark_bundle(b, device, settings, log) for b in (bundle or [])]
@@ -688,10 +696,10 @@ SamplesPipelineOpt = Annotated[Optional[int], typer.Option("--samples", min=1, h
 BaselineSamplesOpt = Annotated[Optional[int], typer.Option("--baseline-samples", min=1, help="Text windows of 2048 tokens for SLEB, Shortened LLaMA and ShortGPT (default 128).")]
 LimitPipelineOpt = Annotated[Optional[int], typer.Option("--limit", min=1, help="Evaluation documents per task (default: all).")]
 LabelLimitOpt = Annotated[Optional[int], typer.Option("--label-limit", min=1, help="Training prompts per task (default: the whole train split).")]
-EncoderOpt = Annotated[Optional[str], typer.Option("--encoder", help="Router encoder: minilm-l6 (default) or mpnet-base.")]
+EncoderOpt = Annotated[Optional[str], typer.Option("--encoder", help="Router encoder: minilm-l6 (default), mpnet-base, or embeddings (the decoder's own input embeddings, a ridge head).")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", min=1, help="Router training epochs (default 10).")]
 PerPromptOpt = Annotated[Optional[int], typer.Option("--per-prompt", min=0, help="Documents per task for the SLEB-per-prompt comparison (default 100; 0 skips it).")]
-VariantsOpt = Annotated[Optional[str], typer.Option("--variants", help="Other routers to train and compare: some of ce-soft, ce-onehot, mpnet, nocap, margin.")]
+VariantsOpt = Annotated[Optional[str], typer.Option("--variants", help="Other routers to train and compare: some of ce-soft, ce-onehot, mpnet, nocap, margin, embeddings.")]
 StagesOpt = Annotated[Optional[str], typer.Option("--stages", help="Comma-separated subset of: candidates, baselines, static, labels, heldout, router, routed, variants, select, deployed, per-prompt, lora, report; or none.")]
 SmallOpt = Annotated[bool, typer.Option("--small", help="Small sizes that finish on 2 CPU cores in about 15 minutes.")]
 
@@ -765,6 +773,7 @@ def pipeline_command(
     where it stopped."""
     from .models import check_device, default_device, resolve_model
     from .pipeline import ABLATIONS, Pipeline, run_ablations
+    from .router import check_encoder
     from .search import check_k
     from .tasks import parse_task_list, resolve_data_dir
 
@@ -788,7 +797,7 @@ def pipeline_command(
         if name not in ABLATIONS:
             raise PuddingError(f"unknown ablation '{name}' (ablations: {', '.join(ABLATIONS)})")
     ref = resolve_model(model)
-    resolve_model(config.router.encoder, kind="encoder")
+    check_encoder(config.router.encoder)
     if config.k is not None:
         check_k(config.k, ref.num_blocks)
     _check_resumable(output, ref)
@@ -832,13 +841,14 @@ def sweep_command(
     made once at the largest (a smaller k's sets are their prefixes), then summary.json, sweep.md and a figure.
     Resumable: rerun the same command."""
     from .models import check_device, default_device, resolve_model
+    from .router import check_encoder
     from .sweep import SweepPlan, run_sweep
     from .tasks import resolve_data_dir
 
     ref = resolve_model(model)
     config = _pipeline_config(small, samples, baseline_samples, limit, label_limit, encoder, epochs, 0, variants)
     plan = SweepPlan.make(output, blocks, ref.num_blocks, config, unseen_at, variants_at, multidomain_at, only)
-    resolve_model(config.router.encoder, kind="encoder")
+    check_encoder(config.router.encoder)
     chosen = _stages(stages)
     for directory in plan.directories():
         _check_resumable(directory, ref)

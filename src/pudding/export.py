@@ -307,6 +307,7 @@ def unpack(archive: Path, output: Path) -> Path:
 
 def model_card(bundle) -> str:
     """A short README for a pack: method, model, the sets, the router and the evaluation averages."""
+    from .router import router_summary
     from .storage import read_json
 
     m = bundle.model
@@ -324,8 +325,8 @@ def model_card(bundle) -> str:
     router_json = bundle.router_dir() / "router.json"
     if router_json.exists():
         router = read_json(router_json, "router config")
-        s, last = router["settings"], (router.get("history", {}).get("epochs") or [{}])[-1]
-        lines += ["", "## Router", "", f"{s['encoder']} + linear head, {s['objective']} objective, {s['epochs']} epochs"
+        last = (router.get("history", {}).get("epochs") or [{}])[-1]
+        lines += ["", "## Router", "", router_summary(router)
                   + (f"; on held-out prompts it picks the best set {100 * last['picks_best_set']:.1f}% of the time."
                      if "picks_best_set" in last else ".")]
     if bundle.policy_path.exists():

@@ -470,7 +470,7 @@ def load_decoder(ref: ModelRef | str = DEFAULT_DECODER, device: str | None = Non
                  quantize: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer; with `quantize` (int8, int4), its blocks' linear layers weight-only
     quantized (`quantize.py`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from .decoder import PrunableDecoder
@@ -484,16 +484,28 @@ def load_decoder(ref: ModelRef | str = DEFAULT_DECODER, device: str | None = Non
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.directory, dtype=parse_dtype(dtype, device), attn_implementation="sdpa")
-        tokenizer = AutoTokenizer.from_pretrained(ref.directory)
     except (PuddingError, MemoryError, KeyboardInterrupt):
         raise
-    except Exception as err:  # a damaged or foreign directory: truncated weights, broken config, missing tokenizer
+    except Exception as err:  # a damaged or foreign directory: truncated weights, broken config
         raise PuddingError(f"could not load a causal LM from {ref.directory} ({type(err).__name__}: {_first_line(err)})") from None
+    tokenizer = load_tokenizer(ref)
     model.requires_grad_(False)
     if quantize:
         quantize_blocks(model, quantize)  # on the host, before the move: the device never holds the full-size weights
     model.to(device).eval()
     return LoadedModel(ref, model, tokenizer, PrunableDecoder(model), quantize)
+
+
+def load_tokenizer(ref: ModelRef):
+    """A decoder's tokenizer alone."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref.directory)
+    except (PuddingError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # a damaged or foreign directory: missing or broken tokenizer files
+        raise PuddingError(f"could not load a tokenizer from {ref.directory} ({type(err).__name__}: {_first_line(err)})") from None
 
 
 def model_table() -> list[dict]:

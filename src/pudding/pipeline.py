@@ -84,6 +84,7 @@ ROUTER_VARIANTS = {
     "mpnet": {"encoder": "mpnet-base"},  # BERT-base size, as the paper
     "nocap": {"labels": "all"},  # every training prompt labelled (no per-task cap), as many steps as the main router
     "margin": {"labels": "margin"},  # labels that count what accuracy counts (labels.LABEL_KINDS), same prompts
+    "embeddings": {"encoder": "embeddings"},  # no encoder: the decoder's own input embeddings, a ridge head
 }
 
 
@@ -247,7 +248,8 @@ class Pipeline:
             if previous["settings"] == asdict(settings) and previous["sets"] == table.sets:
                 return
         self.log(f"router {name}: {settings.encoder}, {settings.objective}, {len(table)} prompts, {settings.epochs} epochs")
-        train_bundle_router(self.bundle, table, settings, self.device, self.log, name, val_rows)
+        decoder = (self.scorer.encoder.tokenizer, self.scorer.decoder.embed_tokens.weight)
+        train_bundle_router(self.bundle, table, settings, self.device, self.log, name, val_rows, decoder)
 
     def _router_eval_settings(self, name: str) -> dict:
         router_config = read_json(self.bundle.router_dir(name, must_exist=True) / "router.json", "router config")
@@ -332,7 +334,7 @@ class Pipeline:
             policy = RoutedPolicy(router)
             on_heldout, on_eval = policy.predict(heldout.prompts)[0], policy.predict(eval_prompts)[0]
             knn_heldout, knn_eval, keys = {}, {}, None
-            if name == MAIN_ROUTER:
+            if name == MAIN_ROUTER and router.embeds:
                 knn_heldout, keys = neighbour_candidates(router, [table.prompts[i] for i in train_rows],
                                                          table.labels[train_rows], heldout)
                 queries, _ = router.embed(eval_prompts)

@@ -208,6 +208,8 @@ class NearestNeighbourPolicy(RoutedPolicy):
 
     def __init__(self, router, keys: np.ndarray, labels: np.ndarray, k: int, kind: str = "knn",
                  gate: tuple[int, float] | None = None) -> None:
+        if not router.embeds:
+            raise PuddingError("a nearest-neighbour policy needs a router with prompt embeddings (an encoder's)")
         super().__init__(router, kind, gate)
         self.keys, self.labels, self.k = keys, labels, k
         self.label = f"nearest-neighbour router (k = {k})" + ("" if gate is None else f", {self.label}")

@@ -309,13 +309,14 @@ def write_report(bundle, config):
         lines += _policy_lines(policy)
     router = _router_config(bundle.path / "router")
     if router is not None:
+        from .router import router_summary
+
         last = router["history"]["epochs"][-1]
         quality = (f"; on held-out prompts it picks the lowest-tl set {100 * last['picks_best_set']:.1f}% of the time "
                    f"(mean regret {last['mean_regret_tl']:.4f} tl)") if "picks_best_set" in last else ""
         lines += ["## Router", "",
-                  f"{router['settings']['encoder']} + linear head, {router['settings']['objective']} on "
-                  f"{router['training']['train_rows']} prompts ({router['training']['val_rows']} held out), "
-                  f"{router['settings']['epochs']} epochs, {router['training']['seconds']:.0f} s{quality}.", "",
+                  f"{router_summary(router)}, on {router['training']['train_rows']} prompts "
+                  f"({router['training']['val_rows']} held out), {router['training']['seconds']:.0f} s{quality}.", "",
                   "![router training](router/training.png)", ""]
     lines += ["## Candidate sets", "", "| set | omitted blocks | found by |", "|---|---|---|"]
     for i, s in enumerate(bundle.candidates()):
@@ -394,11 +395,13 @@ def _ablation_lines(bundle, tasks) -> list[str]:
     for objective in ("ce-soft", "ce-onehot"):
         if f"pudding-{objective}" in main:
             rows.append((f"router trained with {objective}", main[f"pudding-{objective}"], bundle.path / f"router-{objective}"))
+    if "pudding-embeddings" in main:
+        rows.append(("router on the decoder's input embeddings", main["pudding-embeddings"], bundle.path / "router-embeddings"))
     if len(rows) < 2:
         return []
     reference = rows[0][1]
     tasks = [t for t in tasks if all(t in doc["tasks"] for _, doc, _ in rows)]
-    lines = ["## Ablations (Tables 9, 11, 12)", "",
+    lines = ["## Ablations (Tables 9, 11, 12; and routers beyond the paper)", "",
              "Each variant's routed accuracy; `vs main`: paired difference of the average from the main PuDDing on the "
              "same documents (▲/▼ beyond twice its standard error); `picks best`: how often its router picks the "
              "lowest-tl set of its own pool on held-out training prompts.", "",

@@ -8,6 +8,10 @@ Objectives (paper Table 12):
 * `ce-onehot`  - cross-entropy against the single best set.
 For the cross-entropy routers the predicted loss of a set is its negative log-probability, so every router answers
 the same question ("lower is better") and is used the same way.
+
+Encoders: a pretrained sentence encoder (`minilm-l6`, the paper's size; `mpnet-base`), fine-tuned with its head; or
+`embeddings`, the decoder's own input embeddings, mean-pooled, with a ridge-regression head (`TokenTableRouter`):
+no encoder runs at all, so choosing a set costs a tokenizer pass and a table lookup instead of an encoder's forward.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from .errors import PuddingError
 from .omission import OmissionSet
 
 OBJECTIVES = ("mse", "ce-soft", "ce-onehot")
+DECODER_EMBEDDINGS = "embeddings"  # RouterSettings.encoder: the decoder's own input embeddings (`TokenTableRouter`)
 
 
 @dataclass
@@ -42,6 +47,8 @@ class RouterSettings:
     seed: int = 0
 
     def validate(self) -> None:
+        if self.encoder == DECODER_EMBEDDINGS and self.objective != "mse":
+            raise PuddingError(f"a router on the decoder's embeddings regresses the labels (mse), not {self.objective}")
         if self.objective not in OBJECTIVES:
             raise PuddingError(f"unknown router objective '{self.objective}' (use {', '.join(OBJECTIVES)})")
         if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < math.inf or self.max_length < 8:
@@ -118,8 +125,46 @@ class RouteResult:
     seconds: float
 
 
+def load_router(directory: Path, device: str = "cpu", num_blocks: int | None = None, dtype: str = "auto"):
+    """The trained router saved in `directory`, of whichever kind its router.json names."""
+    from .storage import read_json
+
+    config_path = Path(directory) / "router.json"
+    if config_path.exists() and read_json(config_path, "router config").get("settings", {}).get("encoder") == DECODER_EMBEDDINGS:
+        return TokenTableRouter.load(directory, num_blocks)
+    return LoadedRouter(directory, device, num_blocks, dtype)
+
+
+def untrained_router(encoder: str, sets: list[OmissionSet], device: str = "cpu", dtype: str = "auto",
+                     decoder_tokenizer=None):
+    """A router with random weights, which routes as fast as a trained one (for speed measurements); a router on the
+    decoder's embeddings reads with `decoder_tokenizer`."""
+    if encoder == DECODER_EMBEDDINGS:
+        return TokenTableRouter.untrained(sets, decoder_tokenizer)
+    return LoadedRouter.untrained(encoder, sets, device, dtype)
+
+
+def router_summary(config: dict) -> str:
+    """What a trained router is, in a few words, from its router.json (for reports and packs)."""
+    settings = config["settings"]
+    if settings["encoder"] == DECODER_EMBEDDINGS:
+        strength = config.get("training", {}).get("ridge_strength")
+        return "the decoder's input embeddings, mean-pooled, + ridge head" + (f" (strength {strength:g})" if strength else "")
+    return f"{settings['encoder']} + linear head, {settings['objective']} objective, {settings['epochs']} epochs"
+
+
+def check_encoder(name: str) -> None:
+    """Refuse a router encoder that is neither the decoder's embeddings nor an installed encoder model."""
+    if name != DECODER_EMBEDDINGS:
+        from .models import resolve_model
+
+        resolve_model(name, kind="encoder")
+
+
 class LoadedRouter:
     """A trained router ready to route prompts (on the CPU or next to the model on its GPU)."""
+
+    embeds = True  # has prompt embeddings (`embed`) for a nearest-neighbour policy
 
     def __init__(self, directory: Path, device: str = "cpu", num_blocks: int | None = None, dtype: str = "auto") -> None:
         from safetensors import SafetensorError
@@ -173,21 +218,7 @@ class LoadedRouter:
         self._graphs = _GraphedRouter(self.router, settings.objective) if str(device).startswith("cuda") else None
 
     def _tokenize(self, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
-        """One tokenizer pass over what the router reads. An over-long prompt keeps its first max_length - 1 tokens
-        and its closing special token, exactly what the tokenizer's own truncation (used in training) gives.
-
-        Tokenizing costs time in proportion to the text (4.5 ms for 2048 words on one CPU core), and the tokenizer's
-        own truncation tokenizes all of it first; so a long prompt is tokenized only up to a whitespace near
-        READ_CHARS_PER_TOKEN characters per token the router reads. Words before a whitespace tokenize the same
-        whatever follows, so when that head alone has more tokens than the router reads, its first ones are the
-        whole prompt's; otherwise (very long words) the whole prompt is tokenized."""
-        limit = self.settings.max_length
-        heads = [_head(p, READ_CHARS_PER_TOKEN * limit) for p in prompts]
-        encoded = self.tokenizer(heads, truncation=False, verbose=False)["input_ids"]
-        for i, (head, prompt) in enumerate(zip(heads, prompts)):
-            if head is not prompt and len(encoded[i]) <= limit:
-                encoded[i] = self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"]
-        return [ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:] for ids in encoded], [len(ids) > limit for ids in encoded]
+        return read_tokens(self.tokenizer, prompts, self.settings.max_length, special_tokens=True)
 
     def warm_up(self, lengths=range(1, 129)) -> None:
         """Capture the batch-1 graphs ahead for prompts of these token lengths, so no request pays for it."""
@@ -232,6 +263,81 @@ class LoadedRouter:
         return np.concatenate(out), truncated
 
 
+class TokenTableRouter:
+    """A router on the decoder's own input embeddings: a linear head on their mean over the prompt's tokens. The mean
+    of a linear map is the linear map of the mean, so the head is folded into one row of predicted losses per token
+    of the vocabulary (`table`, vocab x sets; trained by `router_training.train_embeddings_router`), and routing is
+    tokenize, gather, average: no encoder runs and the device is not touched (the lookup takes ~20 us on a CPU core
+    for 256 tokens; tokenizing is most of the cost, `benchmarks/router_cost.py`)."""
+
+    embeds = False  # no prompt embeddings of its own for a nearest-neighbour policy
+    dtype = torch.float32
+
+    def __init__(self, table: np.ndarray, bias: np.ndarray, tokenizer, settings: RouterSettings,
+                 sets: list[OmissionSet], config: dict | None = None) -> None:
+        if table.ndim != 2 or table.shape[1] != len(sets) or bias.shape != (len(sets),):
+            raise PuddingError(f"router table of shape {tuple(table.shape)} does not score {len(sets)} sets")
+        if len(tokenizer) > len(table):
+            raise PuddingError(f"router table has {len(table)} rows for a tokenizer of {len(tokenizer)} tokens")
+        self.table = np.ascontiguousarray(table, dtype=np.float32)
+        self.bias = np.asarray(bias, dtype=np.float32)
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.sets = sets
+        self.device = "cpu"
+        self.config = config or {"settings": asdict(settings), "sets": [list(s) for s in sets]}
+
+    TABLE, TOKENIZER = "table.safetensors", "tokenizer"
+
+    @classmethod
+    def load(cls, directory: Path, num_blocks: int | None = None) -> TokenTableRouter:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+        from transformers import AutoTokenizer
+
+        from .storage import read_json
+
+        directory = Path(directory)
+        config = read_json(directory / "router.json", "router config")
+        try:
+            tensors = load_file(str(directory / cls.TABLE))
+            tokenizer = AutoTokenizer.from_pretrained(directory / cls.TOKENIZER)
+            num_blocks = num_blocks or int(config["model"]["num_blocks"])
+            sets = [OmissionSet(s, num_blocks) for s in config["sets"]]
+            return cls(tensors["table"], tensors["bias"], tokenizer, RouterSettings(**config["settings"]), sets, config)
+        except (OSError, ValueError, SafetensorError, KeyError, TypeError, PuddingError) as err:
+            raise PuddingError(f"router in {directory} is damaged ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): retrain it") from None
+
+    def save(self, directory: Path) -> None:
+        """table.safetensors and the tokenizer, into a directory being written (the caller adds router.json)."""
+        from safetensors.numpy import save_file
+
+        save_file({"table": self.table, "bias": self.bias}, str(Path(directory) / self.TABLE))
+        self.tokenizer.save_pretrained(Path(directory) / self.TOKENIZER)
+
+    @classmethod
+    def untrained(cls, sets: list[OmissionSet], tokenizer) -> TokenTableRouter:
+        """Random predictions per token: routes as fast as a trained table (for speed measurements)."""
+        if tokenizer is None:
+            raise PuddingError("a router on the decoder's embeddings needs the decoder's tokenizer")
+        table = np.random.default_rng(0).standard_normal((len(tokenizer), len(sets)), dtype=np.float32)
+        return cls(table, np.zeros(len(sets), np.float32), tokenizer, RouterSettings(encoder=DECODER_EMBEDDINGS), sets)
+
+    def warm_up(self, lengths=()) -> None:
+        """Nothing to get ready: no graphs, no device."""
+
+    def route(self, prompts: list[str], batch_size: int = 64) -> RouteResult:
+        if any(not p.strip() for p in prompts):
+            raise PuddingError("cannot route an empty prompt")
+        started = time.perf_counter()
+        ids, truncated = read_tokens(self.tokenizer, prompts, self.settings.max_length, special_tokens=False)
+        scores = np.stack([self.table[row].mean(0) for row in ids]) + self.bias
+        return RouteResult(scores.argmin(1).tolist(), scores, truncated, time.perf_counter() - started)
+
+    def embed(self, prompts: list[str], batch_size: int = 64):
+        raise PuddingError("a router on the decoder's embeddings has no prompt embeddings for a nearest-neighbour policy")
+
+
 def encoder_dtype(name: str, device) -> torch.dtype:
     """What the router's encoder computes in, named as the model's --dtype (`models.parse_dtype`): `auto` is bf16 on
     a GPU, where its fp32 products run on the plain FMA units (0.57 of its 0.80 ms at batch 1 on an H200) and it
@@ -246,6 +352,25 @@ def encoder_dtype(name: str, device) -> torch.dtype:
 
 
 READ_CHARS_PER_TOKEN = 6  # English runs ~4.5 characters per WordPiece token: a third more is read before tokenizing
+
+
+def read_tokens(tokenizer, prompts: list[str], limit: int, special_tokens: bool) -> tuple[list[list[int]], list[bool]]:
+    """The token ids a router reads of each prompt (at most `limit`), and which prompts were longer. With
+    `special_tokens` (an encoder's [CLS] ... [SEP]) an over-long prompt keeps its first limit - 1 tokens and its
+    closing special token, exactly what the tokenizer's own truncation gives; without, its first `limit` tokens.
+
+    Tokenizing costs time in proportion to the text (4.5 ms for 2048 words on one CPU core), and the tokenizer's
+    own truncation tokenizes all of it first; so a long prompt is tokenized only up to a whitespace near
+    READ_CHARS_PER_TOKEN characters per token the router reads. Words before a whitespace tokenize the same
+    whatever follows, so when that head alone has more tokens than the router reads, its first ones are the
+    whole prompt's; otherwise (very long words) the whole prompt is tokenized."""
+    heads = [_head(p, READ_CHARS_PER_TOKEN * limit) for p in prompts]
+    encoded = tokenizer(heads, truncation=False, verbose=False, add_special_tokens=special_tokens)["input_ids"]
+    for i, (head, prompt) in enumerate(zip(heads, prompts)):
+        if head is not prompt and len(encoded[i]) <= limit:
+            encoded[i] = tokenizer(prompt, truncation=False, verbose=False, add_special_tokens=special_tokens)["input_ids"]
+    cut = (lambda ids: ids[: limit - 1] + ids[-1:]) if special_tokens else (lambda ids: ids[:limit])
+    return [ids if len(ids) <= limit else cut(ids) for ids in encoded], [len(ids) > limit for ids in encoded]
 
 
 def _head(prompt: str, chars: int) -> str:

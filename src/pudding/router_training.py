@@ -15,8 +15,12 @@ import torch
 
 from .errors import PuddingError
 from .labels import LabelTable, heldout_split
+from .omission import OmissionSet
 from .progress import progress_bar
-from .router import Router, RouterSettings, batches, objective_loss, predicted_losses
+from .router import (
+    DECODER_EMBEDDINGS, Router, RouterSettings, TokenTableRouter, batches, objective_loss, predicted_losses, read_tokens,
+)
+
 
 @dataclass
 class TrainingHistory:
@@ -60,11 +64,7 @@ def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu
     encoder = AutoModel.from_pretrained(ref.directory, dtype=torch.float32)
     router = Router(encoder, table.labels.shape[1]).to(device)
     encoded = tokenizer(table.prompts, truncation=True, max_length=settings.max_length)
-    if val_rows is None:
-        train_rows, val_rows = heldout_split(len(table), settings.val_fraction, settings.seed)
-    else:  # rows held out elsewhere (the main label table's held-out prompts, for a router trained on other labels)
-        val_rows = np.asarray(val_rows, dtype=np.int64)
-        train_rows = np.setdiff1d(np.arange(len(table)), val_rows)
+    train_rows, val_rows = split_rows(table, settings, val_rows)
     labels = torch.tensor(regression_targets(table.labels, settings.objective), dtype=torch.float32, device=device)
     optimizer = torch.optim.AdamW(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(train_rows) / settings.batch_size)
@@ -109,13 +109,100 @@ def train_router(table: LabelTable, settings: RouterSettings, device: str = "cpu
     return router, tokenizer, history, meta
 
 
+def split_rows(table: LabelTable, settings: RouterSettings, val_rows=None) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows): the table's own held-out split, or the rows held out elsewhere (the main
+    label table's held-out prompts, for a router trained on other labels)."""
+    if val_rows is None:
+        return heldout_split(len(table), settings.val_fraction, settings.seed)
+    val_rows = np.asarray(val_rows, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(table)), val_rows), val_rows
+
+
+RIDGE_STRENGTHS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # times the number of prompts, on standardized features
+
+
+def train_embeddings_router(table: LabelTable, settings: RouterSettings, tokenizer, embeddings: torch.Tensor,
+                            num_blocks: int, log=None, val_rows=None) -> tuple[TokenTableRouter, TrainingHistory, dict]:
+    """The router on the decoder's input embeddings (`TokenTableRouter`): a ridge regression, in closed form, from each
+    prompt's mean-pooled input embeddings (of the tokens the router reads) onto its regression targets. The ridge
+    strength is the one whose routing is best (lowest mean label of the chosen sets) on the last fifth of the training
+    rows when fitted on the rest; the head is then fitted on all training rows and folded into the token table."""
+    settings.validate()
+    if len(table) < 2:
+        raise PuddingError("router training needs at least two labelled prompts")
+    started = time.perf_counter()
+    train_rows, val_rows = split_rows(table, settings, val_rows)
+    ids, _ = read_tokens(tokenizer, table.prompts, settings.max_length, special_tokens=False)
+    weight = embeddings.detach().cpu()
+    features = torch.stack([weight[torch.tensor(row)].float().mean(0) for row in ids]).double().numpy()
+    targets = regression_targets(table.labels, settings.objective).astype(np.float64)
+    strength, scores = _ridge_strength(features, targets, table.labels, train_rows)
+    head = _ridge(features[train_rows], targets[train_rows], strength)
+    mean, scale, weights, bias = head
+    folded = torch.from_numpy(weights / scale[:, None]).float()
+    token_table = torch.cat([chunk.float() @ folded for chunk in weight.split(16384)]).numpy()
+    router = TokenTableRouter(token_table, (bias - (mean / scale) @ weights).astype(np.float32), tokenizer, settings,
+                              [OmissionSet(s, num_blocks) for s in table.sets])
+    loss = lambda rows: float(np.mean((_predict(head, features[rows]) - targets[rows]) ** 2))
+    record = {"epoch": 1, "train_loss": loss(train_rows)}
+    if len(val_rows):
+        record.update(val_loss=loss(val_rows), **_routing_quality(_predict(head, features[val_rows]), table.labels[val_rows]))
+    history = TrainingHistory(epochs=[record], steps=[record["train_loss"]])
+    if log:
+        extra = f", val {record['val_loss']:.4f}, picks best {100 * record['picks_best_set']:.1f}%" if len(val_rows) else ""
+        log(f"  ridge strength {strength:g}: train {record['train_loss']:.4f}{extra}")
+    meta = {"seconds": round(time.perf_counter() - started, 1), "train_rows": len(train_rows), "val_rows": len(val_rows),
+            "encoder_fingerprint": None, "labels": table.kind, "ridge_strength": strength, "ridge_scores": scores}
+    return router, history, meta
+
+
+def _ridge_strength(features: np.ndarray, targets: np.ndarray, labels: np.ndarray, train_rows: np.ndarray) -> tuple[float, dict]:
+    """The strength of RIDGE_STRENGTHS whose head, fitted on the first four fifths of the training rows, routes the
+    last fifth best (lowest mean label of the chosen sets; ties: the stronger), and each strength's score."""
+    inner = int(0.8 * len(train_rows))
+    fit_rows, pick_rows = train_rows[:inner], train_rows[inner:]
+    if inner < 2 or not len(pick_rows):
+        return 0.1, {}
+    scores = {}
+    for strength in RIDGE_STRENGTHS:
+        chosen = _predict(_ridge(features[fit_rows], targets[fit_rows], strength), features[pick_rows]).argmin(1)
+        scores[f"{strength:g}"] = float(labels[pick_rows, chosen].mean())
+    best = min(RIDGE_STRENGTHS, key=lambda s: (scores[f"{s:g}"], -s))
+    return best, scores
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, scale, weights, bias) of a ridge regression of y on x standardized per feature."""
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    z = (x - mean) / scale
+    weights = np.linalg.solve(z.T @ z + strength * len(z) * np.eye(z.shape[1]), z.T @ (y - y.mean(0)))
+    return mean, scale, weights, y.mean(0)
+
+
+def _predict(head, x: np.ndarray) -> np.ndarray:
+    mean, scale, weights, bias = head
+    return ((x - mean) / scale) @ weights + bias
+
+
 def train_bundle_router(bundle, table: LabelTable, settings: RouterSettings, device: str = "cpu", log=None,
-                        name: str = "router", val_rows=None) -> Path:
+                        name: str = "router", val_rows=None, decoder=None) -> Path:
     """Train a router on a label table and save it in the bundle (router/, or router-NAME/). Resumable: the training
-    state is checkpointed beside it at every epoch end until the router is recorded."""
-    from .storage import partial_path
+    state is checkpointed beside it at every epoch end until the router is recorded. A router on the decoder's
+    embeddings needs `decoder`: (its tokenizer, its input embedding matrix); it trains in seconds, in one step."""
+    from .storage import atomic_directory, atomic_write_json, partial_path
 
     directory = bundle.router_dir(name)
+    if settings.encoder == DECODER_EMBEDDINGS:
+        if decoder is None:
+            raise PuddingError("a router on the decoder's embeddings needs the bundle's model loaded")
+        router, history, meta = train_embeddings_router(table, settings, *decoder, bundle.model["num_blocks"], log,
+                                                       val_rows)
+        with bundle.writing(directory), atomic_directory(directory) as tmp:
+            router.save(tmp)
+            atomic_write_json(tmp / "router.json", {"settings": asdict(settings), "sets": table.sets, "model": bundle.model,
+                                                    "training": meta, "history": asdict(history)})
+            plot_training(history, tmp / "training.png", settings)
+        return directory
     router, tokenizer, history, meta = train_router(table, settings, device, log, partial_path(directory), val_rows)
     with bundle.writing(directory):  # drops the checkpoint once the router is recorded
         save_router(directory, router, tokenizer, settings, table.sets, history, meta, bundle.model)
