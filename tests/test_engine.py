@@ -196,16 +196,22 @@ def test_routed_generation_overlaps_the_router_with_the_shared_blocks(smollm2):
     assert ahead.timings.ttft_ms >= ahead.timings.route_ms > 0
 
 
-def test_bench_measures_prefill_with_routing_beside_the_shared_blocks():
+@pytest.mark.parametrize("encoder", ["minilm-l6", "embeddings"])
+def test_bench_measures_prefill_with_routing_beside_the_shared_blocks(encoder):
     """`pudding bench` times the pre-fill with routing included as it runs (`routed_prefill`), per number of blocks
-    pre-filled ahead, and checks its logits against choosing first (equal on the CPU); the report shows the table."""
+    pre-filled ahead, and checks its logits against choosing first (equal on the CPU); the report shows the table.
+    The encoder router and the one on the decoder's embeddings (host-side, no device work) run the same way."""
     from conftest import build_tiny
-    from pudding.bench import _routed_lines, routed_prefill
+    from pudding.bench import _routed_lines, _router_words, routed_prefill
+    from pudding.models import load_tokenizer, resolve_model
     from pudding.policy import RoutedPolicy
-    from pudding.router import LoadedRouter
+    from pudding.router import untrained_router
 
     engine = Engine.from_model(build_tiny("llama", init=0.2), max_len=64)
-    policy = RoutedPolicy(LoadedRouter.untrained("minilm-l6", [engine.omission(s) for s in ((3, 5), (2, 4))]))
+    sets = [engine.omission(s) for s in ((3, 5), (2, 4))]
+    tokenizer = load_tokenizer(resolve_model("smollm2-135m")) if encoder == "embeddings" else None
+    policy = RoutedPolicy(untrained_router(encoder, sets, decoder_tokenizer=tokenizer))
+    assert ("table lookup" in _router_words({"router_encoder": encoder})) == (encoder == "embeddings")
     measured = routed_prefill(engine, policy, (8, 16), (0, 2), repeats=1)
     assert measured["max_abs_logit_diff"] == 0.0 and policy.stats.prompts == 2 * 2 * 3
     assert set(measured["ttft_ms"]) == {0, 2} and all(v > 0 for t in measured["ttft_ms"].values() for v in t.values())

@@ -744,6 +744,14 @@ def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print
     return result
 
 
+def _router_words(shape: dict) -> str:
+    """How the shape's router ran, for the report."""
+    encoder = shape.get("router_encoder", "minilm-l6")
+    if encoder == "embeddings":
+        return "on the decoder's input embeddings: a tokenizer pass and a table lookup on the host"
+    return f"{encoder} on the same device, in {shape.get('router_dtype', 'float32')}"
+
+
 def markdown(report: dict) -> str:
     """The paper's Table 6 layout, then the ratios and targets."""
     lines = [f"# Speed benchmark ({report['device']}, {report['date']})", "", f"Command: `{report['command']}`", ""]
@@ -754,7 +762,7 @@ def markdown(report: dict) -> str:
         weights = f"{settings['quantize']} weights, bf16 activations" if settings.get("quantize") else "bf16"
         lines += [f"## {shape['model']} ({weights}, batch 1)", "",
                   f"HBM bandwidth measured in the same run: {shape['hbm_bandwidth_gb_s']:.0f} GB/s (copy, read + write). "
-                  f"Router (batch 1, same device, encoder in {shape.get('router_dtype', 'float32')}): {shape['router_ms']:.2f} ms. Warm-up (compile + graph capture): {shape['warm_up_s']:.1f} s.", ""]
+                  f"Router (batch 1, {_router_words(shape)}): {shape['router_ms']:.2f} ms. Warm-up (compile + graph capture): {shape['warm_up_s']:.1f} s.", ""]
         routed = shape.get("routed_prefill")
         lines += _table(ar["dense"], ar["pruned"], shape["router_ms"], settings,
                         _key(routed["ttft_ms"], routed["pool_shared_blocks"]) if routed else None)

@@ -677,6 +677,7 @@ def bench_command(
             router = untrained_router(router_encoder, pool, device, router_dtype, tokenizer)
             report["shape"] = benchmark_shape(config, device, settings, RoutedPolicy(router), log)
             report["shape"]["router_dtype"] = str(router.dtype).removeprefix("torch.")
+            report["shape"]["router_encoder"] = router_encoder
     report["bundles"] = [benchmark_bundle(b, device, settings, log) for b in (bundle or [])]
     if shape and schemes:
         report["goals"] = report["weights"]["goals"]
