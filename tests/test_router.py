@@ -152,6 +152,17 @@ def test_embeddings_router_is_a_ridge_head_on_the_decoders_mean_pooled_input_emb
     assert router.route(["word " * 40]).truncated == [True]
     with pytest.raises(PuddingError, match="empty prompt"):
         router.route([" \n "])
+    # from the decoder's token ids of the text (what the engine pre-fills) it routes as from the text, and a policy
+    # handed them routes from them: the door prompt's tokens decide, whatever text comes with them
+    from pudding.policy import RoutedPolicy
+
+    tokens = [smollm2.tokenizer(p, add_special_tokens=False)["input_ids"] for p in table.prompts[:4]]
+    np.testing.assert_array_equal(router.route_tokens(tokens).predicted, result.predicted[:4])
+    policy = RoutedPolicy(router)
+    assert policy.pending(table.prompts[1]).result().index == 0 and result.choices[:2] == [1, 0]
+    assert policy.pending(table.prompts[1], tokens[0]).result().index == 1 and policy.stats.prompts == 2
+    with pytest.raises(PuddingError, match="outside the router's vocabulary"):
+        router.route_tokens([[len(router.table)]])
     # saved and loaded by kind, the table and tokenizer only (no encoder, no model weights)
     directory = tmp_path / "router"
     directory.mkdir()
@@ -345,6 +356,10 @@ def test_embeddings_router_variant_competes_for_deployment_and_trains_from_the_c
     assert result.returncode == 0 and "chosen" in result.stdout, result.stderr[-2000:]
     routed = pudding("eval", "--bundle", str(bundle), "--router", "--tasks", "piqa", "--limit", "4")
     assert routed.returncode == 0 and "routed" in routed.stdout, routed.stderr[-2000:]
+    for chat in ((), ("--chat",)):  # routed from the engine's own ids of the prompt; with --chat, from its text
+        generated = pudding("generate", "--bundle", str(bundle), "--router", "--max-new-tokens", "3", *chat,
+                            "Question: How do I boil an egg?\nAnswer:")
+        assert generated.returncode == 0 and " · router " in generated.stdout, generated.stderr[-2000:]
     assert_clean_failure(pudding("train-router", "--bundle", str(bundle), "--encoder", "embeddings", "--objective",
                                  "ce-onehot"), "regresses the labels")
     assert_clean_failure(pudding("train-router", "--bundle", str(bundle), "--encoder", "glove"), "glove")

@@ -406,6 +406,39 @@ def test_a_model_without_router_serves_its_fixed_set(tmp_path, engine):
 
 
 @pytest.mark.slow
+def test_a_router_on_the_decoders_embeddings_routes_requests_from_their_token_ids(tmp_path, smollm2, engine):
+    """Served with a router on the decoder's input embeddings, a completion is routed from the prompt's token ids the
+    server has already made (no second tokenizer pass), and chooses what routing its text chooses; a chat request is
+    routed by its last user message, whose ids are not the prompt's."""
+    from pudding.policy import RoutedPolicy
+    from pudding.router_training import train_bundle_router
+    from pudding.serve.service import Service
+    from pudding.serve.wire import OpenAIRequest
+
+    model = {"name": smollm2.name, "fingerprint": smollm2.fingerprint, "num_blocks": smollm2.decoder.num_blocks}
+    opened = Bundle.create_or_open(tmp_path / "bundle", model, 2, {})
+    opened.write_candidates([CandidateSet(s, []) for s in SETS], {})
+    settings = RouterSettings(encoder="embeddings", max_length=32, val_fraction=0.25)
+    train_bundle_router(opened, synthetic_table(32), settings, decoder=(smollm2.tokenizer, smollm2.decoder.embed_tokens.weight))
+    router = opened.router()
+    prompts = ["Question: what does a cat eat?\nAnswer:", "The man opened the door and"]
+    service = Service(engine, RoutedPolicy(router), MODEL, 1)
+    request = OpenAIRequest(model=MODEL)
+    job = service.job(prompts[0], prompts[0], request, 4, None, "prompt")
+    assert job.route_tokens == engine.text_tokens(prompts[0]) and job.ids == engine.encode(prompts[0])
+    chat = service.job("<|im_start|>user\n" + prompts[0], prompts[0], request, 4, None, "messages")
+    assert chat.route_tokens is None
+    running = Server(tmp_path / "serve.log", "--bundle", str(opened.path), "--max-len", str(MAX_LEN), "--device", "cpu")
+    try:
+        for prompt in prompts:
+            info = running.client.completions.create(model=MODEL, prompt=prompt, max_tokens=2).pudding
+            assert info["routed"] and info["set_index"] == router.route([prompt]).choices[0]
+        chatted = running.client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": prompts[1]}])
+        assert chatted.pudding["set_index"] == router.route([prompts[1]]).choices[0]
+    finally:
+        running.stop()
+
+
 def test_serve_command_rejects_bad_options(bundle):
     assert_clean_failure(pudding("serve", "--bundle", str(bundle), "--omit", "3"), "--omit is for a model")
     assert_clean_failure(pudding("serve", "--omit", "30"), "out of range")

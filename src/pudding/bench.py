@@ -123,16 +123,21 @@ def router_text(words: int) -> str:
 def routed_prefill(engine: Engine, policy, lengths: Sequence[int], shared_values: Sequence[int], repeats: int) -> dict:
     """Time to first token with routing included, measured rather than added: per number of blocks pre-filled ahead
     of the choice (0: route, then pre-fill), per prompt length, the median of `Engine.start` with a pending choice
-    (the router reads a prompt about as long as the engine's, on its own stream)."""
+    (the router reads a prompt about as long as the engine's, on its own stream; a router on the decoder's tokens
+    reads the engine's prompt ids themselves, as `generate` and `serve` hand them over)."""
     clock = Clock(engine.device)
     out: dict = {"ttft_ms": {}, "max_abs_logit_diff": 0.0}
     for shared in shared_values:
         out["ttft_ms"][shared] = {}
         for length in lengths:
             ids, text = _prompt(length, engine.shape.vocab), router_text(length)
+            tokens = _router_tokens(policy, text, length)
+            if tokens is not None:  # a router on the decoder's tokens reads the engine's own ids (`Policy.pending`)
+                ids = [t % engine.shape.vocab for t in tokens]  # (a test model's small vocabulary wraps them)
+            decide = policy.pending(text, tokens).decide
 
             def run():
-                return engine.start(ids, Pending(shared, lambda: policy.choose_one(text)))
+                return engine.start(ids, Pending(shared, decide))
 
             out["ttft_ms"][shared][length] = clock.median(lambda: run()[2].argmax(-1), repeats)
             choice, _, logits = run()  # the same logits as choosing first, then one pre-fill graph
@@ -141,6 +146,15 @@ def routed_prefill(engine: Engine, policy, lengths: Sequence[int], shared_values
             diff = (engine.prefill(ids) - ahead).abs().max().item()
             out["max_abs_logit_diff"] = max(out["max_abs_logit_diff"], diff)
     return out
+
+
+def _router_tokens(policy, text: str, length: int) -> list[int] | None:
+    """`length` decoder tokens of `text` when the policy's router reads the decoder's tokens, else None."""
+    router = getattr(policy, "router", None)
+    if not hasattr(router, "route_tokens"):
+        return None
+    tokens = router.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return (tokens * (length // len(tokens) + 1))[:length]
 
 
 def swap_timing(engine: Engine, base: OmissionSet, targets: dict[int, OmissionSet], prompt: int, repeats: int) -> dict:

@@ -575,9 +575,11 @@ def generate_command(
     text = prompt
     if chat:
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    # the router reads the prompt as the user wrote it, not the chat template, beside the first blocks' pre-fill
+    # the router reads the prompt as the user wrote it, not the chat template, beside the first blocks' pre-fill (a
+    # router on the decoder's tokens reads the engine's own ids of it, when they are the prompt's)
+    tokens = engine.text_tokens(text)
     result = None
-    for piece, result in engine.stream(text, policy.pending(prompt), max_new_tokens):
+    for piece, result in engine.stream(engine.with_bos(tokens), policy.pending(prompt, None if chat else tokens), max_new_tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -560,12 +560,19 @@ class Engine:
     # -- generation -------------------------------------------------------------------------------------------
 
     def encode(self, prompt: str) -> list[int]:
+        return self.with_bos(self.text_tokens(prompt))
+
+    def text_tokens(self, text: str) -> list[int]:
+        """The tokenizer's ids of `text` alone, no special tokens: what a router on the decoder's tokens reads
+        (`Policy.pending`), and the prompt's ids once `with_bos` puts the model's start token in front."""
         if self.tokenizer is None:
             raise PuddingError("this engine has no tokenizer; pass token ids")
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def with_bos(self, tokens: Sequence[int]) -> list[int]:
         if self.bos and self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id] + ids
-        return ids
+            return [self.tokenizer.bos_token_id, *tokens]
+        return list(tokens)
 
     def tokens_at_least(self, text: str) -> int:
         """A lower bound on the number of tokens of `text`, without tokenizing it: no token spans more bytes than the

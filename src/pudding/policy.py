@@ -93,9 +93,11 @@ class Policy:
     def choose_one(self, prompt: str) -> Choice:
         return self.choose([prompt])[0]
 
-    def pending(self, prompt: str) -> Pending:
+    def pending(self, prompt: str, tokens: Sequence[int] | None = None) -> Pending:
         """The choice for one prompt, made when the engine asks for it (`Engine.stream`): a policy whose choice
-        depends on the prompt lets the blocks all its sets keep pre-fill meanwhile."""
+        depends on the prompt lets the blocks all its sets keep pre-fill meanwhile. `tokens`: the decoder
+        tokenizer's ids of exactly `prompt` (no special tokens), when the caller has them (a router that reads the
+        decoder's tokens then skips tokenizing again)."""
         return Pending(0 if self.fixed is not None else shared_blocks(self.sets), lambda: self.choose_one(prompt))
 
     @property
@@ -166,12 +168,24 @@ class RoutedPolicy(Policy):
     def choose(self, prompts: Sequence[str]) -> list[Choice]:
         if not prompts:
             return []
-        predicted, truncated, seconds = self.predict(list(prompts))
-        self.stats.prompts += len(prompts)
+        return self._choices(*self.predict(list(prompts)))
+
+    def _choices(self, predicted: np.ndarray, truncated: list[bool], seconds: float) -> list[Choice]:
+        self.stats.prompts += len(predicted)
         self.stats.seconds += seconds
         self.stats.truncated += sum(truncated)
-        ms = 1000 * seconds / len(prompts)
+        ms = 1000 * seconds / len(predicted)
         return [Choice(self.sets[c], int(c), True, ms) for c in self.pick(predicted)]
+
+    def pending(self, prompt: str, tokens: Sequence[int] | None = None) -> Pending:
+        pending = super().pending(prompt)
+        if tokens is not None and hasattr(self.router, "route_tokens"):  # a router on the decoder's own tokens
+            def from_tokens() -> Choice:
+                result = self.router.route_tokens([list(tokens)])
+                return self._choices(result.predicted, result.truncated, result.seconds)[0]
+
+            pending.decide = from_tokens
+        return pending
 
     def warm_up(self) -> None:
         self.router.warm_up()

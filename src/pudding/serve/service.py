@@ -33,6 +33,7 @@ class Job:
     stops: list[str]
     logprobs: int | None = None  # record log-probabilities, with this many alternatives per token
     echo: bool = False  # also score the prompt (completions with echo and logprobs)
+    route_tokens: list[int] | None = None  # the decoder's ids of route_text, when the prompt is that text
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -111,13 +112,14 @@ class Service:
         if isinstance(prompt, str) and (least := self.engine.tokens_at_least(prompt)) >= self.engine.max_len:
             raise ApiError(400, f"the prompt has at least {least} tokens, more than this server's context of "
                                 f"{self.engine.max_len} tokens", param, "context_length_exceeded")
-        ids = self.engine.encode(prompt) if isinstance(prompt, str) else self._token_ids(prompt, param)
+        tokens = self.engine.text_tokens(prompt) if isinstance(prompt, str) else None
+        ids = self.engine.with_bos(tokens) if tokens is not None else self._token_ids(prompt, param)
         route_text = route_text if route_text is not None else self.engine.tokenizer.decode(ids)
         if not route_text.strip():
             raise ApiError(400, "the prompt is empty", param, "empty_prompt")
         forced = self._forced(request.pudding)
         return Job(ids, route_text, forced, self._max_tokens(len(ids), requested, default_max, param, zero_ok=echo),
-                   _stop_strings(request.stop), logprobs, echo)
+                   _stop_strings(request.stop), logprobs, echo, route_tokens=tokens if route_text == prompt else None)
 
     def check_length(self, tokens: int, param: str = "prompt") -> None:
         """A prompt of token ids must leave room for one token in the context."""
@@ -230,7 +232,7 @@ class Service:
         if job.cancelled.is_set():
             return Outcome(None, None, queue_ms)
         # a routed choice is made when the engine asks for it, beside the pre-fill of the blocks every set keeps
-        choice = job.forced or self.policy.pending(job.route_text)
+        choice = job.forced or self.policy.pending(job.route_text, job.route_tokens)
         scores = None
         if job.echo and job.logprobs is not None:
             choice = decided(choice)
