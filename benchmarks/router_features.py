@@ -29,6 +29,7 @@ import torch
 from pudding.labels import LabelTable, heldout_split
 from pudding.models import load_decoder, resolve_model
 from pudding.router import mean_pooled
+from pudding.router_training import ridge, ridge_predict
 
 MAX_TOKENS = 256  # what the router reads
 
@@ -70,19 +71,6 @@ def encoder_features(prompts: list[str], encoder: str = "minilm-l6", batch: int 
     return np.concatenate(rows)
 
 
-def ridge(x: np.ndarray, y: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, scale, weights, bias) of a ridge regression of y on standardized x."""
-    mean, scale = x.mean(0), x.std(0) + 1e-6
-    z = (x - mean) / scale
-    weights = np.linalg.solve(z.T @ z + strength * len(z) * np.eye(z.shape[1]), z.T @ (y - y.mean(0)))
-    return mean, scale, weights, y.mean(0)
-
-
-def predict(model, x: np.ndarray) -> np.ndarray:
-    mean, scale, weights, bias = model
-    return ((x - mean) / scale) @ weights + bias
-
-
 def chosen_loss(choice: np.ndarray, labels: np.ndarray) -> float:
     """Mean label of the chosen sets."""
     return float(labels[np.arange(len(labels)), choice].mean())
@@ -91,10 +79,10 @@ def chosen_loss(choice: np.ndarray, labels: np.ndarray) -> float:
 def probe(x: np.ndarray, labels: np.ndarray, train: np.ndarray, held: np.ndarray) -> dict:
     inner_train, inner_val = train[: int(0.8 * len(train))], train[int(0.8 * len(train)) :]
     strengths = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
-    scores = {s: chosen_loss(predict(ridge(x[inner_train], labels[inner_train], s), x[inner_val]).argmin(1),
+    scores = {s: chosen_loss(ridge_predict(ridge(x[inner_train], labels[inner_train], s), x[inner_val]).argmin(1),
                              labels[inner_val]) for s in strengths}
     strength = min(scores, key=scores.get)
-    choice = predict(ridge(x[train], labels[train], strength), x[held]).argmin(1)
+    choice = ridge_predict(ridge(x[train], labels[train], strength), x[held]).argmin(1)
     return {"chosen": labels[held][np.arange(len(held)), choice], "picks_best": float((choice == labels[held].argmin(1)).mean()),
             "sets_used": len(set(choice.tolist())), "ridge_strength": strength}
 

@@ -137,16 +137,16 @@ def train_embeddings_router(table: LabelTable, settings: RouterSettings, tokeniz
     features = torch.stack([weight[torch.tensor(row)].float().mean(0) for row in ids]).double().numpy()
     targets = regression_targets(table.labels, settings.objective).astype(np.float64)
     strength, scores = _ridge_strength(features, targets, table.labels, train_rows)
-    head = _ridge(features[train_rows], targets[train_rows], strength)
+    head = ridge(features[train_rows], targets[train_rows], strength)
     mean, scale, weights, bias = head
     folded = torch.from_numpy(weights / scale[:, None]).float()
     token_table = torch.cat([chunk.float() @ folded for chunk in weight.split(16384)]).numpy()
     router = TokenTableRouter(token_table, (bias - (mean / scale) @ weights).astype(np.float32), tokenizer, settings,
                               [OmissionSet(s, num_blocks) for s in table.sets])
-    loss = lambda rows: float(np.mean((_predict(head, features[rows]) - targets[rows]) ** 2))
+    loss = lambda rows: float(np.mean((ridge_predict(head, features[rows]) - targets[rows]) ** 2))
     record = {"epoch": 1, "train_loss": loss(train_rows)}
     if len(val_rows):
-        record.update(val_loss=loss(val_rows), **_routing_quality(_predict(head, features[val_rows]), table.labels[val_rows]))
+        record.update(val_loss=loss(val_rows), **_routing_quality(ridge_predict(head, features[val_rows]), table.labels[val_rows]))
     history = TrainingHistory(epochs=[record], steps=[record["train_loss"]])
     if log:
         extra = f", val {record['val_loss']:.4f}, picks best {100 * record['picks_best_set']:.1f}%" if len(val_rows) else ""
@@ -165,13 +165,13 @@ def _ridge_strength(features: np.ndarray, targets: np.ndarray, labels: np.ndarra
         return 0.1, {}
     scores = {}
     for strength in RIDGE_STRENGTHS:
-        chosen = _predict(_ridge(features[fit_rows], targets[fit_rows], strength), features[pick_rows]).argmin(1)
+        chosen = ridge_predict(ridge(features[fit_rows], targets[fit_rows], strength), features[pick_rows]).argmin(1)
         scores[f"{strength:g}"] = float(labels[pick_rows, chosen].mean())
     best = min(RIDGE_STRENGTHS, key=lambda s: (scores[f"{s:g}"], -s))
     return best, scores
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def ridge(x: np.ndarray, y: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(mean, scale, weights, bias) of a ridge regression of y on x standardized per feature."""
     mean, scale = x.mean(0), x.std(0) + 1e-6
     z = (x - mean) / scale
@@ -179,7 +179,7 @@ def _ridge(x: np.ndarray, y: np.ndarray, strength: float) -> tuple[np.ndarray, n
     return mean, scale, weights, y.mean(0)
 
 
-def _predict(head, x: np.ndarray) -> np.ndarray:
+def ridge_predict(head, x: np.ndarray) -> np.ndarray:
     mean, scale, weights, bias = head
     return ((x - mean) / scale) @ weights + bias
 
