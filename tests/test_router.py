@@ -359,7 +359,7 @@ def test_embeddings_router_variant_competes_for_deployment_and_trains_from_the_c
     for chat in ((), ("--chat",)):  # routed from the engine's own ids of the prompt; with --chat, from its text
         generated = pudding("generate", "--bundle", str(bundle), "--router", "--max-new-tokens", "3", *chat,
                             "Question: How do I boil an egg?\nAnswer:")
-        assert generated.returncode == 0 and " · router " in generated.stdout, generated.stderr[-2000:]
+        assert generated.returncode == 0 and "[set " in generated.stderr, generated.stderr[-2000:]  # routed: its set
     assert_clean_failure(pudding("train-router", "--bundle", str(bundle), "--encoder", "embeddings", "--objective",
                                  "ce-onehot"), "regresses the labels")
     assert_clean_failure(pudding("train-router", "--bundle", str(bundle), "--encoder", "glove"), "glove")
