@@ -219,6 +219,21 @@ def test_bench_measures_prefill_with_routing_beside_the_shared_blocks(encoder):
     assert "| (pruned pre-fill + router time, added) | 1.50 ms | 2.50 ms |" in lines and lines[-1].startswith("| 2 | ")
 
 
+def test_bench_reads_the_embeddings_routers_tokenizer_from_a_model_or_a_tokenizer_directory(tmp_path):
+    """`bench --router-tokenizer`: a model's tokenizer, or a directory of tokenizer files alone (what a GPU lease
+    carries instead of a whole model); anything else is refused in one line."""
+    from pudding.cli import _tokenizer_of
+    from pudding.errors import PuddingError
+
+    model = _tokenizer_of("smollm2-135m")
+    model.save_pretrained(tmp_path / "tokenizer")
+    carried = _tokenizer_of(str(tmp_path / "tokenizer"))
+    assert carried("Question: what does a cow eat?")["input_ids"] == model("Question: what does a cow eat?")["input_ids"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PuddingError, match="no tokenizer in"):
+        _tokenizer_of(str(tmp_path / "empty"))
+
+
 def test_the_committed_h200_report_renders_with_its_goals():
     """results/bench-h200.json (a real `pudding bench` run) renders as the Markdown the command writes: Table 6, the
     routed pre-fill measured beside the shared blocks, and one goal line per target of the engine issue."""

@@ -628,6 +628,7 @@ def bench_command(
     bundle: Annotated[Optional[list[Path]], typer.Option("--bundle", "-b", help="Also benchmark a real model with its bundle (repeatable).")] = None,
     router_encoder: Annotated[str, typer.Option("--router-encoder", help="Encoder of the router timed with the random-weight model: minilm-l6, mpnet-base, or embeddings (the decoder's embeddings, no encoder).")] = "minilm-l6",
     router_dtype: Annotated[str, typer.Option("--router-dtype", help="What that router's encoder computes in: auto (bf16 on a GPU), bfloat16 or float32.")] = "auto",
+    router_tokenizer: Annotated[str, typer.Option("--router-tokenizer", help="With --router-encoder embeddings: whose tokenizer that router reads with (a model name, or a directory holding tokenizer files).")] = "smollm2-135m",
     repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
     compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs.")] = None,
     quantize: QuantizeOpt = None,
@@ -639,7 +640,7 @@ def bench_command(
     from datetime import datetime, timezone
 
     from .bench import LLAMA_31_8B, BenchSettings, benchmark_bundle, benchmark_shape, benchmark_weights, markdown, shape_goals
-    from .models import check_device, default_device, load_tokenizer, resolve_model
+    from .models import check_device, default_device
     from .omission import OmissionSet
     from .policy import RoutedPolicy
     from .quantize import check_scheme
@@ -674,8 +675,8 @@ def bench_command(
             report["weights"] = benchmark_weights(config, device, schemes, repeats, log=log)
         else:
             pool = [OmissionSet(s, config.num_hidden_layers) for s in ROUTER_POOL]
-            # the shape has no tokenizer: a router on its embeddings reads with the default decoder's (a BPE like LLaMA's)
-            tokenizer = load_tokenizer(resolve_model()) if router_encoder == DECODER_EMBEDDINGS else None
+            # the shape has no tokenizer: a router on its embeddings reads with another decoder's (a BPE like LLaMA's)
+            tokenizer = _tokenizer_of(router_tokenizer) if router_encoder == DECODER_EMBEDDINGS else None
             router = untrained_router(router_encoder, pool, device, router_dtype, tokenizer)
             report["shape"] = benchmark_shape(config, device, settings, RoutedPolicy(router), log)
             report["shape"]["router_dtype"] = str(router.dtype).removeprefix("torch.")
@@ -689,6 +690,21 @@ def bench_command(
     table = markdown(report)
     atomic_write_text(output.with_suffix(".md"), table)
     print(table)
+
+
+def _tokenizer_of(name_or_directory: str):
+    """A tokenizer: a model's (registry name or model directory), or a directory holding only tokenizer files."""
+    from .models import load_tokenizer, resolve_model
+
+    path = Path(name_or_directory).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as err:  # not a tokenizer directory
+            raise PuddingError(f"no tokenizer in {path} ({type(err).__name__})") from None
+    return load_tokenizer(resolve_model(name_or_directory))
 
 
 # ------------------------------------------------------------------------------------------------------------------
