@@ -760,8 +760,10 @@ def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print
 
 def _router_words(shape: dict) -> str:
     """How the shape's router ran, for the report."""
+    from .router import DECODER_EMBEDDINGS
+
     encoder = shape.get("router_encoder", "minilm-l6")
-    if encoder == "embeddings":
+    if encoder == DECODER_EMBEDDINGS:
         return "on the decoder's input embeddings: a tokenizer pass and a table lookup on the host"
     return f"{encoder} on the same device, in {shape.get('router_dtype', 'float32')}"
 

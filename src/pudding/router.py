@@ -130,8 +130,9 @@ def load_router(directory: Path, device: str = "cpu", num_blocks: int | None = N
     from .storage import read_json
 
     config_path = Path(directory) / "router.json"
-    if config_path.exists() and read_json(config_path, "router config").get("settings", {}).get("encoder") == DECODER_EMBEDDINGS:
-        return TokenTableRouter.load(directory, num_blocks)
+    config = read_json(config_path, "router config") if config_path.exists() else {}
+    if config.get("settings", {}).get("encoder") == DECODER_EMBEDDINGS:
+        return TokenTableRouter.load(directory, config, num_blocks)
     return LoadedRouter(directory, device, num_blocks, dtype)
 
 
@@ -290,15 +291,13 @@ class TokenTableRouter:
     TABLE, TOKENIZER = "table.safetensors", "tokenizer"
 
     @classmethod
-    def load(cls, directory: Path, num_blocks: int | None = None) -> TokenTableRouter:
+    def load(cls, directory: Path, config: dict, num_blocks: int | None = None) -> TokenTableRouter:
+        """The router saved in `directory`, whose router.json is `config`."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
         from transformers import AutoTokenizer
 
-        from .storage import read_json
-
         directory = Path(directory)
-        config = read_json(directory / "router.json", "router config")
         try:
             tensors = load_file(str(directory / cls.TABLE))
             tokenizer = AutoTokenizer.from_pretrained(directory / cls.TOKENIZER)
@@ -338,12 +337,13 @@ class TokenTableRouter:
         """Route prompts given as the decoder tokenizer's ids of their text (no special tokens): the ids the engine
         pre-fills, so a caller that has them spares the tokenizer's second pass (`Policy.pending`)."""
         started = time.perf_counter()
-        if any(len(ids) == 0 for ids in token_lists):
-            raise PuddingError("cannot route an empty prompt")
-        if any(max(ids) >= len(self.table) or min(ids) < 0 for ids in token_lists):
-            raise PuddingError(f"a token id is outside the router's vocabulary of {len(self.table)} tokens")
         limit = self.settings.max_length
-        return self._scored([ids[:limit] for ids in token_lists], [len(ids) > limit for ids in token_lists], started)
+        read = [ids[:limit] for ids in token_lists]  # checked as far as they are read: a long prompt costs no more
+        if any(len(ids) == 0 for ids in read):
+            raise PuddingError("cannot route an empty prompt")
+        if any(max(ids) >= len(self.table) or min(ids) < 0 for ids in read):
+            raise PuddingError(f"a token id is outside the router's vocabulary of {len(self.table)} tokens")
+        return self._scored(read, [len(ids) > limit for ids in token_lists], started)
 
     def _scored(self, token_lists: list[list[int]], truncated: list[bool], started: float) -> RouteResult:
         scores = np.stack([self.table[ids].mean(0) for ids in token_lists]) + self.bias

@@ -189,21 +189,17 @@ def train_bundle_router(bundle, table: LabelTable, settings: RouterSettings, dev
     """Train a router on a label table and save it in the bundle (router/, or router-NAME/). Resumable: the training
     state is checkpointed beside it at every epoch end until the router is recorded. A router on the decoder's
     embeddings needs `decoder`: (its tokenizer, its input embedding matrix); it trains in seconds, in one step."""
-    from .storage import atomic_directory, atomic_write_json, partial_path
+    from .storage import partial_path
 
     directory = bundle.router_dir(name)
     if settings.encoder == DECODER_EMBEDDINGS:
         if decoder is None:
             raise PuddingError("a router on the decoder's embeddings needs the bundle's model loaded")
+        tokenizer = None  # the table router holds the decoder's
         router, history, meta = train_embeddings_router(table, settings, *decoder, bundle.model["num_blocks"], log,
                                                        val_rows)
-        with bundle.writing(directory), atomic_directory(directory) as tmp:
-            router.save(tmp)
-            atomic_write_json(tmp / "router.json", {"settings": asdict(settings), "sets": table.sets, "model": bundle.model,
-                                                    "training": meta, "history": asdict(history)})
-            plot_training(history, tmp / "training.png", settings)
-        return directory
-    router, tokenizer, history, meta = train_router(table, settings, device, log, partial_path(directory), val_rows)
+    else:
+        router, tokenizer, history, meta = train_router(table, settings, device, log, partial_path(directory), val_rows)
     with bundle.writing(directory):  # drops the checkpoint once the router is recorded
         save_router(directory, router, tokenizer, settings, table.sets, history, meta, bundle.model)
     return directory
@@ -297,16 +293,21 @@ def _validate(router: Router, val_batches, labels: torch.Tensor, label_array: np
 # Saving
 
 
-def save_router(directory: Path, router: Router, tokenizer, settings: RouterSettings, sets: list[list[int]],
-                history: TrainingHistory, meta: dict, model: dict) -> None:
+def save_router(directory: Path, router: Router | TokenTableRouter, tokenizer, settings: RouterSettings,
+                sets: list[list[int]], history: TrainingHistory, meta: dict, model: dict) -> None:
+    """A trained router as one directory, written atomically: its weights (an encoder with its tokenizer and head,
+    or a token table with the decoder's tokenizer), router.json and the training curve."""
     from safetensors.torch import save_file
 
     from .storage import atomic_directory, atomic_write_json
 
     with atomic_directory(directory) as tmp:
-        router.encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "encoder")
-        save_file({k: v.contiguous().cpu() for k, v in router.head.state_dict().items()}, str(tmp / "head.safetensors"))
+        if isinstance(router, TokenTableRouter):
+            router.save(tmp)
+        else:
+            router.encoder.save_pretrained(tmp / "encoder", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "encoder")
+            save_file({k: v.contiguous().cpu() for k, v in router.head.state_dict().items()}, str(tmp / "head.safetensors"))
         atomic_write_json(tmp / "router.json", {
             "settings": asdict(settings), "sets": sets, "model": model, "training": meta,
             "history": asdict(history),
