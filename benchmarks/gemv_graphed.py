@@ -5,13 +5,14 @@ chose (the smaller matrices may stay in L2 across the 20 calls; benchmarks/int8_
 it). Its output on the H200 is in results/quantized-decode-h200-88339e2.md (2026-12-03) and
 results/quantized-decode-h200-1947Z.md (2026-12-04).
 
-With `--library`, PyTorch's own weight-only kernels on the same matrices, at one row (decode) and at `--rows` rows
-(pre-fill), against pudding's paths: `_weight_int8pack_mm` (int8 codes, per-row scales) and tinygemm's
+With `--library`, PyTorch's own weight-only kernels on the same matrices, at one row (decode) and at each of `--rows`
+(pre-fill), against pudding's paths (one row: the GEMV kernels; several: the tiled low-bit product, beside the
+dequantize-then-multiply path it replaced): `_weight_int8pack_mm` (int8 codes, per-row scales) and tinygemm's
 `_weight_int4pack_mm` (int4, groups of 32, bf16 scales; pudding's codes repacked into its tiled layout, zero points
 0). Every product is checked against the dequantized matrix's product; a kernel this torch build lacks is reported
 as missing. Needs a GPU.
 
-    PYTHONPATH=src python benchmarks/gemv_graphed.py [--library] [--rows 128]
+    PYTHONPATH=src python benchmarks/gemv_graphed.py [--library] [--rows 128,512,2048]
 """
 
 import argparse
@@ -52,11 +53,11 @@ def tinygemm_operands(codes: torch.Tensor, scales: torch.Tensor, inner_k_tiles: 
     return packed, scales_and_zeros
 
 
-def library_kernels(rows: int) -> None:
+def library_kernels(rows: list[int]) -> None:
     torch.manual_seed(0)
     for n, k in SHAPES:
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        for m in (1, rows):
+        for m in (1, *rows):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bf16 = seconds_per_call(lambda i: torch.nn.functional.linear(x, weight), "cuda")
             line = f"{n}x{k} rows={m}: bf16 {bf16 * 1e6:.1f}us"
@@ -64,6 +65,8 @@ def library_kernels(rows: int) -> None:
                 codes, scales = quantize_weight(weight, scheme)
                 reference = torch.nn.functional.linear(x.float(), dequantize(codes, scales, torch.float32))
                 candidates = {"pudding": lambda: quantized_linear(x, codes, scales)}
+                if m > 1:
+                    candidates["dequantized"] = lambda x=x, c=codes, s=scales: torch.nn.functional.linear(x, dequantize(c, s, x.dtype))
                 try:
                     if scheme == "int8":
                         candidates["torch"] = lambda: torch.ops.aten._weight_int8pack_mm(x, codes, scales)
@@ -80,15 +83,17 @@ def library_kernels(rows: int) -> None:
                         line += f" | {scheme} {name} {seconds * 1e6:.1f}us x{bf16 / seconds:.2f} err={error:.1e}"
                     except Exception as failure:  # noqa: BLE001
                         line += f" | {scheme} {name} failed ({type(failure).__name__}: {str(failure)[:80]})"
+            if m > 1:
+                line += f" | mm tiling {kernels._mm_tuned.best_config}"
             print(line, flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--library", action="store_true", help="compare with PyTorch's own weight-only kernels")
-    parser.add_argument("--rows", type=int, default=128, help="rows of the pre-fill-sized product (--library)")
+    parser.add_argument("--rows", default="128", help="rows of the pre-fill-sized products, comma-separated (--library)")
     args = parser.parse_args()
-    library_kernels(args.rows) if args.library else engine_kernels()
+    library_kernels([int(r) for r in args.rows.split(",")]) if args.library else engine_kernels()
 
 
 if __name__ == "__main__":

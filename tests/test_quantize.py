@@ -172,7 +172,7 @@ def test_bench_compares_block_weights_on_one_shape():
     assert "| int4 |" in table and "int8 pruned decode, of bf16 pruned decode" in table and "One-row product alone" in table
 
 
-GEMV_CHECK = r"""
+KERNEL_CHECK = r"""
 import sys
 import torch
 from pudding import kernels
@@ -200,24 +200,46 @@ for scheme, rows, cols in [("int8", 37, 100), ("int8", 9, 1030), ("int8", 64, 40
             assert got.dtype == dtype and got.shape == (1, 1, rows)
             error = (got.float().cpu() - reference).abs()
             assert torch.all(error <= tolerance * bound), f"{scheme} {rows}x{cols} {dtype}: {(error / bound).max():.1e}"
+one_row = (x, codes, scales)
+# several rows (pre-fill, scoring): the tiled product, rows and outputs that do not fill the last tile
+for scheme, tokens, rows, cols in [("int8", 5, 37, 100), ("int8", 19, 70, 160), ("int4", 5, 37, 96), ("int4", 18, 70, 224)]:
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(rows, cols, generator=generator)
+        w[3] *= 40
+        x = torch.randn(2, tokens, cols, generator=generator).to(dtype)
+        codes, scales = quantize_weight(w.to(dtype), scheme)
+        matrix = dequantize(codes, scales, torch.float32)
+        if dtype == torch.bfloat16 and scheme == "int4":  # int4 widens to the activations' dtype, as dequantize does
+            matrix = dequantize(codes, scales, dtype).float()
+        reference = torch.nn.functional.linear(x.float(), matrix)
+        bound = torch.nn.functional.linear(x.float().abs(), matrix.abs())
+        x, codes, scales = x.to(device), codes.to(device), scales.to(device)
+        direct = kernels.mm(x.reshape(-1, cols), codes, scales).view(2, tokens, rows)
+        routed = quantized_linear(x, codes, scales)
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        for got in (direct, routed):
+            assert got.dtype == dtype and got.shape == (2, tokens, rows)
+            error = (got.float().cpu() - reference).abs()
+            assert torch.all(error <= tolerance * bound), f"mm {scheme} {tokens}x{rows}x{cols} {dtype}: {(error / bound).max():.1e}"
 compiled = torch.compile(lambda x, c, s: quantized_linear(x, c, s) * 2, fullgraph=True)
-torch.testing.assert_close(compiled(x, codes, scales), quantized_linear(x, codes, scales) * 2)
+for args in (one_row, (x, codes, scales)):  # torch.compile keeps each kernel as one op
+    torch.testing.assert_close(compiled(*args), quantized_linear(*args) * 2)
 print("ok")
 """
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the PTX form of the kernels needs an NVIDIA GPU"))])
-def test_low_bit_gemv_kernels_equal_the_reference_product(tmp_path, device):
-    """The Triton kernels of a decode step (kernels.py): int8 and int4, fp32 and bf16, shapes that do not fill the
-    last block, called directly, through `quantized_linear`, and inside torch.compile. On the CPU Triton's
+def test_low_bit_kernels_equal_the_reference_product(tmp_path, device):
+    """The Triton kernels (kernels.py), one row (a decode step) and several (pre-fill): int8 and int4, fp32 and bf16,
+    shapes that do not fill the last block, called directly, through `quantized_linear`, and inside torch.compile. On the CPU Triton's
     interpreter runs them with the codes widened in Triton; on a GPU they widen the codes in PTX."""
     import os
     import subprocess
     import sys
 
-    script = tmp_path / "gemv_check.py"
-    script.write_text(GEMV_CHECK)
+    script = tmp_path / "kernel_check.py"
+    script.write_text(KERNEL_CHECK)
     env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else dict(os.environ)
     result = subprocess.run([sys.executable, str(script), device], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

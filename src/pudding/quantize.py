@@ -4,8 +4,9 @@
   the output (the form gpt-fast uses: no dequantized copy of the matrix is needed).
 * int4: one scale per group of 32 inputs (as llama.cpp's Q4_0), codes in [-8, 7] stored two per byte.
 
-For one activation row (a decode step) on a GPU the product runs in the low-bit kernels of kernels.py; for several
-rows (pre-fill, scoring) the matrix is dequantized and multiplied in the activations' dtype.
+On a GPU the products run in the low-bit kernels of kernels.py, which widen each code in registers: a matrix-vector
+kernel for one activation row (a decode step), a tiled matrix product for several (pre-fill, scoring). Elsewhere
+the matrix is dequantized and multiplied in the activations' dtype.
 
 Both are symmetric (no zero point) and computed from the model's own weights at load time, so there is no
 calibration data. The same `quantized_linear` serves the scorer (transformers modules, `QuantizedLinear`) and the
@@ -80,13 +81,16 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) ->
 
 
 def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T (+ bias) for a quantized W. One row (a decode step): the low-bit GEMV kernel where Triton runs
-    (kernels.py: each code read once), else, for int8, the product on the codes with the row scales on the output.
-    Otherwise the matrix is dequantized first: for several rows inductor lowers the codes form to
-    `_weight_int8pack_mm`, which took 15.6 ms per 8B-shape matrix at 128 tokens on an H200 (1.6 s TTFT)."""
+    """x @ W.T (+ bias) for a quantized W. Where Triton runs (kernels.py), one row (a decode step) takes the low-bit
+    GEMV kernel and several rows the low-bit matrix product; each code is read once and widened in registers.
+    Elsewhere, one int8 row is multiplied on the codes with the row scales on the output, and anything else by the
+    dequantized matrix (for several rows inductor lowers the codes form to `_weight_int8pack_mm`, which took 15.6 ms
+    per 8B-shape matrix at 128 tokens on an H200)."""
     one_row = x.numel() == x.shape[-1]
-    if one_row and kernels.available(x):
-        out = kernels.gemv(x.reshape(-1), codes, scales).view(*x.shape[:-1], codes.shape[0])
+    if kernels.available(x):
+        rows = x.reshape(-1, x.shape[-1])
+        product = kernels.gemv(rows[0], codes, scales) if one_row else kernels.mm(rows, codes, scales)
+        out = product.view(*x.shape[:-1], codes.shape[0])
     elif one_row and codes.dtype == torch.int8:
         out = torch.nn.functional.linear(x, codes.to(x.dtype)) * scales.to(x.dtype)
     else:
