@@ -201,8 +201,10 @@ for scheme, rows, cols in [("int8", 37, 100), ("int8", 9, 1030), ("int8", 64, 40
             error = (got.float().cpu() - reference).abs()
             assert torch.all(error <= tolerance * bound), f"{scheme} {rows}x{cols} {dtype}: {(error / bound).max():.1e}"
 one_row = (x, codes, scales)
-# several rows (pre-fill, scoring): the tiled product, rows and outputs that do not fill the last tile
-for scheme, tokens, rows, cols in [("int8", 5, 37, 100), ("int8", 19, 70, 160), ("int4", 5, 37, 96), ("int4", 18, 70, 224)]:
+# several rows (pre-fill, scoring): the tiled product, rows and outputs that do not fill the last tile; 2 x 150 rows
+# is past INT8_KERNEL_ROWS, where int8 goes through the dequantized matrix and int4 stays in the kernel
+for scheme, tokens, rows, cols in [("int8", 5, 37, 100), ("int8", 19, 70, 160), ("int8", 150, 37, 100),
+                                   ("int4", 5, 37, 96), ("int4", 18, 70, 224), ("int4", 150, 37, 96)]:
     for dtype in (torch.float32, torch.bfloat16):
         w = torch.randn(rows, cols, generator=generator)
         w[3] *= 40

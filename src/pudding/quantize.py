@@ -5,8 +5,9 @@
 * int4: one scale per group of 32 inputs (as llama.cpp's Q4_0), codes in [-8, 7] stored two per byte.
 
 On a GPU the products run in the low-bit kernels of kernels.py, which widen each code in registers: a matrix-vector
-kernel for one activation row (a decode step), a tiled matrix product for several (pre-fill, scoring). Elsewhere
-the matrix is dequantized and multiplied in the activations' dtype.
+kernel for one activation row (a decode step), a tiled matrix product for several (pre-fill, scoring; int8 only up
+to a few hundred rows, see `quantized_linear`). Elsewhere the matrix is dequantized and multiplied in the
+activations' dtype.
 
 Both are symmetric (no zero point) and computed from the model's own weights at load time, so there is no
 calibration data. The same `quantized_linear` serves the scorer (transformers modules, `QuantizedLinear`) and the
@@ -80,18 +81,25 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) ->
     return (grouped * scales.to(dtype)[..., None]).view(out_features, in_features)
 
 
+# Up to this many activation rows an int8 product runs in the tiled low-bit kernel; beyond, compute dominates and
+# dequantize-then-multiply wins, its dequantization fused by inductor into one pass before cuBLAS (H200, 8B shape,
+# 25 blocks, pre-fill TTFT at 128 / 512 / 2048 tokens: kernel 6.6 / 16.3 / 56.6 ms, dequantized 8.7 / 13.7 / 41.6,
+# this rule 6.6 / 13.8 / 42.4). int4 always takes the kernel: its unpacking made the dequantized path 30 ms at 128.
+INT8_KERNEL_ROWS = 256
+
+
 def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W.T (+ bias) for a quantized W. Where Triton runs (kernels.py), one row (a decode step) takes the low-bit
-    GEMV kernel and several rows the low-bit matrix product; each code is read once and widened in registers.
-    Elsewhere, one int8 row is multiplied on the codes with the row scales on the output, and anything else by the
-    dequantized matrix (for several rows inductor lowers the codes form to `_weight_int8pack_mm`, which took 15.6 ms
-    per 8B-shape matrix at 128 tokens on an H200)."""
-    one_row = x.numel() == x.shape[-1]
-    if kernels.available(x):
-        rows = x.reshape(-1, x.shape[-1])
-        product = kernels.gemv(rows[0], codes, scales) if one_row else kernels.mm(rows, codes, scales)
+    GEMV kernel and several rows the low-bit matrix product (int8: up to INT8_KERNEL_ROWS); each code is read once
+    and widened in registers. Otherwise one int8 row is multiplied on the codes with the row scales on the output,
+    and anything else by the dequantized matrix (for several rows inductor would lower the codes form to
+    `_weight_int8pack_mm`, which took 15.6 ms per 8B-shape matrix at 128 tokens on an H200)."""
+    rows = x.numel() // x.shape[-1]
+    if kernels.available(x) and (rows == 1 or codes.dtype != torch.int8 or rows <= INT8_KERNEL_ROWS):
+        flat = x.reshape(rows, x.shape[-1])
+        product = kernels.gemv(flat[0], codes, scales) if rows == 1 else kernels.mm(flat, codes, scales)
         out = product.view(*x.shape[:-1], codes.shape[0])
-    elif one_row and codes.dtype == torch.int8:
+    elif rows == 1 and codes.dtype == torch.int8:
         out = torch.nn.functional.linear(x, codes.to(x.dtype)) * scales.to(x.dtype)
     else:
         out = torch.nn.functional.linear(x, dequantize(codes, scales, x.dtype))
