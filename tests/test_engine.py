@@ -291,3 +291,18 @@ def test_compiled_block_step_equals_the_eager_one(scheme):
         whole = compiled.prefill(ids).clone()
         split = compiled.start(ids, Pending(2, lambda: Choice(omit)))[2]
         torch.testing.assert_close(split, whole, rtol=0, atol=0)
+
+
+def test_kernel_profiles_count_the_products_and_not_the_kernels_named_after_them():
+    """A profile splits a step's GPU time into matrix products and the rest by kernel name. Inductor names a fused
+    kernel after the ops in it, so a norm fused beside a low-bit product (`..._gemv_lowbit_mean_...`) is not a product,
+    while pudding's own low-bit kernels, cuBLAS's and inductor's reductions holding an `mm` are."""
+    from pudding.bench import _is_matrix_product
+
+    products = ["_gemv_int8_kernel", "_gemv_int4_kernel", "_mm_lowbit_kernel", "nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT",
+                "triton_red_fused__to_copy__unsafe_view_add_mean_mm_mul_pow_rsqrt_t_view_8", "triton_red_fused_mm_t_transpose_view_6"]
+    others = ["triton_red_fused__to_copy_add_gemv_lowbit_mean_mul_pow_rsqrt_view_7",
+              "triton_red_fused__to_copy_add_mean_mm_lowbit_mul_pow_rsqrt_view_0", "triton_poi_fused_mm_lowbit_mul_silu_split_view_5",
+              "triton_per_fused__softmax__to_copy_bitwise_not_masked_fill_mul", "triton_poi_fused__unsafe_view_mul_silu_split_5"]
+    assert [_is_matrix_product(k) for k in products] == [True] * len(products)
+    assert [_is_matrix_product(k) for k in others] == [False] * len(others)

@@ -356,11 +356,13 @@ def _is_attention(kernel: str) -> bool:
 
 
 def _is_matrix_product(kernel: str) -> bool:
-    """cuBLAS / CUTLASS kernels, and inductor reductions that hold a product (an `mm` lowered to a reduction, often
-    fused with the norm before it): together they read the weights."""
+    """cuBLAS / CUTLASS kernels, pudding's low-bit kernels (kernels.py), and inductor reductions that hold a product
+    (an `mm` lowered to a reduction, often fused with the norm before it): together they read the weights. Inductor
+    names a kernel after the ops it fuses, so one beside a low-bit product (`..._gemv_lowbit_mean_...`) is not one."""
     name = kernel.lower()
-    library = any(mark in name for mark in ("gemv", "gemm", "cutlass", "nvjet", "sm90"))
-    return library or (name.startswith("triton_red") and "_mm_" in name + "_")
+    if name.startswith("triton_"):
+        return name.startswith("triton_red") and "_mm_" in name.replace("gemv_lowbit", "").replace("mm_lowbit", "") + "_"
+    return any(mark in name for mark in ("gemv", "gemm", "cutlass", "nvjet", "sm90", "mm_lowbit"))
 
 
 def graphed_equals_eager(engine: Engine, sets: Sequence[OmissionSet], lengths: Sequence[int]) -> list[dict]:

@@ -3,7 +3,7 @@
 A decode step multiplies one activation row by every weight matrix of the kept blocks, so its time is the bytes of
 weights read. Dequantize-then-multiply reads the codes, writes a bf16 copy and reads it again (int8 decode was 1.21x
 bf16 instead of ~2x; int4 0.32x); these kernels read each code once, widen it in registers and accumulate in fp32
-(H200, 8B shape, pruned decode: int8 367-390 tok/s, int4 359-370, bf16 276-289; results/quantized-decode-h200.md):
+(H200, 8B shape, pruned decode: int8 367-390 tok/s, int4 359-373, bf16 270-289; results/quantized-decode-h200*.md):
 
 * int8: codes (N, K) int8, one scale per output row, applied once to the row's sum.
 * int4: codes (N, K/2) uint8, two per byte (low nibble first, offset 8), one scale per group of 32 inputs, applied to
@@ -190,9 +190,11 @@ def _(x, codes, scales):
 # ---------------------------------------------------------------------------------------------------------------------
 # Several rows (pre-fill, scoring): a matrix product that widens the codes tile by tile in registers. Dequantizing the
 # whole matrix first writes and re-reads a bf16 copy of it (int4 pre-fill of the 8B shape: 30 ms TTFT at 128 tokens
-# against 4.6 ms in bf16; results/quantized-decode-h200.md); here each program widens the (BLOCK_N, BLOCK_K) tile of
+# against 4.6 ms in bf16; results/quantized-decode-h200-f471f2f.md); here each program widens the (BLOCK_N, BLOCK_K) tile of
 # codes it needs, scales it (int4: per group of 32 inputs) and feeds it to the tensor cores in the activations' dtype.
 # int8 codes are exact in bf16, so int8 multiplies the codes and applies the row scale once to the output.
+# On Hopper the kernel reaches 0.3-0.7x of cuBLAS's bf16 speed on the 8B shape's matrices, so for int8 beyond a few
+# hundred rows dequantize-then-cuBLAS wins (`quantize.INT8_KERNEL_ROWS`; results/quantized-prefill-h200.md).
 
 if triton is not None:
 
