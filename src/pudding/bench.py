@@ -402,7 +402,7 @@ def _segments() -> list[dict]:
     """The allocator's segments: whether each belongs to a CUDA graph's private pool, its stream and kind, the bytes it
     holds from the device and the bytes allocated in it."""
     return [{"in_pool": tuple(s.get("segment_pool_id", (0, 0))) != (0, 0), "stream": s["stream"],
-             "type": s.get("segment_type", "?"), "total": s["total_size"],
+             "address": s.get("address"), "type": s.get("segment_type", "?"), "total": s["total_size"],
              "used": sum(b["size"] for b in s["blocks"] if b["state"] == "active_allocated")}
             for s in torch.cuda.memory_snapshot()]
 
@@ -410,6 +410,15 @@ def _segments() -> list[dict]:
 def _allocated_by_pool(segments: list[dict]) -> dict[bool, int]:
     """Bytes allocated outside (False) and inside (True) the CUDA-graph private pools."""
     return {in_pool: sum(s["used"] for s in segments if s["in_pool"] == in_pool) for in_pool in (False, True)}
+
+
+def small_segment_slack(segments: list[dict], baseline_addresses: set) -> int:
+    """Free bytes in the small-tensor segments outside the graphs' pools that appeared since the baseline. PyTorch's
+    allocator serves tensors under 1 MB from 2 MB segments of their stream, so the engine's first small tensor on a
+    stream costs a whole segment unless one is already there (a router's small tensors, say): a fixed cost per stream
+    the engine allocates on, not growth."""
+    return sum(s["total"] - s["used"] for s in segments
+               if not s["in_pool"] and s["type"] == "small" and s["address"] not in baseline_addresses)
 
 
 def slack_segments(segments: list[dict], top: int = 8) -> list[dict]:
@@ -506,12 +515,13 @@ def graph_pool_bytes() -> int:
 
 
 def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int, reserved_baseline: int = 0,
-                pools_baseline: int = 0, switch_from: OmissionSet | None = None) -> dict:
+                pools_baseline: int = 0, switch_from: OmissionSet | None = None,
+                baseline_addresses: set | None = None) -> dict:
     """Peak GPU memory the engine holds during a pre-fill + generation: the most the allocator reserved from the
     device (weights, cache, buffers, cuBLAS workspaces, the graphs' pool, rounding), beside what each of those
     parts holds. With `switch_from` the run starts from that set (memory budget: the switch copies blocks in, and
     the pre-fill that waits for them runs eagerly). `reserved_baseline` and `pools_baseline` are what the router held
-    before the engine was built."""
+    before the engine was built, `baseline_addresses` the segments that existed then."""
     ids = _prompt(prompt, engine.shape.vocab)
     if switch_from is not None:
         engine.use(switch_from)
@@ -528,6 +538,7 @@ def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int,
     segments = _segments()  # after the run: the segments' slack
     return {"outside_pools_unused_gb": sum(s["total"] - s["used"] for s in segments if not s["in_pool"]) / 1e9,
             "slack_segments": slack_segments(segments),
+            "small_segments_slack_gb": small_segment_slack(segments, baseline_addresses or set()) / 1e9,
             "engine_peak_gb": (torch.cuda.max_memory_reserved() - reserved_baseline) / 1e9,
             "reserved_gb": (torch.cuda.memory_reserved() - reserved_baseline) / 1e9,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,  # the allocator's view (router included)
@@ -556,6 +567,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     torch.cuda.empty_cache()
     baseline = torch.cuda.memory_reserved()  # the router, which lives beside the model
     pools_baseline = graph_pool_bytes()  # its graphs' pool (within what it reserved)
+    baseline_addresses = {s["address"] for s in _segments()}
     results["router_gb"] = baseline / 1e9
     engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, compile_mode=settings.compile_mode)
     started = time.perf_counter()
@@ -586,8 +598,9 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     results["all_resident"] = {"dense": _row(dense), "pruned": _row(pruned), "references": references,
                                "comparison": compare(engine, dense, pruned, bandwidth, router_ms, settings, references,
                                                      routed[pool_shared] if routed else None),
-                               "memory": {"dense": peak_memory(engine, dense_set, 512, 512, baseline, pools_baseline),
-                                          "pruned": peak_memory(engine, pruned_set, 512, 512, baseline, pools_baseline)}}
+                               "memory": {name: peak_memory(engine, omit, 512, 512, baseline, pools_baseline,
+                                                            baseline_addresses=baseline_addresses)
+                                          for name, omit in (("dense", dense_set), ("pruned", pruned_set))}}
     switch_clock = Clock(device)
     results["all_resident"]["switch_ms"] = switch_clock.median(lambda: (engine.use(dense_set), engine.use(pruned_set)), 10)
     log(f"all resident: dense {dense.decode_tok_s:.1f} tok/s, pruned {pruned.decode_tok_s:.1f} tok/s; took {time.perf_counter() - started:.0f} s")
@@ -597,6 +610,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     torch.cuda.empty_cache()
     baseline = torch.cuda.memory_reserved()  # the router's weights and pool again: its workspace went with the others
     pools_baseline = graph_pool_bytes()
+    baseline_addresses = {s["address"] for s in _segments()}
 
     kept = num_blocks - len(PAPER_SET)
     engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, budget=kept, compile_mode=settings.compile_mode)
@@ -610,16 +624,18 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
                         max(settings.prompt_lengths), max(2, settings.repeats // 2))
     pool_by_phase["swaps (eager pre-fill after each)"] = graph_pool_bytes() - pools_baseline
     memory = peak_memory(engine, pruned_set, 512, 512, baseline, pools_baseline,
-                         switch_from=OmissionSet(SWAP_SETS[max(SWAP_SETS)], num_blocks))
+                         switch_from=OmissionSet(SWAP_SETS[max(SWAP_SETS)], num_blocks), baseline_addresses=baseline_addresses)
     pool_by_phase["the peak's run"] = graph_pool_bytes() - pools_baseline
     outside, inside = cublas_workspace_bytes()
     memory["cublas_workspaces_gb"], memory["cublas_in_graph_pool_gb"] = outside / 1e9, inside / 1e9  # counted once
     # The allowance: the kept blocks, one spare slot for swaps, the KV cache, embeddings and head, the engine's
-    # buffers, cuBLAS's workspaces (a fixed buffer per stream that runs products, the same for any model or budget)
-    # and the activation workspace: the graphs' pool once the longest pre-fill was captured, which every later run
-    # (other sets, swaps, the eager pre-fill after a swap) must fit in. All are measured; rounding is not allowed.
+    # buffers, cuBLAS's workspaces (a fixed buffer per stream that runs products, the same for any model or budget),
+    # the activation workspace: the graphs' pool once the longest pre-fill was captured, which every later run
+    # (other sets, swaps, the eager pre-fill after a swap) must fit in, and the free space of the small-tensor
+    # segments the engine's streams needed (at most 2 MB a stream). All are measured; no other rounding is allowed.
     weights_and_cache = memory["embed_head_norm_gb"] + (kept + 1) * memory["block_gb"] + memory["kv_cache_gb"]
-    allowed = weights_and_cache + memory["buffers_gb"] + memory["cublas_workspaces_gb"] + workspace / 1e9
+    allowed = (weights_and_cache + memory["buffers_gb"] + memory["cublas_workspaces_gb"] + workspace / 1e9
+               + memory["small_segments_slack_gb"])
     results["memory_budget"] = {"slots": kept, "pruned": _row(budget_pruned), "swaps": swaps, "memory": memory,
                                 "allowed_gb": allowed, "within_allowed": memory["engine_peak_gb"] <= allowed,
                                 "activation_workspace_gb": workspace / 1e9,
@@ -863,7 +879,9 @@ def shape_goals(shape: dict) -> list[dict]:
                             f"spare slot + embeddings/head + KV + buffers + cuBLAS workspaces "
                             f"{mm.get('cublas_workspaces_gb', 0):.2f} GB"
                             + (f" + activation workspace {mb['activation_workspace_gb']:.2f} GB"
-                               if "activation_workspace_gb" in mb else "") + ")"})
+                               if "activation_workspace_gb" in mb else "")
+                            + (f" + small-tensor segments' free space {mm['small_segments_slack_gb'] * 1000:.1f} MB"
+                               if "small_segments_slack_gb" in mm else "") + ")"})
     return goals
 
 
@@ -875,6 +893,8 @@ def _memory_lines(all_resident: dict, mb: dict) -> list[str]:
     parts = {f"blocks ({mb['slots']} slots + 1 spare)": mm["engine_blocks_gb"], "embeddings, head, norm": mm["embed_head_norm_gb"],
              "KV cache": mm["kv_cache_gb"], "buffers (rotary tables, inputs)": mm["buffers_gb"],
              "cuBLAS workspaces": mm["cublas_workspaces_gb"], "graphs' pool (outputs, activations)": mm["graph_pool_gb"]}
+    if "small_segments_slack_gb" in mm:  # reports before 2026-12-05 left it in the rest
+        parts["free space of new small-tensor segments (2 MB a stream)"] = mm["small_segments_slack_gb"]
     rest = mm["engine_peak_gb"] - sum(parts.values())
     lines += ["", "Memory-budget engine at its peak (pre-fill 512 + 512 tokens right after a swap, whose pre-fill waits for "
               "the copies and runs eagerly in the graphs' pool), GB the allocator reserved from the device:", "",
