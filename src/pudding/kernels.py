@@ -200,8 +200,8 @@ if triton is not None:
 
     @triton.jit
     def _mm_lowbit_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, M, N: tl.constexpr, K: tl.constexpr,
-                          GROUPS: tl.constexpr, M_BUCKET, INT4: tl.constexpr, FP32: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr):
+                          GROUPS: tl.constexpr, GROUP: tl.constexpr, M_BUCKET, INT4: tl.constexpr,
+                          FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr):
         # Programs are ordered so that SWIZZLE consecutive ones share a column of weight tiles (kept in L2).
         pid = tl.program_id(0)
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -224,8 +224,8 @@ if triton is not None:
                                  mask=out_ok[:, None] & (pairs < HALF)[None, :], other=0x88)
                 low = (packed & 0xF).to(tl.float32) - 8.0
                 high = (packed >> 4).to(tl.float32) - 8.0
-                values = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K // 32, 32))  # byte j: inputs 2j, 2j + 1
-                groups = start // 32 + tl.arange(0, BLOCK_K // 32)
+                values = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K // GROUP, GROUP))  # byte j: inputs 2j, 2j + 1
+                groups = start // GROUP + tl.arange(0, BLOCK_K // GROUP)
                 scale = tl.load(scales_ptr + outs[:, None] * GROUPS + groups[None, :],
                                 mask=out_ok[:, None] & (groups < GROUPS)[None, :], other=0.0).to(tl.float32)
                 w = tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K)).to(x.dtype)  # rounded as dequantize does
@@ -265,7 +265,7 @@ def mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tens
     groups = scales.shape[1] if int4 else 1
     if int4 and k != groups * INT4_GROUP:
         raise ValueError(f"the int4 product needs groups of {INT4_GROUP} inputs ({k} inputs, {groups} scales a row)")
-    args = {"GROUPS": groups, "M_BUCKET": triton.next_power_of_2(m), "INT4": int4,
+    args = {"GROUPS": groups, "GROUP": INT4_GROUP, "M_BUCKET": triton.next_power_of_2(m), "INT4": int4,
             "FP32": x.dtype == torch.float32 or not x.is_cuda}
     if x.is_cuda:
         _mm_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
