@@ -1,4 +1,5 @@
-"""Low-bit matrix-vector kernels (Triton) for weight-only quantized decode.
+"""Low-bit kernels (Triton) for weight-only quantized blocks: matrix-vector products for decode, and a tiled
+matrix product for pre-fill (at the end of this file).
 
 A decode step multiplies one activation row by every weight matrix of the kept blocks, so its time is the bytes of
 weights read. Dequantize-then-multiply reads the codes, writes a bf16 copy and reads it again (int8 decode was 1.21x
