@@ -129,6 +129,9 @@ def damaged(bundle, tmp_path):
     (["export", "--omit", "3", "--lora", "--format", "gguf", "--output", "x.gguf"], "--lora is for --format hf"),
     (["bench", "--weights", "int3", "--output", "x.json"], "unknown --weights value 'int3'"),
     (["bench", "--router-dtype", "int3", "--output", "x.json"], "unknown router dtype 'int3'"),
+    (["bench", "--router-encoder", "bert-9000", "--output", "x.json"], "unknown model 'bert-9000'"),
+    # --weights runs no router, so an encoder that is not installed is no reason to refuse (this machine has no GPU)
+    (["bench", "--weights", "int8", "--router-encoder", "bert-9000", "--output", "x.json"], "needs a GPU"),
 ])
 def test_bad_arguments(args, fragment, tmp_path, monkeypatch, smollm2):
     monkeypatch.chdir(tmp_path)

@@ -649,11 +649,12 @@ def bench_command(
 
     check_scheme(quantize)
     encoder_dtype(router_dtype, "cuda")
-    check_encoder(router_encoder)
     schemes = [s.strip() for s in weights.split(",")] if weights else []
     for scheme in schemes:
         if scheme not in ("int8", "int4", "lora"):
             raise PuddingError(f"unknown --weights value '{scheme}' (use int8, int4 or lora)")
+    if shape and not schemes:  # only the shape's routed pre-fill runs a router (--weights does not route)
+        check_encoder(router_encoder)
     check_output_file(output)
     device = check_device(device or default_device())
     if not device.startswith("cuda") and shape:
