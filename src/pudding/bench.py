@@ -361,7 +361,8 @@ def _is_matrix_product(kernel: str) -> bool:
     names a kernel after the ops it fuses, so one beside a low-bit product (`..._gemv_lowbit_mean_...`) is not one."""
     name = kernel.lower()
     if name.startswith("triton_"):
-        return name.startswith("triton_red") and "_mm_" in name.replace("gemv_lowbit", "").replace("mm_lowbit", "") + "_"
+        fused = name.replace("gemv_lowbit", "").replace("mm_lowbit", "")  # the custom ops' names, not products here
+        return name.startswith("triton_red") and "_mm_" in fused + "_"
     return any(mark in name for mark in ("gemv", "gemm", "cutlass", "nvjet", "sm90", "mm_lowbit"))
 
 
@@ -410,6 +411,14 @@ def _segments() -> list[dict]:
 def _allocated_by_pool(segments: list[dict]) -> dict[bool, int]:
     """Bytes allocated outside (False) and inside (True) the CUDA-graph private pools."""
     return {in_pool: sum(s["used"] for s in segments if s["in_pool"] == in_pool) for in_pool in (False, True)}
+
+
+def allocator_baseline() -> tuple[int, int, set]:
+    """What the device holds before an engine is built (the router, which lives beside the model): the bytes reserved,
+    the graphs' pools among them, and the addresses of the segments."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved(), graph_pool_bytes(), {s["address"] for s in _segments()}
 
 
 def small_segment_slack(segments: list[dict], baseline_addresses: set) -> int:
@@ -563,11 +572,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     router_ms = router_timing(policy, ROUTER_PROMPTS) if policy is not None else 0.0
     results["router_ms"] = router_ms
 
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    baseline = torch.cuda.memory_reserved()  # the router, which lives beside the model
-    pools_baseline = graph_pool_bytes()  # its graphs' pool (within what it reserved)
-    baseline_addresses = {s["address"] for s in _segments()}
+    baseline, pools_baseline, baseline_addresses = allocator_baseline()
     results["router_gb"] = baseline / 1e9
     engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, compile_mode=settings.compile_mode)
     started = time.perf_counter()
@@ -607,10 +612,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     engine = None  # free the all-resident engine before the memory-budget one is built
     gc.collect()
     torch._C._cuda_clearCublasWorkspaces()  # and the workspaces of the reference runs' streams: the peak is the engine's
-    torch.cuda.empty_cache()
-    baseline = torch.cuda.memory_reserved()  # the router's weights and pool again: its workspace went with the others
-    pools_baseline = graph_pool_bytes()
-    baseline_addresses = {s["address"] for s in _segments()}
+    baseline, pools_baseline, baseline_addresses = allocator_baseline()  # the router again: its workspace went too
 
     kept = num_blocks - len(PAPER_SET)
     engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, budget=kept, compile_mode=settings.compile_mode)

@@ -191,8 +191,9 @@ def _(x, codes, scales):
 # ---------------------------------------------------------------------------------------------------------------------
 # Several rows (pre-fill, scoring): a matrix product that widens the codes tile by tile in registers. Dequantizing the
 # whole matrix first writes and re-reads a bf16 copy of it (int4 pre-fill of the 8B shape: 30 ms TTFT at 128 tokens
-# against 4.6 ms in bf16; results/quantized-decode-h200-f471f2f.md); here each program widens the (BLOCK_N, BLOCK_K) tile of
-# codes it needs, scales it (int4: per group of 32 inputs) and feeds it to the tensor cores in the activations' dtype.
+# against 4.6 ms in bf16; results/quantized-decode-h200-f471f2f.md); here each program widens the (BLOCK_N, BLOCK_K)
+# tile of codes it needs, scales it (int4: per group of inputs) and feeds it to the tensor cores in the activations'
+# dtype.
 # int8 codes are exact in bf16, so int8 multiplies the codes and applies the row scale once to the output.
 # On Hopper the kernel reaches 0.3-0.7x of cuBLAS's bf16 speed on the 8B shape's matrices, so for int8 beyond a few
 # hundred rows dequantize-then-cuBLAS wins (`quantize.INT8_KERNEL_ROWS`; results/quantized-prefill-h200.md).
@@ -202,7 +203,8 @@ if triton is not None:
     @triton.jit
     def _mm_lowbit_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, M, N: tl.constexpr, K: tl.constexpr,
                           GROUPS: tl.constexpr, GROUP: tl.constexpr, M_BUCKET, INT4: tl.constexpr,
-                          FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr):
+                          FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          SWIZZLE: tl.constexpr):
         # Programs are ordered so that SWIZZLE consecutive ones share a column of weight tiles (kept in L2).
         pid = tl.program_id(0)
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -264,9 +266,7 @@ def mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tens
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     int4 = codes.dtype != torch.int8
     groups = scales.shape[1] if int4 else 1
-    if int4 and k != groups * INT4_GROUP:
-        raise ValueError(f"the int4 product needs groups of {INT4_GROUP} inputs ({k} inputs, {groups} scales a row)")
-    args = {"GROUPS": groups, "GROUP": INT4_GROUP, "M_BUCKET": triton.next_power_of_2(m), "INT4": int4,
+    args = {"GROUPS": groups, "GROUP": k // groups, "M_BUCKET": triton.next_power_of_2(m), "INT4": int4,
             "FP32": x.dtype == torch.float32 or not x.is_cuda}
     if x.is_cuda:
         _mm_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](

@@ -95,7 +95,7 @@ def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     and anything else by the dequantized matrix (for several rows inductor would lower the codes form to
     `_weight_int8pack_mm`, which took 15.6 ms per 8B-shape matrix at 128 tokens on an H200)."""
     rows = x.numel() // x.shape[-1]
-    if kernels.available(x) and (rows == 1 or codes.dtype != torch.int8 or rows <= INT8_KERNEL_ROWS):
+    if kernels.available(x) and (codes.dtype != torch.int8 or rows <= INT8_KERNEL_ROWS):
         flat = x.reshape(rows, x.shape[-1])
         product = kernels.gemv(flat[0], codes, scales) if rows == 1 else kernels.mm(flat, codes, scales)
         out = product.view(*x.shape[:-1], codes.shape[0])
