@@ -126,9 +126,9 @@ def routed_prefill(engine: Engine, policy, lengths: Sequence[int], shared_values
     (the router reads a prompt about as long as the engine's, on its own stream; a router on the decoder's tokens
     reads the engine's prompt ids themselves, as `generate` and `serve` hand them over)."""
     clock = Clock(engine.device)
-    out: dict = {"ttft_ms": {}, "max_abs_logit_diff": 0.0}
+    out: dict = {"ttft_ms": {}, "issue_ms": {}, "prefill_issue_ms": {}, "max_abs_logit_diff": 0.0}
     for shared in shared_values:
-        out["ttft_ms"][shared] = {}
+        out["ttft_ms"][shared], out["issue_ms"][shared] = {}, {}
         for length in lengths:
             ids, text = _prompt(length, engine.shape.vocab), router_text(length)
             tokens = _router_tokens(policy, text, length)
@@ -140,12 +140,28 @@ def routed_prefill(engine: Engine, policy, lengths: Sequence[int], shared_values
                 return engine.start(ids, Pending(shared, decide))
 
             out["ttft_ms"][shared][length] = clock.median(lambda: run()[2].argmax(-1), repeats)
+            out["issue_ms"][shared][length] = _issue_ms(engine, run, repeats)
             choice, _, logits = run()  # the same logits as choosing first, then one pre-fill graph
             ahead = logits.clone()
             engine.use(choice.omit)
             diff = (engine.prefill(ids) - ahead).abs().max().item()
             out["max_abs_logit_diff"] = max(out["max_abs_logit_diff"], diff)
+            out["prefill_issue_ms"][length] = _issue_ms(engine, lambda: engine.prefill(ids), repeats)
     return out
+
+
+def _issue_ms(engine: Engine, fn: Callable[[], object], repeats: int) -> float:
+    """Median host time fn takes to return from an idle device: on a GPU, the host's work before the device's
+    (choosing, switching, loading the prompt) and the launches, which the device waits for when it starts idle."""
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - started))
+    sync()
+    return statistics.median(times)
 
 
 def _router_tokens(policy, text: str, length: int) -> list[int] | None:
@@ -996,6 +1012,15 @@ def _routed_lines(routed: dict | None, pruned: dict, router_ms: float, settings:
                  f"{_key(pruned['ttft_ms'], p) + router_ms:.2f} ms" for p in prompts) + " |"]
     for shared, values in routed["ttft_ms"].items():
         lines.append(f"| {shared} | " + " | ".join(f"{_key(values, p):.2f} ms" for p in prompts) + " |")
+    if routed.get("issue_ms"):  # runs before this measurement have no host times
+        lines += ["", "Host time until the call returns, from an idle device (choosing, switching, loading the prompt, "
+                  "launching; the device waits for what comes before its first kernel):", "",
+                  "| call | " + " | ".join(f"prompt {p}" for p in prompts) + " |", "|---|" + "---|" * len(prompts),
+                  "| `Engine.prefill`, the chosen set | " + " | ".join(
+                      f"{_key(routed['prefill_issue_ms'], p):.3f} ms" for p in prompts) + " |"]
+        for shared, values in routed["issue_ms"].items():
+            lines.append(f"| `Engine.start`, {shared} blocks ahead | " + " | ".join(
+                f"{_key(values, p):.3f} ms" for p in prompts) + " |")
     return lines
 
 
