@@ -130,6 +130,7 @@ def damaged(bundle, tmp_path):
     (["bench", "--weights", "int3", "--output", "x.json"], "unknown --weights value 'int3'"),
     (["bench", "--router-dtype", "int3", "--output", "x.json"], "unknown router dtype 'int3'"),
     (["bench", "--router-encoder", "bert-9000", "--output", "x.json"], "unknown model 'bert-9000'"),
+    (["bench", "--shape", "", "--bundle", "b", "--router-encoder", "bert-9000", "--output", "x.json"], "unknown model 'bert-9000'"),
     # --weights runs no router, so an encoder that is not installed is no reason to refuse (this machine has no GPU)
     (["bench", "--weights", "int8", "--router-encoder", "bert-9000", "--output", "x.json"], "needs a GPU"),
 ])

@@ -237,6 +237,23 @@ def test_bench_reads_the_embeddings_routers_tokenizer_from_a_model_or_a_tokenize
         _tokenizer_of(str(tmp_path / "empty"))
 
 
+def test_bench_times_a_bundle_with_the_router_asked_for(smollm2):
+    """`bench --bundle B --router-encoder E` times an untrained router of E with B's model and sets instead of B's
+    own router (the embeddings router reading with the model's own tokenizer), and the report says which."""
+    from pathlib import Path
+
+    from pudding.bench import BenchSettings, benchmark_bundle, markdown
+
+    settings = BenchSettings(prompt_lengths=(8,), base_prompt=8, gen_lengths=(4,), repeats=1, max_len=64)
+    bundle = Path(__file__).parent.parent / "results" / "smollm2-h100"  # its router.json names MiniLM
+    result = benchmark_bundle(bundle, "cpu", settings, log=lambda m: None, router_encoder="embeddings")
+    assert result["routing_timed_with"] == "an untrained router of the encoder asked for (embeddings)"
+    assert result["router_ms"] > 0 and result["pruned"]["blocks_run"] < result["dense"]["blocks_run"]
+    report = markdown({"device": "cpu", "date": "today", "command": "pudding bench", "settings": settings.__dict__,
+                       "bundles": [result]})
+    assert "(timed with an untrained router of the encoder asked for (embeddings))" in report
+
+
 def test_the_committed_h200_report_renders_with_its_goals():
     """results/bench-h200.json (a real `pudding bench` run) renders as the Markdown the command writes: Table 6, the
     routed pre-fill measured beside the shared blocks, and one goal line per target of the engine issue."""

@@ -757,10 +757,12 @@ def _weights_lines(compared: dict) -> list[str]:
     return lines + [""] + (_profile_lines(profiles) if profiles else [])
 
 
-def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print) -> dict:
+def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print, router_encoder: str | None = None) -> dict:
     """A real packaged model with a bundle's candidate sets: dense against the first set, with the time the bundle's
     policy takes to choose (a bundle whose router weights were not kept, like those under results/, is timed with an
-    untrained router of the encoder its router.json names: routing time does not depend on the weights)."""
+    untrained router of the encoder its router.json names: routing time does not depend on the weights). With
+    `router_encoder`, an untrained router of that encoder is timed instead (the embeddings router reads with the
+    model's own tokenizer)."""
     from .bundle import Bundle
     from .engine import open_engine
     from .policy import PolicySpec, RoutedPolicy
@@ -771,13 +773,17 @@ def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print
     ref = bundle.model_ref()
     engine = open_engine(ref, device, "auto", None, settings.max_len, settings.quantize)
     sets = bundle.omission_sets()
-    try:
-        policy, timed = PolicySpec().build(ref.num_blocks, bundle, device), "the bundle's policy"
-    except PuddingError:  # no router, or its weights were not kept
-        kept = bundle.router_dir() / "router.json"
-        encoder = read_json(kept, "router config")["settings"]["encoder"] if kept.exists() else RouterSettings().encoder
-        policy = RoutedPolicy(untrained_router(encoder, sets, device, decoder_tokenizer=engine.tokenizer))
-        timed = f"an untrained router of the same encoder ({encoder})"
+    if router_encoder is not None:
+        policy = RoutedPolicy(untrained_router(router_encoder, sets, device, decoder_tokenizer=engine.tokenizer))
+        timed = f"an untrained router of the encoder asked for ({router_encoder})"
+    else:
+        try:
+            policy, timed = PolicySpec().build(ref.num_blocks, bundle, device), "the bundle's policy"
+        except PuddingError:  # no router, or its weights were not kept
+            kept = bundle.router_dir() / "router.json"
+            encoder = read_json(kept, "router config")["settings"]["encoder"] if kept.exists() else RouterSettings().encoder
+            policy = RoutedPolicy(untrained_router(encoder, sets, device, decoder_tokenizer=engine.tokenizer))
+            timed = f"an untrained router of the same encoder ({encoder})"
     dense_set = OmissionSet.dense(ref.num_blocks)
     warm = engine.warm_up([dense_set] + sets)
     policy.warm_up()
@@ -844,14 +850,15 @@ def markdown(report: dict) -> str:
     for bundle in report.get("bundles", []):
         quantized = report["settings"].get("quantize")
         lines += [f"## {bundle['model']} with its bundle{f' ({quantized} weights)' if quantized else ''}", "",
-                  f"Router {bundle['router_ms']:.2f} ms; decode speedup {bundle['comparison']['decode_speedup']:.3f}x "
+                  f"Router {bundle['router_ms']:.2f} ms (timed with {bundle.get('routing_timed_with', 'its router')}); "
+                  f"decode speedup {bundle['comparison']['decode_speedup']:.3f}x "
                   f"(ideal {bundle['comparison']['decode_ideal_speedup']:.3f}x).", ""]
         lines += _table(bundle["dense"], bundle["pruned"], bundle["router_ms"], report["settings"])
         c = bundle["comparison"]
         if "dense_decode_of_ceiling" in c:
             lines += ["", f"Decode at {100 * c['dense_decode_of_ceiling']:.1f}% (dense) and {100 * c['pruned_decode_of_ceiling']:.1f}% "
                       f"(set 0) of the bandwidth ceiling ({c['dense_decode_ceiling_tok_s']:.0f} and "
-                      f"{c['pruned_decode_ceiling_tok_s']:.0f} tok/s); routing timed with {bundle.get('routing_timed_with', 'its router')}."]
+                      f"{c['pruned_decode_ceiling_tok_s']:.0f} tok/s)."]
         lines += [""] + _profile_lines(bundle.get("decode_profile", {}))
     return "\n".join(lines) + "\n"
 

@@ -626,7 +626,7 @@ def bench_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the JSON; a Markdown table is written beside it.")],
     shape: Annotated[Optional[str], typer.Option("--shape", help="Benchmark a model of this shape with random weights: llama-3.1-8b.")] = "llama-3.1-8b",
     bundle: Annotated[Optional[list[Path]], typer.Option("--bundle", "-b", help="Also benchmark a real model with its bundle (repeatable).")] = None,
-    router_encoder: Annotated[str, typer.Option("--router-encoder", help="Encoder of the router timed with the random-weight model: minilm-l6, mpnet-base, or embeddings (the decoder's embeddings, no encoder).")] = "minilm-l6",
+    router_encoder: Annotated[Optional[str], typer.Option("--router-encoder", help="Encoder of the router timed: minilm-l6, mpnet-base, or embeddings (the decoder's embeddings, no encoder). Default: minilm-l6 with the random-weight model, each bundle's own router with --bundle (given: an untrained router of this encoder instead).")] = None,
     router_dtype: Annotated[str, typer.Option("--router-dtype", help="What that router's encoder computes in: auto (bf16 on a GPU), bfloat16 or float32.")] = "auto",
     router_tokenizer: Annotated[str, typer.Option("--router-tokenizer", help="With --router-encoder embeddings: whose tokenizer that router reads with (a model name, or a directory holding tokenizer files).")] = "smollm2-135m",
     repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
@@ -653,8 +653,8 @@ def bench_command(
     for scheme in schemes:
         if scheme not in ("int8", "int4", "lora"):
             raise PuddingError(f"unknown --weights value '{scheme}' (use int8, int4 or lora)")
-    if shape and not schemes:  # only the shape's routed pre-fill runs a router (--weights does not route)
-        check_encoder(router_encoder)
+    if (shape and not schemes) or (router_encoder is not None and bundle):  # --weights alone does not route
+        check_encoder(router_encoder or "minilm-l6")
     check_output_file(output)
     device = check_device(device or default_device())
     if not device.startswith("cuda") and shape:
@@ -676,13 +676,14 @@ def bench_command(
             report["weights"] = benchmark_weights(config, device, schemes, repeats, log=log)
         else:
             pool = [OmissionSet(s, config.num_hidden_layers) for s in ROUTER_POOL]
+            encoder = router_encoder or "minilm-l6"
             # the shape has no tokenizer: a router on its embeddings reads with another decoder's (a BPE like LLaMA's)
-            tokenizer = _tokenizer_of(router_tokenizer) if router_encoder == DECODER_EMBEDDINGS else None
-            router = untrained_router(router_encoder, pool, device, router_dtype, tokenizer)
+            tokenizer = _tokenizer_of(router_tokenizer) if encoder == DECODER_EMBEDDINGS else None
+            router = untrained_router(encoder, pool, device, router_dtype, tokenizer)
             report["shape"] = benchmark_shape(config, device, settings, RoutedPolicy(router), log)
             report["shape"]["router_dtype"] = str(router.dtype).removeprefix("torch.")
-            report["shape"]["router_encoder"] = router_encoder
-    report["bundles"] = [benchmark_bundle(b, device, settings, log) for b in (bundle or [])]
+            report["shape"]["router_encoder"] = encoder
+    report["bundles"] = [benchmark_bundle(b, device, settings, log, router_encoder) for b in (bundle or [])]
     if shape and schemes:
         report["goals"] = report["weights"]["goals"]
     elif shape:
