@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIGS, assert_clean_failure, build_tiny, cli, pudding
+from pudding import kernels
 from pudding.engine import Engine
 from pudding.errors import PuddingError
 from pudding.export import delete_blocks
@@ -245,3 +246,55 @@ def test_low_bit_kernels_equal_the_reference_product(tmp_path, device):
     env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else dict(os.environ)
     result = subprocess.run([sys.executable, str(script), device], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def _compiled_for_hopper(fn, signature: dict, constants: dict, config) -> dict:
+    """A Triton kernel compiled for sm_90 on this machine (no GPU needed: Triton's own ptxas), and its resources."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    constants = {**constants, **config.kwargs}
+    # pointers 16-byte aligned, as the launcher marks them for torch's allocations (vector loads, async copies)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature.get(n, "").startswith("*")}
+    source = ASTSource(fn=fn, signature={n: signature.get(n, "constexpr") for n in names},
+                       constexprs={(names.index(n),): v for n, v in constants.items()}, attrs=aligned)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    cubin = Path(tempfile.mkdtemp()) / "kernel.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return {key: int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK")}
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="Triton is not installed")
+def test_the_gpu_kernels_compile_for_hopper_without_spilling():
+    """The GPU form of the kernels (PTX widening, tensor-core dot), which the CPU interpreter never compiles: every
+    tiling the autotuner may pick compiles for sm_90 here, for the 8B shape's largest matrices and both schemes,
+    keeping everything in registers (a spill would put the weights' stream through local memory). A typo in the
+    widening PTX fails it here, where the interpreter's tests cannot see it."""
+    import itertools
+
+    forms = []
+    for config in kernels._int8_tuned.configs:
+        forms.append((kernels._gemv_int8_kernel, {"x_ptr": "*bf16", "codes_ptr": "*i8", "scales_ptr": "*bf16",
+                                                  "out_ptr": "*bf16"}, {"N": 14336, "K": 4096, "PACKED": True}, config))
+    for config in kernels._int4_tuned.configs:
+        forms.append((kernels._gemv_int4_kernel, {"x_ptr": "*bf16", "codes_ptr": "*u8", "scales_ptr": "*bf16",
+                                                  "out_ptr": "*bf16"},
+                      {"N": 14336, "HALF": 2048, "GROUPS": 128, "GROUP": 32, "PACKED": True}, config))
+    for int4, config in itertools.product((False, True), kernels._mm_tuned.configs):
+        mm = {"x_ptr": "*bf16", "codes_ptr": "*u8" if int4 else "*i8", "scales_ptr": "*bf16", "out_ptr": "*bf16",
+              "M": "i32", "M_BUCKET": "i32"}
+        forms.append((kernels._mm_lowbit_kernel, mm, {"N": 4096, "K": 14336, "GROUPS": 448, "GROUP": 32, "INT4": int4,
+                                                      "FP32": False}, config))
+    for fn, signature, constants, config in forms:
+        used = _compiled_for_hopper(fn, signature, constants, config)
+        assert used["STACK"] == 0 and used["REG"] <= 255, (fn.__name__, config, used)
