@@ -146,7 +146,7 @@ def routed_prefill(engine: Engine, policy, lengths: Sequence[int], shared_values
             engine.use(choice.omit)
             diff = (engine.prefill(ids) - ahead).abs().max().item()
             out["max_abs_logit_diff"] = max(out["max_abs_logit_diff"], diff)
-            out["prefill_issue_ms"][length] = _issue_ms(engine, lambda: engine.prefill(ids), repeats)
+            out["prefill_issue_ms"][length] = _issue_ms(engine, lambda ids=ids: engine.prefill(ids), repeats)
     return out
 
 
@@ -1020,8 +1020,8 @@ def _routed_lines(routed: dict | None, pruned: dict, router_ms: float, settings:
     for shared, values in routed["ttft_ms"].items():
         lines.append(f"| {shared} | " + " | ".join(f"{_key(values, p):.2f} ms" for p in prompts) + " |")
     if routed.get("issue_ms"):  # runs before this measurement have no host times
-        lines += ["", "Host time until the call returns, from an idle device (choosing, switching, loading the prompt, "
-                  "launching; the device waits for what comes before its first kernel):", "",
+        lines += ["", ("Host time until the call returns, from an idle device (choosing, switching, loading the "
+                       "prompt, launching; the device waits for what comes before its first kernel):"), "",
                   "| call | " + " | ".join(f"prompt {p}" for p in prompts) + " |", "|---|" + "---|" * len(prompts),
                   "| `Engine.prefill`, the chosen set | " + " | ".join(
                       f"{_key(routed['prefill_issue_ms'], p):.3f} ms" for p in prompts) + " |"]
