@@ -237,6 +237,32 @@ def test_bench_reads_the_embeddings_routers_tokenizer_from_a_model_or_a_tokenize
         _tokenizer_of(str(tmp_path / "empty"))
 
 
+def test_bench_times_the_sets_in_turn():
+    """`bench.time_sets`: the sets take turns at every repeat (a machine whose speed drifts then slows them alike),
+    each timing is of its own set's stack, and every length and generation is timed for each set."""
+    from conftest import build_tiny
+    from pudding.bench import time_sets
+
+    engine = Engine.from_model(build_tiny("llama", init=0.2), max_len=64)
+    dense, pruned = engine.omission(()), engine.omission((2, 4))
+    used = []
+    use = engine.use
+
+    def recorded(omit):
+        used.append(len(omit))
+        return use(omit)
+
+    engine.use = recorded
+    timed = time_sets(engine, [(dense, "dense"), (pruned, "pruned")], (4, 8), 4, (3, 5), repeats=3)
+    assert [t.label for t in timed] == ["dense", "pruned"] and [t.kept for t in timed] == [6, 4]
+    assert all(set(t.ttft_ms) == {4, 8} and set(t.generate_ms) == {3, 5} and t.decode_tok_s > 0 for t in timed)
+    # per job (two lengths, two generations): a warm-up of each set, then its samples alternating
+    expected = []
+    for count in (3, 3, 1, 1):
+        expected += [0, 2] + [0, 2] * count
+    assert used == expected
+
+
 def test_bench_times_a_bundle_with_the_router_asked_for(smollm2):
     """`bench --bundle B --router-encoder E` times an untrained router of E with B's model and sets instead of B's
     own router (the embeddings router reading with the model's own tokenizer), and the report says which."""

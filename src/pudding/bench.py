@@ -86,24 +86,51 @@ def _prompt(length: int, vocab: int) -> list[int]:
 
 def time_set(engine: Engine, omit: OmissionSet, label: str, prompt_lengths: Sequence[int], base_prompt: int,
              gen_lengths: Sequence[int], repeats: int) -> SetTimings:
+    return time_sets(engine, [(omit, label)], prompt_lengths, base_prompt, gen_lengths, repeats)[0]
+
+
+def time_sets(engine: Engine, sets: Sequence[tuple[OmissionSet, str]], prompt_lengths: Sequence[int], base_prompt: int,
+              gen_lengths: Sequence[int], repeats: int) -> list[SetTimings]:
+    """Time to first token per prompt length, and pre-fill of the base prompt plus generation per number of new
+    tokens, for each (set, label): medians of `repeats` (generation: half as many). The sets take turns at every
+    repeat, so that a machine whose speed drifts (a shared CPU, a GPU's clocks) slows them alike instead of whichever
+    ran last: on two shared CPU cores, timing one set after the other put 1.17-1.56x into ratios of ~1.25x
+    (results/bench-smollm2-cpu.md)."""
     clock = Clock(engine.device)
-    engine.use(omit)
-    ttft = {}
-    for length in prompt_lengths:
-        ids = _prompt(length, engine.shape.vocab)
-        ttft[length] = clock.median(lambda: engine.prefill(ids).argmax(-1), repeats)
-    ids = _prompt(base_prompt, engine.shape.vocab)
+    vocab = engine.shape.vocab
+    base_ids = _prompt(base_prompt, vocab)
 
-    def run(new_tokens: int) -> None:
-        token = engine.prefill(ids).argmax(-1)
-        for i in range(new_tokens - 1):
-            token = engine.decode_step(token, base_prompt + i).argmax(-1)
-        token.item()
+    def prefill(ids: list[int]) -> Callable[[], object]:
+        return lambda: engine.prefill(ids).argmax(-1)
 
-    generate = {n: clock.median(lambda n=n: run(n), max(1, repeats // 2)) for n in gen_lengths}
+    def generate(new_tokens: int) -> Callable[[], object]:
+        def run() -> None:
+            token = engine.prefill(base_ids).argmax(-1)
+            for i in range(new_tokens - 1):
+                token = engine.decode_step(token, base_prompt + i).argmax(-1)
+            token.item()
+        return run
+
+    jobs = {("ttft", n): (prefill(_prompt(n, vocab)), repeats) for n in prompt_lengths}
+    jobs.setdefault(("ttft", base_prompt), (prefill(base_ids), repeats))  # generation's own pre-fill, subtracted
+    jobs.update({("generate", n): (generate(n), max(1, repeats // 2)) for n in gen_lengths})
+    samples = {(i, key): [] for i in range(len(sets)) for key in jobs}
+    for key, (fn, count) in jobs.items():
+        for i, (omit, _) in enumerate(sets):  # warm-up
+            engine.use(omit)
+            clock.time(fn)
+        for _ in range(count):
+            for i, (omit, _) in enumerate(sets):
+                engine.use(omit)
+                samples[i, key].append(clock.time(fn))
+    out = []
     longest = max(gen_lengths)
-    per_token = (generate[longest] - ttft.get(base_prompt, clock.median(lambda: engine.prefill(ids), repeats))) / (longest - 1)
-    return SetTimings(label, engine.shape.num_blocks - len(omit), ttft, generate, 1000 / per_token, per_token)
+    for i, (omit, label) in enumerate(sets):
+        median = {key: statistics.median(samples[i, key]) for key in jobs}
+        per_token = (median["generate", longest] - median["ttft", base_prompt]) / (longest - 1)
+        out.append(SetTimings(label, engine.shape.num_blocks - len(omit), {n: median["ttft", n] for n in prompt_lengths},
+                              {n: median["generate", n] for n in gen_lengths}, 1000 / per_token, per_token))
+    return out
 
 
 def router_timing(policy, prompts: Sequence[str], repeats: int = 20) -> float:
@@ -596,8 +623,8 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     warm = engine.warm_up([dense_set, pruned_set] + [OmissionSet(s, num_blocks) for s in SWAP_SETS.values()])
     results["warm_up_s"] = warm
     log(f"warm-up (compile + capture, 5 sets): {warm:.1f} s")
-    dense = time_set(engine, dense_set, "dense", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
-    pruned = time_set(engine, pruned_set, "pruned", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
+    dense, pruned = time_sets(engine, [(dense_set, "dense"), (pruned_set, "pruned")], settings.prompt_lengths,
+                              settings.base_prompt, settings.gen_lengths, settings.repeats)
     routed = None
     if policy is not None:
         pool_shared = shared_blocks(policy.sets)
@@ -693,8 +720,9 @@ def benchmark_weights(config, device: str, schemes: Sequence[str], repeats: int,
         if scheme in ("int8", "int4"):
             row["gemv"] = gemv_check(scheme, config, device)
             log(f"{scheme} GEMV: {row['gemv']}")
-        for name, omit in sets.items():
-            timed = time_set(engine, omit, name, prompt_lengths, prompt_lengths[0], (128, 256), repeats)
+        timings = time_sets(engine, [(omit, name) for name, omit in sets.items()], prompt_lengths, prompt_lengths[0],
+                            (128, 256), repeats)
+        for name, timed in zip(sets, timings):
             row[name] = {"decode_tok_s": round(timed.decode_tok_s, 2), "ttft_ms": timed.ttft_ms,
                          "weight_bytes_per_token": weight_bytes_per_token(engine, timed.kept)}
         if torch.device(device).type == "cuda":  # where a quantized step's time goes besides its products
@@ -788,8 +816,8 @@ def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print
     warm = engine.warm_up([dense_set] + sets)
     policy.warm_up()
     router_ms = router_timing(policy, ROUTER_PROMPTS)
-    dense = time_set(engine, dense_set, "dense", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
-    pruned = time_set(engine, sets[0], "set 0", settings.prompt_lengths, settings.base_prompt, settings.gen_lengths, settings.repeats)
+    dense, pruned = time_sets(engine, [(dense_set, "dense"), (sets[0], "set 0")], settings.prompt_lengths,
+                              settings.base_prompt, settings.gen_lengths, settings.repeats)
     bandwidth = measure_bandwidth(device) if torch.device(device).type == "cuda" else None
     result = {"model": ref.name, "fingerprint": ref.fingerprint, "bundle": str(bundle_dir), "router_ms": router_ms,
               "routing_timed_with": timed, "warm_up_s": warm, "dense": _row(dense), "pruned": _row(pruned),
