@@ -456,12 +456,20 @@ def _allocated_by_pool(segments: list[dict]) -> dict[bool, int]:
     return {in_pool: sum(s["used"] for s in segments if s["in_pool"] == in_pool) for in_pool in (False, True)}
 
 
-def allocator_baseline() -> tuple[int, int, set]:
+@dataclass(frozen=True)
+class AllocatorBaseline:
     """What the device holds before an engine is built (the router, which lives beside the model): the bytes reserved,
     the graphs' pools among them, and the addresses of the segments."""
+
+    reserved: int = 0
+    pools: int = 0
+    addresses: frozenset = frozenset()
+
+
+def allocator_baseline() -> AllocatorBaseline:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    return torch.cuda.memory_reserved(), graph_pool_bytes(), {s["address"] for s in _segments()}
+    return AllocatorBaseline(torch.cuda.memory_reserved(), graph_pool_bytes(), frozenset(s["address"] for s in _segments()))
 
 
 def small_segment_slack(segments: list[dict], baseline_addresses: set) -> int:
@@ -566,14 +574,12 @@ def graph_pool_bytes() -> int:
     return sum(s["total"] for s in _segments() if s["in_pool"])
 
 
-def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int, reserved_baseline: int = 0,
-                pools_baseline: int = 0, switch_from: OmissionSet | None = None,
-                baseline_addresses: set | None = None) -> dict:
+def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int,
+                baseline: AllocatorBaseline = AllocatorBaseline(), switch_from: OmissionSet | None = None) -> dict:
     """Peak GPU memory the engine holds during a pre-fill + generation: the most the allocator reserved from the
     device (weights, cache, buffers, cuBLAS workspaces, the graphs' pool, rounding), beside what each of those
     parts holds. With `switch_from` the run starts from that set (memory budget: the switch copies blocks in, and
-    the pre-fill that waits for them runs eagerly). `reserved_baseline` and `pools_baseline` are what the router held
-    before the engine was built, `baseline_addresses` the segments that existed then."""
+    the pre-fill that waits for them runs eagerly). `baseline`: what the router held before the engine was built."""
     ids = _prompt(prompt, engine.shape.vocab)
     if switch_from is not None:
         engine.use(switch_from)
@@ -590,12 +596,12 @@ def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int,
     segments = _segments()  # after the run: the segments' slack
     return {"outside_pools_unused_gb": sum(s["total"] - s["used"] for s in segments if not s["in_pool"]) / 1e9,
             "slack_segments": slack_segments(segments),
-            "small_segments_slack_gb": small_segment_slack(segments, baseline_addresses or set()) / 1e9,
-            "engine_peak_gb": (torch.cuda.max_memory_reserved() - reserved_baseline) / 1e9,
-            "reserved_gb": (torch.cuda.memory_reserved() - reserved_baseline) / 1e9,
+            "small_segments_slack_gb": small_segment_slack(segments, baseline.addresses) / 1e9,
+            "engine_peak_gb": (torch.cuda.max_memory_reserved() - baseline.reserved) / 1e9,
+            "reserved_gb": (torch.cuda.memory_reserved() - baseline.reserved) / 1e9,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,  # the allocator's view (router included)
-            "router_reserved_gb": reserved_baseline / 1e9, "switched": switch_from is not None,
-            "graph_pool_gb": (sum(s["total"] for s in segments if s["in_pool"]) - pools_baseline) / 1e9,
+            "router_reserved_gb": baseline.reserved / 1e9, "switched": switch_from is not None,
+            "graph_pool_gb": (sum(s["total"] for s in segments if s["in_pool"]) - baseline.pools) / 1e9,
             "engine_blocks_gb": mem["blocks"] / 1e9, "embed_head_norm_gb": mem["embed_head_norm"] / 1e9,
             "kv_cache_gb": mem["kv_cache"] / 1e9, "buffers_gb": mem["buffers"] / 1e9, "block_gb": mem["block_bytes"] / 1e9}
 
@@ -615,8 +621,8 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     router_ms = router_timing(policy, ROUTER_PROMPTS) if policy is not None else 0.0
     results["router_ms"] = router_ms
 
-    baseline, pools_baseline, baseline_addresses = allocator_baseline()
-    results["router_gb"] = baseline / 1e9
+    baseline = allocator_baseline()
+    results["router_gb"] = baseline.reserved / 1e9
     engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, compile_mode=settings.compile_mode)
     started = time.perf_counter()
     dense_set = OmissionSet.dense(num_blocks)
@@ -646,8 +652,7 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     results["all_resident"] = {"dense": _row(dense), "pruned": _row(pruned), "references": references,
                                "comparison": compare(engine, dense, pruned, bandwidth, router_ms, settings, references,
                                                      routed[pool_shared] if routed else None),
-                               "memory": {name: peak_memory(engine, omit, 512, 512, baseline, pools_baseline,
-                                                            baseline_addresses=baseline_addresses)
+                               "memory": {name: peak_memory(engine, omit, 512, 512, baseline)
                                           for name, omit in (("dense", dense_set), ("pruned", pruned_set))}}
     switch_clock = Clock(device)
     results["all_resident"]["switch_ms"] = switch_clock.median(lambda: (engine.use(dense_set), engine.use(pruned_set)), 10)
@@ -655,22 +660,22 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     engine = None  # free the all-resident engine before the memory-budget one is built
     gc.collect()
     torch._C._cuda_clearCublasWorkspaces()  # and the workspaces of the reference runs' streams: the peak is the engine's
-    baseline, pools_baseline, baseline_addresses = allocator_baseline()  # the router again: its workspace went too
+    baseline = allocator_baseline()  # the router again: its workspace went too
 
     kept = num_blocks - len(PAPER_SET)
     engine = Engine.random(config, device, max_len=settings.max_len, quantize=settings.quantize, budget=kept, compile_mode=settings.compile_mode)
     engine.warm_up([pruned_set] + [OmissionSet(s, num_blocks) for s in SWAP_SETS.values()])
     # The graphs' pool after each phase: it grows with the longest pre-fill captured and not with sets or swaps
-    pool_by_phase = {"warm-up (5 sets, decode graphs)": graph_pool_bytes() - pools_baseline}
+    pool_by_phase = {"warm-up (5 sets, decode graphs)": graph_pool_bytes() - baseline.pools}
     budget_pruned = time_set(engine, pruned_set, "pruned (memory budget)", settings.prompt_lengths, settings.base_prompt,
                              settings.gen_lengths, settings.repeats)
-    pool_by_phase[f"pre-fill up to {max(settings.prompt_lengths)} tokens"] = workspace = graph_pool_bytes() - pools_baseline
+    pool_by_phase[f"pre-fill up to {max(settings.prompt_lengths)} tokens"] = workspace = graph_pool_bytes() - baseline.pools
     swaps = swap_timing(engine, pruned_set, {n: OmissionSet(s, num_blocks) for n, s in SWAP_SETS.items()},
                         max(settings.prompt_lengths), max(2, settings.repeats // 2))
-    pool_by_phase["swaps (eager pre-fill after each)"] = graph_pool_bytes() - pools_baseline
-    memory = peak_memory(engine, pruned_set, 512, 512, baseline, pools_baseline,
-                         switch_from=OmissionSet(SWAP_SETS[max(SWAP_SETS)], num_blocks), baseline_addresses=baseline_addresses)
-    pool_by_phase["the peak's run"] = graph_pool_bytes() - pools_baseline
+    pool_by_phase["swaps (eager pre-fill after each)"] = graph_pool_bytes() - baseline.pools
+    memory = peak_memory(engine, pruned_set, 512, 512, baseline,
+                         switch_from=OmissionSet(SWAP_SETS[max(SWAP_SETS)], num_blocks))
+    pool_by_phase["the peak's run"] = graph_pool_bytes() - baseline.pools
     outside, inside = cublas_workspace_bytes()
     memory["cublas_workspaces_gb"], memory["cublas_in_graph_pool_gb"] = outside / 1e9, inside / 1e9  # counted once
     # The allowance: the kept blocks, one spare slot for swaps, the KV cache, embeddings and head, the engine's

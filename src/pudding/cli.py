@@ -644,7 +644,7 @@ def bench_command(
     from .omission import OmissionSet
     from .policy import RoutedPolicy
     from .quantize import check_scheme
-    from .router import DECODER_EMBEDDINGS, check_encoder, encoder_dtype, untrained_router
+    from .router import DECODER_EMBEDDINGS, RouterSettings, check_encoder, encoder_dtype, untrained_router
     from .storage import atomic_write_json, atomic_write_text, check_output_file, environment
 
     check_scheme(quantize)
@@ -653,8 +653,9 @@ def bench_command(
     for scheme in schemes:
         if scheme not in ("int8", "int4", "lora"):
             raise PuddingError(f"unknown --weights value '{scheme}' (use int8, int4 or lora)")
+    shape_encoder = router_encoder or RouterSettings().encoder  # the shape's router: the pipeline's default one
     if (shape and not schemes) or (router_encoder is not None and bundle):  # --weights alone does not route
-        check_encoder(router_encoder or "minilm-l6")
+        check_encoder(shape_encoder)
     check_output_file(output)
     device = check_device(device or default_device())
     if not device.startswith("cuda") and shape:
@@ -676,13 +677,12 @@ def bench_command(
             report["weights"] = benchmark_weights(config, device, schemes, repeats, log=log)
         else:
             pool = [OmissionSet(s, config.num_hidden_layers) for s in ROUTER_POOL]
-            encoder = router_encoder or "minilm-l6"
             # the shape has no tokenizer: a router on its embeddings reads with another decoder's (a BPE like LLaMA's)
-            tokenizer = _tokenizer_of(router_tokenizer) if encoder == DECODER_EMBEDDINGS else None
-            router = untrained_router(encoder, pool, device, router_dtype, tokenizer)
+            tokenizer = _tokenizer_of(router_tokenizer) if shape_encoder == DECODER_EMBEDDINGS else None
+            router = untrained_router(shape_encoder, pool, device, router_dtype, tokenizer)
             report["shape"] = benchmark_shape(config, device, settings, RoutedPolicy(router), log)
             report["shape"]["router_dtype"] = str(router.dtype).removeprefix("torch.")
-            report["shape"]["router_encoder"] = encoder
+            report["shape"]["router_encoder"] = shape_encoder
     report["bundles"] = [benchmark_bundle(b, device, settings, log, router_encoder) for b in (bundle or [])]
     if shape and schemes:
         report["goals"] = report["weights"]["goals"]
