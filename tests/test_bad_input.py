@@ -133,6 +133,8 @@ def damaged(bundle, tmp_path):
     (["bench", "--shape", "", "--bundle", "b", "--router-encoder", "bert-9000", "--output", "x.json"], "unknown model 'bert-9000'"),
     # --weights runs no router, so an encoder that is not installed is no reason to refuse (this machine has no GPU)
     (["bench", "--weights", "int8", "--router-encoder", "bert-9000", "--output", "x.json"], "needs a GPU"),
+    (["bench", "--shape", "gpt-9000", "--weights", "int8", "--output", "x.json"], "unknown shape 'gpt-9000'"),
+    (["bench", "--shape", "smollm2-135m", "--output", "x.json"], "benchmarked with --weights only"),
 ])
 def test_bad_arguments(args, fragment, tmp_path, monkeypatch, smollm2):
     monkeypatch.chdir(tmp_path)

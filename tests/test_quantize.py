@@ -14,8 +14,8 @@ from pudding import kernels
 from pudding.engine import Engine
 from pudding.errors import PuddingError
 from pudding.export import delete_blocks
-from pudding.quantize import (INT4_GROUP, QuantizedLinear, dequantize, quantize_blocks, quantize_weight,
-                              quantized_linear, scheme_of)
+from pudding.quantize import (INT4_GROUP, QuantizedLinear, cpu_int4_form, dequantize, product_path, quantize_blocks,
+                              quantize_weight, quantized_linear, scheme_of)
 
 
 def _weight(rows=48, cols=96, seed=0):
@@ -58,6 +58,66 @@ def test_quantized_product_equals_the_product_with_the_dequantized_matrix(scheme
     reference = torch.nn.functional.linear(x.float(), dequantize(codes, scales, torch.float32), bias.float())
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(quantized_linear(x, codes, scales, bias).float(), reference, rtol=tolerance, atol=tolerance * 10)
+
+
+def _ops_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return {event.name for event in profile.events()}
+
+
+@pytest.mark.skipif(kernels.available(torch.zeros(1)), reason="Triton's interpreter runs the kernels of kernels.py here")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cpu_products_run_pytorch_weight_only_kernels(dtype):
+    """On a CPU in half precision: one int8 row in PyTorch's int8 kernel on the codes as stored; int4, laid out in
+    PyTorch's CPU packing (`cpu_int4_form`), in its int4 kernel for one row and for several; each within the rounding
+    of half precision of the product with the dequantized matrix. fp32 and several int8 rows keep the other paths."""
+    w = _weight(rows=64, cols=96)
+    generator = torch.Generator().manual_seed(3)
+    for scheme, rows in [("int8", 1), ("int4", 1), ("int4", 7)]:
+        codes, scales = quantize_weight(w.to(dtype), scheme)
+        laid_out = cpu_int4_form(codes, scales) if scheme == "int4" else (codes, scales)
+        x = torch.randn(rows, 96, generator=generator).to(dtype)
+        matrix = dequantize(codes, scales, torch.float32)
+        bound = torch.nn.functional.linear(x.float().abs(), matrix.abs())  # a dot product's rounding scales with this
+        got = quantized_linear(x, *laid_out)
+        assert product_path(x, *laid_out) == "torch-cpu" and got.dtype == dtype and got.shape == (rows, 64)
+        error = (got.float() - torch.nn.functional.linear(x.float(), matrix)).abs()
+        assert torch.all(error <= 1e-2 * bound), f"{scheme} {rows} rows: {(error / bound).max():.1e}"
+        kernel = "aten::_weight_int8pack_mm" if scheme == "int8" else "aten::_weight_int4pack_mm_for_cpu"
+        assert kernel in _ops_run(lambda x=x, laid_out=laid_out: quantized_linear(x, *laid_out))
+    codes, scales = quantize_weight(w, "int4")  # the packing itself, checked where the kernel rounds nothing (fp32)
+    x = torch.randn(5, 96, generator=generator)
+    error = (quantized_linear(x, *cpu_int4_form(codes, scales)) - torch.nn.functional.linear(x, dequantize(codes, scales, torch.float32))).abs()
+    assert torch.all(error <= 1e-5 * torch.nn.functional.linear(x.abs(), dequantize(codes, scales, torch.float32).abs()))
+    codes, scales = quantize_weight(w, "int8")
+    assert product_path(torch.randn(1, 96), codes, scales) == "codes"  # fp32: the kernels were 3-5x slower there
+    assert product_path(torch.randn(3, 96).to(dtype), codes, scales.to(dtype)) == "dequantized"
+
+
+@pytest.mark.skipif(kernels.available(torch.zeros(1)), reason="Triton's interpreter runs the kernels of kernels.py here")
+def test_a_half_precision_cpu_engine_runs_int4_in_pytorchs_packing():
+    """A bf16 engine on a CPU lays its int4 matrices out in PyTorch's CPU packing (scales as (groups, out, 2) pairs)
+    and pre-fills and decodes in that kernel, as close to the same quantized model run in fp32 (same codes and scales)
+    as transformers running it in bf16 is; a fp32 engine keeps the module's own layout."""
+    model = build_tiny("llama", init=0.2).to(torch.bfloat16)
+    quantize_blocks(model, "int4")
+    reference = __import__("copy").deepcopy(model).float()
+    engine = Engine.from_model(model, max_len=64)
+    assert engine.layout.entries["down_scales"][0] == (96 // INT4_GROUP, 64, 2)
+    assert Engine.from_model(reference, max_len=64).layout.entries["down_scales"][0] == (64, 96 // INT4_GROUP)
+    prompt = torch.randint(3, 200, (11,), generator=torch.Generator().manual_seed(2)).tolist()
+    for blocks in [(), (1, 4)]:
+        omit = engine.omission(blocks)
+        engine.use(omit)
+        assert "aten::_weight_int4pack_mm_for_cpu" in _ops_run(lambda: engine.prefill(prompt))
+        logits = engine.prefill(prompt).reshape(-1).float()
+        step = engine.decode_step(logits.argmax().view(1, 1), len(prompt)).reshape(-1).float()
+        ids = torch.tensor([prompt + [int(logits.argmax())]])
+        expected = delete_blocks(reference, omit)(ids).logits[0, -2:]
+        in_bf16 = delete_blocks(model, omit)(ids).logits[0, -2:].float()  # bf16's own distance from fp32
+        for got, want, rounded in ((logits, expected[0], in_bf16[0]), (step, expected[1], in_bf16[1])):
+            assert (got - want).abs().max() <= 1.5 * (rounded - want).abs().max(), blocks
 
 
 def test_int4_refuses_matrices_that_do_not_split_into_groups():
@@ -163,12 +223,13 @@ def test_bench_compares_block_weights_on_one_shape():
     assert list(rows) == ["bf16", "int8", "int4", "bf16 + LoRA r8 (unmerged)"]
     assert rows["bf16 + LoRA r8 (unmerged)"]["block_bytes"] > rows["bf16"]["block_bytes"]
     assert rows["int8"]["block_bytes"] < rows["bf16"]["block_bytes"] / 1.8
-    assert rows["int4"]["block_bytes"] < rows["int8"]["block_bytes"] / 1.6
+    assert rows["int4"]["block_bytes"] < rows["int8"]["block_bytes"] / 1.5  # on a CPU int4's scales pair with zeros
     assert all(r[name]["decode_tok_s"] > 0 and set(r[name]["ttft_ms"]) == {16, 32} for r in rows.values() for name in ("dense", "pruned"))
     assert [g["figure"].split()[0] for g in compared["goals"]] == ["int8", "int4"]
     for scheme in ("int8", "int4"):  # the one-row product checked against the dequantized one (triton on a GPU)
         check = rows[scheme]["gemv"]
-        assert check["kernel"] == "reference" and check["shape"] == [64, 128] and check["max_relative_error"] < 1e-2
+        assert check["kernel"] == "torch-cpu" and check["shape"] == [64, 128] and check["max_relative_error"] < 1e-2
+        assert check["dequantized_us_per_call"] > 0
     table = markdown({"device": "cpu", "date": "today", "command": "pudding bench", "settings": {}, "weights": compared})
     assert "| int4 |" in table and "int8 pruned decode, of bf16 pruned decode" in table and "One-row product alone" in table
 

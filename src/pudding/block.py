@@ -16,7 +16,7 @@ import torch
 
 from .architectures import OPTIONAL_BLOCK, ARCHITECTURES, Architecture, architecture_for
 from .errors import PuddingError
-from .quantize import quantized_linear, quantized_shapes
+from .quantize import cpu_int4_form, quantized_linear, quantized_shapes
 
 
 def engine_architecture(model_type: str) -> Architecture:
@@ -107,18 +107,32 @@ class BlockLayout:
         self.nbytes = -(-total // self.ALIGN) * self.ALIGN
 
     @classmethod
-    def of(cls, shape: Shape, present: set[str], dtype: torch.dtype, quantize: str | None = None) -> BlockLayout:
-        """The layout of a block of this shape; with `quantize`, its four matrices as codes + scales."""
+    def of(cls, shape: Shape, present: set[str], dtype: torch.dtype, quantize: str | None = None,
+           device: torch.device | str | None = None) -> BlockLayout:
+        """The layout of a block of this shape; with `quantize`, its four matrices as codes + scales, in the form
+        their products take on `device` (`quantize.quantized_shapes`)."""
         entries = {}
         for name, s in shape.tensor_shapes(present).items():
             if quantize and name in MATRICES:
-                entries[name], entries[name + "_scales"] = quantized_shapes(*s, quantize, dtype)
+                entries[name], entries[name + "_scales"] = quantized_shapes(*s, quantize, dtype, device)
             else:
                 entries[name] = (s, dtype)
         return cls(entries, sum(math.prod(s) for s in shape.tensor_shapes(present).values()))
 
     def empty(self, device, pin: bool = False) -> torch.Tensor:
         return torch.empty(self.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+
+    def fill(self, flat: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Copy a block's tensors (`block_tensors`) into its flat buffer, int4 matrices laid out for a CPU converted
+        to that form (`quantize.cpu_int4_form`)."""
+        views = self.views(flat)
+        for name in MATRICES:
+            if name + "_scales" in views and views[name + "_scales"].dim() == 3 and tensors[name + "_scales"].dim() == 2:
+                tensors = {**tensors, **dict(zip((name, name + "_scales"),
+                                                 cpu_int4_form(tensors[name], tensors[name + "_scales"])))}
+        for name, view in views.items():
+            view.copy_(tensors[name])
+        return flat
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}

@@ -624,7 +624,7 @@ def serve_command(
 @app.command("bench")
 def bench_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the JSON; a Markdown table is written beside it.")],
-    shape: Annotated[Optional[str], typer.Option("--shape", help="Benchmark a model of this shape with random weights: llama-3.1-8b.")] = "llama-3.1-8b",
+    shape: Annotated[Optional[str], typer.Option("--shape", help="Benchmark a model of this shape with random weights: llama-3.1-8b, or (with --weights) a packaged decoder's, e.g. qwen2.5-0.5b.")] = "llama-3.1-8b",
     bundle: Annotated[Optional[list[Path]], typer.Option("--bundle", "-b", help="Also benchmark a real model with its bundle (repeatable).")] = None,
     router_encoder: Annotated[Optional[str], typer.Option("--router-encoder", help="Encoder of the router timed: minilm-l6, mpnet-base, or embeddings (the decoder's embeddings, no encoder). Default: minilm-l6 with the random-weight model, each bundle's own router with --bundle (given: an untrained router of this encoder instead).")] = None,
     router_dtype: Annotated[str, typer.Option("--router-dtype", help="What that router's encoder computes in: auto (bf16 on a GPU), bfloat16 or float32.")] = "auto",
@@ -639,7 +639,7 @@ def bench_command(
     import platform
     from datetime import datetime, timezone
 
-    from .bench import LLAMA_31_8B, BenchSettings, benchmark_bundle, benchmark_shape, benchmark_weights, markdown, shape_goals
+    from .bench import BenchSettings, benchmark_bundle, benchmark_shape, benchmark_weights, markdown, shape_goals
     from .models import check_device, default_device
     from .omission import OmissionSet
     from .policy import RoutedPolicy
@@ -653,28 +653,27 @@ def bench_command(
     for scheme in schemes:
         if scheme not in ("int8", "int4", "lora"):
             raise PuddingError(f"unknown --weights value '{scheme}' (use int8, int4 or lora)")
+    if shape and shape != "llama-3.1-8b" and not schemes:
+        raise PuddingError(f"--shape {shape}: a packaged decoder's shape is benchmarked with --weights only")
     shape_encoder = router_encoder or RouterSettings().encoder  # the shape's router: the pipeline's default one
     if (shape and not schemes) or (router_encoder is not None and bundle):  # --weights alone does not route
         check_encoder(shape_encoder)
     check_output_file(output)
     device = check_device(device or default_device())
-    if not device.startswith("cuda") and shape:
-        raise PuddingError("the random-weight 8B benchmark needs a GPU; use --shape '' with --bundle on CPU")
+    config = _shape_config(shape) if shape else None
+    if not device.startswith("cuda") and shape == "llama-3.1-8b":
+        raise PuddingError("the random-weight 8B benchmark needs a GPU; use --shape '' with --bundle, or a small "
+                           "decoder's shape with --weights, on CPU")
     settings = BenchSettings(repeats=repeats, compile_mode=compile_mode, quantize=quantize)
     report = {"command": " ".join(sys.argv), "device": __import__("torch").cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": environment(), "settings": settings.__dict__.copy()}
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if shape:
-        if shape != "llama-3.1-8b":
-            raise PuddingError(f"unknown shape '{shape}' (known: llama-3.1-8b)")
-        from transformers import LlamaConfig
-
-        config = LlamaConfig(**LLAMA_31_8B)
-        config._name = "LLaMA-3.1-8B"
         from .bench import ROUTER_POOL
 
         if schemes:
-            report["weights"] = benchmark_weights(config, device, schemes, repeats, log=log)
+            report["weights"] = benchmark_weights(config, device, schemes, repeats, log=log,
+                                                  goals=shape == "llama-3.1-8b")
         else:
             pool = [OmissionSet(s, config.num_hidden_layers) for s in ROUTER_POOL]
             # the shape has no tokenizer: a router on its embeddings reads with another decoder's (a BPE like LLaMA's)
@@ -685,13 +684,36 @@ def bench_command(
             report["shape"]["router_encoder"] = shape_encoder
     report["bundles"] = [benchmark_bundle(b, device, settings, log, router_encoder) for b in (bundle or [])]
     if shape and schemes:
-        report["goals"] = report["weights"]["goals"]
+        if report["weights"]["goals"]:
+            report["goals"] = report["weights"]["goals"]
     elif shape:
         report["goals"] = [{k: g[k] for k in ("figure", "measured", "target", "met")} for g in shape_goals(report["shape"])]
     atomic_write_json(output, report)
     table = markdown(report)
     atomic_write_text(output.with_suffix(".md"), table)
     print(table)
+
+
+def _shape_config(shape: str):
+    """The config of a random-weight benchmark: the LLaMA-3.1-8B shape, or a packaged decoder's own."""
+    from .bench import LLAMA_31_8B
+    from .models import REGISTRY, resolve_model
+
+    decoders = [name for name, spec in REGISTRY.items() if spec.kind == "decoder"]
+    if shape == "llama-3.1-8b":
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(**LLAMA_31_8B)
+        config._name = "LLaMA-3.1-8B"
+        return config
+    if shape not in decoders:
+        raise PuddingError(f"unknown shape '{shape}' (llama-3.1-8b, or a packaged decoder: {', '.join(decoders)})")
+    from transformers import AutoConfig
+
+    ref = resolve_model(shape)
+    config = AutoConfig.from_pretrained(ref.directory)
+    config._name = ref.name
+    return config
 
 
 def _tokenizer_of(name_or_directory: str):

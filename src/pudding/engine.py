@@ -170,14 +170,10 @@ class Engine:
         device = torch.device(device or model.device)
         dtype = next(model.parameters()).dtype
         present = {name for name in block_tensors(hf_blocks[0], arch) if not name.endswith("_scales")}
-        layout = BlockLayout.of(shape, present, dtype, scheme_of(model))
+        layout = BlockLayout.of(shape, present, dtype, scheme_of(model), device)
 
         def flat(block, where, pin=False):
-            tensors = block_tensors(block, arch)
-            out = layout.empty(where, pin)
-            for name, view in layout.views(out).items():
-                view.copy_(tensors[name])
-            return out
+            return layout.fill(layout.empty(where, pin), block_tensors(block, arch))
 
         if budget is None:
             residency = ResidentBlocks([flat(b, device) for b in hf_blocks], layout)
@@ -198,7 +194,7 @@ class Engine:
 
         shape = Shape.from_config(config)
         arch = engine_architecture(config.model_type)
-        layout = BlockLayout.of(shape, random_block_tensors(arch, config), dtype, quantize)
+        layout = BlockLayout.of(shape, random_block_tensors(arch, config), dtype, quantize, device)
         generator = torch.Generator(device=device).manual_seed(seed)
         on_gpu = torch.device(device).type == "cuda"
 

@@ -34,9 +34,13 @@ INT4_GROUP = 32
 
 def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on x's device (Triton present; a GPU, or the interpreter on the CPU)."""
+    return available_on(x.device)
+
+
+def available_on(device: torch.device | str) -> bool:
     if triton is None:
         return False
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _rows_per_program(n: int) -> int:

@@ -6,13 +6,16 @@
 
 On a GPU the products run in the low-bit kernels of kernels.py, which widen each code in registers: a matrix-vector
 kernel for one activation row (a decode step), a tiled matrix product for several (pre-fill, scoring; int8 only up
-to a few hundred rows, see `quantized_linear`). Elsewhere the matrix is dequantized and multiplied in the
-activations' dtype.
+to a few hundred rows). On a CPU in bf16 or fp16, decode runs in PyTorch's own weight-only kernels, which also read
+each code once: int8 as stored, int4 in that kernel's packing, made once when the engine lays its blocks out
+(`cpu_int4_form`); dequantizing the matrix at every step made int4 decode slower than the unquantized model's.
+Elsewhere the matrix is dequantized and multiplied in the activations' dtype. `product_path` says which runs.
 
 Both are symmetric (no zero point) and computed from the model's own weights at load time, so there is no
 calibration data. The same `quantized_linear` serves the scorer (transformers modules, `QuantizedLinear`) and the
 engine (`block.block_step` reads codes and scales from the block's flat buffer), so a quantized evaluation and a
-quantized generation run the same arithmetic. Embeddings, norms and the output head stay in the model's dtype.
+quantized generation run the same arithmetic (but for the engine's int4 on a CPU in half precision: the same values,
+rounded by PyTorch's kernel). Embeddings, norms and the output head stay in the model's dtype.
 """
 
 from __future__ import annotations
@@ -33,13 +36,41 @@ def check_scheme(scheme: str | None, option: str = "--quantize") -> str | None:
     return scheme
 
 
-def quantized_shapes(out_features: int, in_features: int, scheme: str, dtype: torch.dtype) -> tuple[tuple, tuple]:
-    """((codes shape, codes dtype), (scales shape, scales dtype)) of an (out, in) matrix."""
+def quantized_shapes(out_features: int, in_features: int, scheme: str, dtype: torch.dtype,
+                     device: torch.device | str | None = None) -> tuple[tuple, tuple]:
+    """((codes shape, codes dtype), (scales shape, scales dtype)) of an (out, in) matrix; with `device`, of the form
+    its products take there (int4 on a CPU: `cpu_int4_form`)."""
     if scheme == "int8":
         return ((out_features, in_features), torch.int8), ((out_features,), dtype)
     if in_features % INT4_GROUP:
         raise PuddingError(f"int4 needs matrices whose input size is a multiple of {INT4_GROUP} (this one has {in_features})")
-    return ((out_features, in_features // 2), torch.uint8), ((out_features, in_features // INT4_GROUP), dtype)
+    groups = in_features // INT4_GROUP
+    if device is not None and cpu_int4_fits(out_features, device, dtype):
+        return ((out_features, in_features // 2), torch.uint8), ((groups, out_features, 2), dtype)
+    return ((out_features, in_features // 2), torch.uint8), ((out_features, groups), dtype)
+
+
+# PyTorch's CPU int4 kernel (the one gpt-fast runs on CPUs) reads its own packing of the nibbles, made from the codes
+# once (about 0.1 s for a 14336 x 4096 matrix, too slow for every product), and its scales as (groups, out, 2)
+# (scale, zero) pairs, a value being (nibble - 8) * scale + zero: with zero 0, exactly this module's int4.
+CPU_INT4_ROWS = 16  # that packing takes the output rows sixteen at a time
+# PyTorch's CPU weight-only kernels are fast in half precision only: in fp32 they made SmolLM2-135M's decode 3-5x
+# slower than the paths below (2 CPU cores), which fp32 keeps.
+CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def cpu_int4_fits(out_features: int, device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether an int4 matrix with this many output rows runs in PyTorch's CPU kernel on `device` with activations of
+    `dtype` (a CPU where Triton's interpreter does not run the kernels of kernels.py; half precision)."""
+    return (torch.device(device).type == "cpu" and not kernels.available_on(device) and dtype in CPU_KERNEL_DTYPES
+            and out_features % CPU_INT4_ROWS == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
+def cpu_int4_form(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 (codes, scales) in the form of PyTorch's CPU kernel: (its packing of the nibbles, (scale, 0) pairs)."""
+    nibbles = torch.stack((codes & 0x0F, codes >> 4), dim=-1).view(codes.shape[0], -1).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
+    return packed, torch.stack((scales.t(), torch.zeros_like(scales.t())), dim=-1).contiguous()
 
 
 def quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,21 +119,41 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) ->
 INT8_KERNEL_ROWS = 256
 
 
-def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T (+ bias) for a quantized W. Where Triton runs (kernels.py), one row (a decode step) takes the low-bit
-    GEMV kernel and several rows the low-bit matrix product (int8: up to INT8_KERNEL_ROWS); each code is read once
-    and widened in registers. Otherwise one int8 row is multiplied on the codes with the row scales on the output,
-    and anything else by the dequantized matrix (for several rows inductor would lower the codes form to
-    `_weight_int8pack_mm`, which took 15.6 ms per 8B-shape matrix at 128 tokens on an H200)."""
+def product_path(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> str:
+    """Which implementation `quantized_linear` runs for these operands:
+
+    * "triton": where Triton runs (kernels.py), one row (a decode step) takes the low-bit GEMV kernel and several rows
+      the low-bit matrix product (int8: up to INT8_KERNEL_ROWS); each code is read once and widened in registers.
+    * "torch-cpu": on a CPU in half precision, PyTorch's weight-only kernels: int8 for one row, int4 (any rows) when
+      its matrix was laid out in that kernel's form (`cpu_int4_form`; its scales are 3-D).
+    * "codes": one int8 row elsewhere, multiplied on the codes with the row scales on the output.
+    * "dequantized": anything else, by the dequantized matrix (for several int8 rows on a GPU inductor would lower the
+      codes form to `_weight_int8pack_mm`, which took 15.6 ms per 8B-shape matrix at 128 tokens on an H200)."""
     rows = x.numel() // x.shape[-1]
+    if scales.dim() == 3:
+        return "torch-cpu"
     if kernels.available(x) and (codes.dtype != torch.int8 or rows <= INT8_KERNEL_ROWS):
-        flat = x.reshape(rows, x.shape[-1])
-        product = kernels.gemv(flat[0], codes, scales) if rows == 1 else kernels.mm(flat, codes, scales)
-        out = product.view(*x.shape[:-1], codes.shape[0])
-    elif rows == 1 and codes.dtype == torch.int8:
-        out = torch.nn.functional.linear(x, codes.to(x.dtype)) * scales.to(x.dtype)
+        return "triton"
+    if rows == 1 and codes.dtype == torch.int8:
+        return "torch-cpu" if x.device.type == "cpu" and x.dtype in CPU_KERNEL_DTYPES else "codes"
+    return "dequantized"
+
+
+def quantized_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) for a quantized W, by the implementation `product_path` names."""
+    path = product_path(x, codes, scales)
+    flat = x.reshape(-1, x.shape[-1])
+    if path == "triton":
+        out = kernels.gemv(flat[0], codes, scales) if flat.shape[0] == 1 else kernels.mm(flat, codes, scales)
+    elif path == "torch-cpu" and scales.dim() == 3:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), codes, INT4_GROUP, scales.to(x.dtype))
+    elif path == "torch-cpu":
+        out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), codes, scales.to(x.dtype))
+    elif path == "codes":
+        out = torch.nn.functional.linear(flat, codes.to(x.dtype)) * scales.to(x.dtype)
     else:
-        out = torch.nn.functional.linear(x, dequantize(codes, scales, x.dtype))
+        out = torch.nn.functional.linear(flat, dequantize(codes, scales, x.dtype))
+    out = out.view(*x.shape[:-1], codes.shape[0])
     return out if bias is None else out + bias
 
 
