@@ -312,26 +312,8 @@ def test_low_bit_kernels_equal_the_reference_product(tmp_path, device):
 def _compiled_for_hopper(fn, signature: dict, constants: dict, config) -> dict:
     """A Triton kernel compiled for sm_90 on this machine (no GPU needed: Triton's own ptxas), and its resources."""
     import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = fn.arg_names
-    constants = {**constants, **config.kwargs}
-    # pointers 16-byte aligned, as the launcher marks them for torch's allocations (vector loads, async copies)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature.get(n, "").startswith("*")}
-    source = ASTSource(fn=fn, signature={n: signature.get(n, "constexpr") for n in names},
-                       constexprs={(names.index(n),): v for n, v in constants.items()}, attrs=aligned)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    cubin = Path(tempfile.mkdtemp()) / "kernel.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    usage = subprocess.run([str(tool), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    usage = kernels.cuobjdump(kernels.compile_for_hopper(fn, signature, constants, config), "--dump-resource-usage")
     return {key: int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK")}
 
 

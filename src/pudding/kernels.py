@@ -285,3 +285,37 @@ def mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 @mm.register_fake
 def _(x, codes, scales):
     return x.new_empty(x.shape[0], codes.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The GPU form checked without a GPU: Triton compiles a kernel for Hopper (sm_90) on any machine with its own ptxas,
+# and its cuobjdump reads the machine code back (tests/test_quantize.py: no spills; benchmarks/kernel_sass.py:
+# instructions per weight).
+def compile_for_hopper(fn, signature: dict, constants: dict, config) -> bytes:
+    """The cubin of a Triton kernel for sm_90. `signature`: the types of the runtime arguments (the rest are
+    constants); pointers are marked 16-byte aligned, as the launcher marks torch's allocations (without the mark the
+    same kernel compiles without vector loads or asynchronous copies)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    constants = {**constants, **config.kwargs}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature.get(n, "").startswith("*")}
+    source = ASTSource(fn=fn, signature={n: signature.get(n, "constexpr") for n in names},
+                       constexprs={(names.index(n),): v for n, v in constants.items()}, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    return compiled.asm["cubin"]
+
+
+def cuobjdump(cubin: bytes, *flags: str) -> str:
+    """Triton's own cuobjdump run on a cubin (e.g. `--dump-resource-usage`, `-sass`)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "kernel.cubin"
+        path.write_bytes(cubin)
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        return subprocess.run([str(tool), *flags, str(path)], capture_output=True, text=True, check=True).stdout
