@@ -191,6 +191,9 @@ def test_eval_and_generate_take_quantize(tmp_path):
     assert 0 <= document["tasks"]["piqa"]["metrics"]["acc"] <= 1
     generated = cli("generate", "--quantize", "int4", "--omit", "3,7", "--max-new-tokens", "4", "The capital of France is")
     assert generated.returncode == 0 and "omit 3,7" in generated.stderr, generated.stderr
+    assert "--dtype bfloat16" in generated.stderr  # fp32 on a CPU: told where quantized blocks are fast
+    in_bf16 = cli("generate", "--quantize", "int4", "--dtype", "bfloat16", "--max-new-tokens", "4", "The capital of France is")
+    assert in_bf16.returncode == 0 and "--dtype bfloat16" not in in_bf16.stderr, in_bf16.stderr
 
 
 @pytest.mark.slow
