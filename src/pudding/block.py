@@ -127,9 +127,9 @@ class BlockLayout:
         to that form (`quantize.cpu_int4_form`)."""
         views = self.views(flat)
         for name in MATRICES:
-            if name + "_scales" in views and views[name + "_scales"].dim() == 3 and tensors[name + "_scales"].dim() == 2:
-                tensors = {**tensors, **dict(zip((name, name + "_scales"),
-                                                 cpu_int4_form(tensors[name], tensors[name + "_scales"])))}
+            scales = name + "_scales"
+            if scales in views and views[scales].dim() == 3:  # 2-D in the module: (out, groups)
+                tensors = {**tensors, **dict(zip((name, scales), cpu_int4_form(tensors[name], tensors[scales])))}
         for name, view in views.items():
             view.copy_(tensors[name])
         return flat

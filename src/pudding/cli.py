@@ -686,11 +686,10 @@ def bench_command(
             report["shape"]["router_dtype"] = str(router.dtype).removeprefix("torch.")
             report["shape"]["router_encoder"] = shape_encoder
     report["bundles"] = [benchmark_bundle(b, device, settings, log, router_encoder) for b in (bundle or [])]
-    if shape and schemes:
-        if report["weights"]["goals"]:
-            report["goals"] = report["weights"]["goals"]
-    elif shape:
+    if shape and not schemes:
         report["goals"] = [{k: g[k] for k in ("figure", "measured", "target", "met")} for g in shape_goals(report["shape"])]
+    elif shape and report["weights"]["goals"]:  # the decode goals, set on the 8B shape
+        report["goals"] = report["weights"]["goals"]
     atomic_write_json(output, report)
     table = markdown(report)
     atomic_write_text(output.with_suffix(".md"), table)
@@ -702,13 +701,13 @@ def _shape_config(shape: str):
     from .bench import LLAMA_31_8B
     from .models import REGISTRY, resolve_model
 
-    decoders = [name for name, spec in REGISTRY.items() if spec.kind == "decoder"]
     if shape == "llama-3.1-8b":
         from transformers import LlamaConfig
 
         config = LlamaConfig(**LLAMA_31_8B)
         config._name = "LLaMA-3.1-8B"
         return config
+    decoders = [name for name, spec in REGISTRY.items() if spec.kind == "decoder"]
     if shape not in decoders:
         raise PuddingError(f"unknown shape '{shape}' (llama-3.1-8b, or a packaged decoder: {', '.join(decoders)})")
     from transformers import AutoConfig
