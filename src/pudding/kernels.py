@@ -110,32 +110,93 @@ if triton is not None:
         total = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
+    # int4 in bf16, the decode case, is bound by the instructions a weight costs, not by its half byte (H200: int4's
+    # down product 22.3 us against int8's 18.9; results/kernel-sass-sm90.md: 12-17.6 instructions a byte, against
+    # ~7 an H200 can issue per byte of bandwidth). Three things cut it to ~7 (the same method, 16 rows x 128 bytes):
+    # * no subtraction per code: a byte permute puts the nibble c in bits 16-23 of 0x3F000000, the float
+    #   0.5 + c/256 exactly, and a run's sum of (c - 8) x is 256 * sum((0.5 + c/256) x) - 136 * sum(x), the
+    #   activations' sums shared by every row (the cancellation costs ~2^-19 relative: far below bf16's rounding;
+    #   fp32 activations keep the exact widening);
+    # * several rows a thread, each thread holding 4 bytes of every row it owns, so one widened activation serves them
+    #   all; `tl.max_contiguous` holds the code loads to those 4 bytes (Triton would load 16 and give the activations
+    #   another layout, converted through shared memory in every iteration);
+    # * bf16 activations read as int32 pairs lined up with the code bytes (a bf16 is the top half of an fp32: one
+    #   shift or mask each), and the 8 products of a run summed in one chain of multiply-adds before one scale.
+    _BIASED_PTX = tl.constexpr(
+        "{\n.reg .b32 lo, hi;\nand.b32 lo, $8, 0x0F0F0F0F;\nshr.u32 hi, $8, 4;\nand.b32 hi, hi, 0x0F0F0F0F;\n"
+        + "\n".join(f"prmt.b32 ${j}, lo, 0x3F000000, 0x7{j}54;" for j in range(4)) + "\n"
+        + "\n".join(f"prmt.b32 ${4 + j}, hi, 0x3F000000, 0x7{j}54;" for j in range(4)) + "\n}")
+
+    @triton.jit
+    def _int4_biased(packed, PACKED: tl.constexpr):
+        """(0.5 + low nibble / 256, 0.5 + high nibble / 256) of each packed byte, as exact fp32 values."""
+        if PACKED:
+            return tl.inline_asm_elementwise(_BIASED_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            w = packed.to(tl.int32)
+            return ((((w & 0xF) << 16) | 0x3F000000).to(tl.float32, bitcast=True),
+                    (((w >> 4) << 16) | 0x3F000000).to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _quarters(t):
+        """The four values of each run of four along the last axis, as four tensors (a thread holds each run)."""
+        a, b = tl.split(tl.reshape(t, t.shape[:-1] + (t.shape[-1] // 4, 2, 2)))
+        a0, a1 = tl.split(a)
+        b0, b1 = tl.split(b)
+        return a0, b0, a1, b1
+
+    @triton.jit
+    def _int4_activations(x_ptr, cols, col_ok, BF16: tl.constexpr):
+        """The inputs 2j and 2j + 1 of the bytes j in cols, as fp32 (x_even, x_odd)."""
+        if BF16:
+            pair = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + cols, mask=col_ok, other=0)
+            return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+        else:
+            return (tl.load(x_ptr + 2 * cols, mask=col_ok, other=0.0).to(tl.float32),
+                    tl.load(x_ptr + 2 * cols + 1, mask=col_ok, other=0.0).to(tl.float32))
+
     @triton.jit
     def _gemv_int4_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, HALF: tl.constexpr,
                           GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr,
-                          PACKED: tl.constexpr):
-        # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high). A group
-        # of GROUP inputs is GROUP // 2 consecutive bytes: its products are summed first and scaled once.
-        GROUP_BYTES: tl.constexpr = GROUP // 2
+                          BF16: tl.constexpr, PACKED: tl.constexpr):
+        # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high). Runs of
+        # 4 bytes (8 inputs) never straddle a group (GROUP // 2 bytes, a multiple of 4).
+        RUNS_PER_GROUP: tl.constexpr = GROUP // 8
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_B // GROUP_BYTES), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_B // 4), dtype=tl.float32)
         for start in range(0, HALF, BLOCK_B):
             cols = start + tl.arange(0, BLOCK_B)
             col_ok = cols < HALF
-            both = row_ok[:, None] & col_ok[None, :]
-            packed = tl.load(codes_ptr + rows[:, None] * HALF + cols[None, :], mask=both, other=0x88)
-            inputs = 2 * start + tl.arange(0, 2 * BLOCK_B)  # one contiguous load, split into even and odd inputs
-            x = tl.load(x_ptr + inputs, mask=inputs < 2 * HALF, other=0.0).to(tl.float32)
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_B, 2)))
-            low, high = _int4_values(packed, PACKED)
-            products = low * x_even[None, :] + high * x_odd[None, :]
-            sums = tl.sum(tl.reshape(products, (BLOCK_N, BLOCK_B // GROUP_BYTES, GROUP_BYTES)), axis=2)
-            groups = start // GROUP_BYTES + tl.arange(0, BLOCK_B // GROUP_BYTES)
-            scale = tl.load(scales_ptr + rows[:, None] * GROUPS + groups[None, :],
-                            mask=row_ok[:, None] & (groups < GROUPS)[None, :], other=0.0)
-            acc += sums * scale.to(tl.float32)
-        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+            packed = tl.load(codes_ptr + rows[:, None] * HALF + tl.max_contiguous(cols, 4)[None, :],
+                             mask=row_ok[:, None] & col_ok[None, :], other=0x88)
+            x_even, x_odd = _int4_activations(x_ptr, cols, col_ok, BF16)
+            e0, e1, e2, e3 = _quarters(x_even)
+            o0, o1, o2, o3 = _quarters(x_odd)
+            if BF16:
+                low, high = _int4_biased(packed, PACKED)
+                x_sum = ((e0 + o0) + (e1 + o1)) + ((e2 + o2) + (e3 + o3))
+                run = (-136.0 / 256.0) * x_sum[None, :]
+            else:
+                low, high = _int4_values(packed, PACKED)
+                run = tl.zeros((1, BLOCK_B // 4), dtype=tl.float32)
+            l0, l1, l2, l3 = _quarters(low)
+            h0, h1, h2, h3 = _quarters(high)
+            run = l0 * e0[None, :] + run
+            run = h0 * o0[None, :] + run
+            run = l1 * e1[None, :] + run
+            run = h1 * o1[None, :] + run
+            run = l2 * e2[None, :] + run
+            run = h2 * o2[None, :] + run
+            run = l3 * e3[None, :] + run
+            run = h3 * o3[None, :] + run
+            runs = start // 4 + tl.arange(0, BLOCK_B // 4)
+            scale = tl.load(scales_ptr + rows[:, None] * GROUPS + (runs // RUNS_PER_GROUP)[None, :],
+                            mask=row_ok[:, None] & (runs < HALF // 4)[None, :], other=0.0)
+            acc += run * scale.to(tl.float32)
+        total = tl.sum(acc, axis=1) * (256.0 if BF16 else 1.0)
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     # On the GPU each matrix shape gets the fastest of a few tilings, measured on its first call (the engine's
     # warm-up, before any CUDA graph is captured); the interpreter runs the fixed tiling below. One row per program
@@ -147,10 +208,12 @@ if triton is not None:
                                                        (2, 1024, 4), (2, 2048, 8), (2, 4096, 8), (4, 1024, 4),
                                                        (4, 2048, 8), (4, 4096, 8), (8, 1024, 8)]),
                                   key=["N", "K"])(_gemv_int8_kernel)
-    _int4_tuned = triton.autotune(_tilings("BLOCK_B", [(1, 256, 2), (1, 512, 4), (1, 1024, 4), (1, 2048, 8),
-                                                       (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4),
-                                                       (4, 1024, 8), (8, 256, 4), (8, 512, 8), (16, 128, 4)]),
-                                  key=["N", "HALF"])(_gemv_int4_kernel)
+    # int4: each thread holds 4 bytes of every row its program owns (BLOCK_B = 128 bytes a warp, or twice that).
+    _int4_tuned = triton.autotune(_tilings("BLOCK_B", [(4, 128, 1), (8, 128, 1), (16, 128, 1), (4, 256, 2), (8, 256, 2),
+                                                       (16, 256, 2), (1, 512, 4), (2, 512, 4), (4, 512, 4), (8, 512, 4),
+                                                       (16, 512, 4), (8, 1024, 8), (16, 1024, 8), (4, 1024, 4),
+                                                       (8, 512, 2)]),
+                                  key=["N", "HALF", "BF16"])(_gemv_int4_kernel)
 
 
 def _launch_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -169,13 +232,15 @@ def _launch_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
     n, half = codes.shape
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     group = half * 2 // scales.shape[1]
+    bf16 = x.dtype == torch.bfloat16
     if x.is_cuda:
         _int4_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, codes, scales, out, n, half, scales.shape[1],
-                                                                      GROUP=group, PACKED=True)
+                                                                      GROUP=group, BF16=bf16, PACKED=True)
     else:
         block_n = _rows_per_program(n)
         _gemv_int4_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, half, scales.shape[1],
-                                                       BLOCK_N=block_n, BLOCK_B=256, GROUP=group, PACKED=False)
+                                                       BLOCK_N=block_n, BLOCK_B=128, GROUP=group, BF16=bf16,
+                                                       PACKED=False)
     return out
 
 
