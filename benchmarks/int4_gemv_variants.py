@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from pudding import kernels
-from pudding.kernels import _int4_values
 from pudding.bench import seconds_per_call
+from pudding.kernels import _int4_values
 from pudding.quantize import dequantize, quantize_weight
 
 SHAPES = [(4096, 14336), (14336, 4096), (1024, 4096), (4096, 4096)]  # FFN down, gate/up, k/v, q/o (out x in)
@@ -107,7 +107,7 @@ def measure_on_gpu() -> None:
         x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
         bf16_weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
                         for _ in range(-(-400_000_000 // (2 * n * k)) + 1)]  # > 400 MB cycled: read from HBM
-        bf16 = seconds_per_call(lambda i, w=bf16_weights: torch.nn.functional.linear(x, w[i % len(w)]), "cuda")
+        bf16 = seconds_per_call(lambda i, w=bf16_weights, x=x: torch.nn.functional.linear(x, w[i % len(w)]), "cuda")
         print(f"{n}x{k}: bf16 {bf16 * 1e6:.1f}us {2 * n * k / bf16 / 1e9:.0f}GB/s", flush=True)
         del bf16_weights
         distinct = [quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), "int4") for _ in range(4)]
@@ -118,7 +118,7 @@ def measure_on_gpu() -> None:
         for name in VARIANTS:
             try:
                 error = relative_error(run_variant(name, x, *quantized[0]), reference)
-                seconds = seconds_per_call(lambda i, name=name, q=quantized: run_variant(name, x, *q[i % len(q)]),
+                seconds = seconds_per_call(lambda i, name=name, q=quantized, x=x: run_variant(name, x, *q[i % len(q)]),
                                            "cuda")
                 print(f"  {name:12s} {seconds * 1e6:6.1f}us {moved / seconds / 1e9:5.0f}GB/s x{bf16 / seconds:.2f} "
                       f"err={error:.1e} {TUNERS[name].best_config}", flush=True)
