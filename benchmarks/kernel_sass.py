@@ -86,7 +86,7 @@ def main() -> None:
     for config in kernels._int4_tuned.configs:
         row = analyse(kernels._gemv_int4_kernel, {**bf16, "codes_ptr": "*u8"},
                       {"N": args.rows, "HALF": args.inputs // 2, "GROUPS": args.inputs // kernels.INT4_GROUP,
-                       "GROUP": kernels.INT4_GROUP, "BF16": True, "PACKED": True}, config,
+                       "GROUP": kernels.INT4_GROUP, "PACKED": True}, config,
                       config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_B"], 2)
         rows.append({"scheme": "int4", **row})
     report = {"command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -147,22 +147,24 @@ if triton is not None:
         return a0, b0, a1, b1
 
     @triton.jit
-    def _int4_activations(x_ptr, cols, col_ok, BF16: tl.constexpr):
-        """The inputs 2j and 2j + 1 of the bytes j in cols, as fp32 (x_even, x_odd)."""
-        if BF16:
-            pair = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + cols, mask=col_ok, other=0)
+    def _pairs(ptr, cols, col_ok):
+        """The values 2j and 2j + 1 of a vector, for the bytes j in cols, as fp32: bf16 read as int32 pairs lined up
+        with the code bytes (a bf16 is the top half of an fp32), other dtypes by two strided loads."""
+        if ptr.dtype.element_ty == tl.bfloat16:
+            pair = tl.load(ptr.to(tl.pointer_type(tl.int32), bitcast=True) + cols, mask=col_ok, other=0)
             return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
         else:
-            return (tl.load(x_ptr + 2 * cols, mask=col_ok, other=0.0).to(tl.float32),
-                    tl.load(x_ptr + 2 * cols + 1, mask=col_ok, other=0.0).to(tl.float32))
+            return (tl.load(ptr + 2 * cols, mask=col_ok, other=0.0).to(tl.float32),
+                    tl.load(ptr + 2 * cols + 1, mask=col_ok, other=0.0).to(tl.float32))
 
     @triton.jit
     def _gemv_int4_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, HALF: tl.constexpr,
                           GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr,
-                          BF16: tl.constexpr, PACKED: tl.constexpr):
+                          PACKED: tl.constexpr):
         # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high). Runs of
         # 4 bytes (8 inputs) never straddle a group (GROUP // 2 bytes, a multiple of 4).
         RUNS_PER_GROUP: tl.constexpr = GROUP // 8
+        BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # codes widened to 0.5 + c/256 (see above)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_B // 4), dtype=tl.float32)
@@ -171,7 +173,7 @@ if triton is not None:
             col_ok = cols < HALF
             packed = tl.load(codes_ptr + rows[:, None] * HALF + tl.max_contiguous(cols, 4)[None, :],
                              mask=row_ok[:, None] & col_ok[None, :], other=0x88)
-            x_even, x_odd = _int4_activations(x_ptr, cols, col_ok, BF16)
+            x_even, x_odd = _pairs(x_ptr, cols, col_ok)
             e0, e1, e2, e3 = _quarters(x_even)
             o0, o1, o2, o3 = _quarters(x_odd)
             if BF16:
@@ -213,7 +215,7 @@ if triton is not None:
                                                        (16, 256, 2), (1, 512, 4), (2, 512, 4), (4, 512, 4), (8, 512, 4),
                                                        (16, 512, 4), (8, 1024, 8), (16, 1024, 8), (4, 1024, 4),
                                                        (8, 512, 2)]),
-                                  key=["N", "HALF", "BF16"])(_gemv_int4_kernel)
+                                  key=["N", "HALF"])(_gemv_int4_kernel)
 
 
 def _launch_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -232,15 +234,13 @@ def _launch_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
     n, half = codes.shape
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     group = half * 2 // scales.shape[1]
-    bf16 = x.dtype == torch.bfloat16
     if x.is_cuda:
         _int4_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, codes, scales, out, n, half, scales.shape[1],
-                                                                      GROUP=group, BF16=bf16, PACKED=True)
+                                                                      GROUP=group, PACKED=True)
     else:
         block_n = _rows_per_program(n)
         _gemv_int4_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, half, scales.shape[1],
-                                                       BLOCK_N=block_n, BLOCK_B=128, GROUP=group, BF16=bf16,
-                                                       PACKED=False)
+                                                       BLOCK_N=block_n, BLOCK_B=128, GROUP=group, PACKED=False)
     return out
 
 
