@@ -14,8 +14,9 @@ from pudding import kernels
 from pudding.engine import Engine
 from pudding.errors import PuddingError
 from pudding.export import delete_blocks
-from pudding.quantize import (INT4_GROUP, QuantizedLinear, cpu_int4_form, dequantize, product_path, quantize_blocks,
-                              quantize_weight, quantized_linear, scheme_of)
+from pudding.quantize import (CPU_INT4_KERNEL_ROWS, INT4_GROUP, QuantizedLinear, cpu_int4_form, cpu_int4_values,
+                              dequantize, product_path, quantize_blocks, quantize_weight, quantized_linear, scheme_of,
+                              unpack_int4)
 
 
 def _weight(rows=48, cols=96, seed=0):
@@ -70,22 +71,26 @@ def _ops_run(fn) -> set[str]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_cpu_products_run_pytorch_weight_only_kernels(dtype):
     """On a CPU in half precision: one int8 row in PyTorch's int8 kernel on the codes as stored; int4, laid out in
-    PyTorch's CPU packing (`cpu_int4_form`), in its int4 kernel for one row and for several; each within the rounding
-    of half precision of the product with the dequantized matrix. fp32 and several int8 rows keep the other paths."""
+    PyTorch's CPU packing (`cpu_int4_form`), in its int4 kernel up to CPU_INT4_KERNEL_ROWS rows and through the
+    dequantized matrix beyond; each within the rounding of half precision of the product with the dequantized matrix.
+    fp32 and several int8 rows keep the other paths."""
     w = _weight(rows=64, cols=96)
     generator = torch.Generator().manual_seed(3)
-    for scheme, rows in [("int8", 1), ("int4", 1), ("int4", 7)]:
+    int4_kernel = "aten::_weight_int4pack_mm_for_cpu"
+    for scheme, rows, path in [("int8", 1, "torch-cpu"), ("int4", 1, "torch-cpu"), ("int4", 7, "torch-cpu"),
+                               ("int4", CPU_INT4_KERNEL_ROWS + 1, "dequantized")]:
         codes, scales = quantize_weight(w.to(dtype), scheme)
         laid_out = cpu_int4_form(codes, scales) if scheme == "int4" else (codes, scales)
         x = torch.randn(rows, 96, generator=generator).to(dtype)
         matrix = dequantize(codes, scales, torch.float32)
         bound = torch.nn.functional.linear(x.float().abs(), matrix.abs())  # a dot product's rounding scales with this
         got = quantized_linear(x, *laid_out)
-        assert product_path(x, *laid_out) == "torch-cpu" and got.dtype == dtype and got.shape == (rows, 64)
+        assert product_path(x, *laid_out) == path and got.dtype == dtype and got.shape == (rows, 64)
         error = (got.float() - torch.nn.functional.linear(x.float(), matrix)).abs()
         assert torch.all(error <= 1e-2 * bound), f"{scheme} {rows} rows: {(error / bound).max():.1e}"
-        kernel = "aten::_weight_int8pack_mm" if scheme == "int8" else "aten::_weight_int4pack_mm_for_cpu"
-        assert kernel in _ops_run(lambda x=x, laid_out=laid_out: quantized_linear(x, *laid_out))
+        ops = _ops_run(lambda x=x, laid_out=laid_out: quantized_linear(x, *laid_out))
+        kernel = "aten::_weight_int8pack_mm" if scheme == "int8" else int4_kernel
+        assert (kernel in ops) == (path == "torch-cpu")
     codes, scales = quantize_weight(w, "int4")  # the packing itself, checked where the kernel rounds nothing (fp32)
     x = torch.randn(5, 96, generator=generator)
     error = (quantized_linear(x, *cpu_int4_form(codes, scales)) - torch.nn.functional.linear(x, dequantize(codes, scales, torch.float32))).abs()
@@ -95,22 +100,36 @@ def test_half_precision_cpu_products_run_pytorch_weight_only_kernels(dtype):
     assert product_path(torch.randn(3, 96).to(dtype), codes, scales.to(dtype)) == "dequantized"
 
 
+def test_pytorchs_cpu_int4_packing_unpacks_to_the_codes():
+    """`cpu_int4_values` undoes PyTorch's CPU packing (one and three blocks of 64 rows), so the dequantized matrix of
+    the CPU form is the module form's, bit for bit, in bf16 and fp32."""
+    for rows in (64, 192):
+        codes, scales = quantize_weight(_weight(rows=rows, cols=96).to(torch.bfloat16), "int4")
+        packed, pairs = cpu_int4_form(codes, scales)
+        assert torch.equal(cpu_int4_values(packed), unpack_int4(codes))
+        for dtype in (torch.bfloat16, torch.float32):
+            assert torch.equal(dequantize(packed, pairs, dtype), dequantize(codes, scales, dtype))
+
+
 @pytest.mark.skipif(kernels.available(torch.zeros(1)), reason="Triton's interpreter runs the kernels of kernels.py here")
 def test_a_half_precision_cpu_engine_runs_int4_in_pytorchs_packing():
     """A bf16 engine on a CPU lays its int4 matrices out in PyTorch's CPU packing (scales as (groups, out, 2) pairs)
-    and pre-fills and decodes in that kernel, as close to the same quantized model run in fp32 (same codes and scales)
-    as transformers running it in bf16 is; a fp32 engine keeps the module's own layout."""
+    and decodes and pre-fills short prompts in that kernel, longer ones through the dequantized matrices, as close to
+    the same quantized model run in fp32 (same codes and scales) as transformers running it in bf16 is; a fp32 engine
+    keeps the module's own layout."""
     model = build_tiny("llama", init=0.2).to(torch.bfloat16)
     quantize_blocks(model, "int4")
     reference = __import__("copy").deepcopy(model).float()
-    engine = Engine.from_model(model, max_len=64)
+    engine = Engine.from_model(model, max_len=96)
     assert engine.layout.entries["down_scales"][0] == (96 // INT4_GROUP, 64, 2)
-    assert Engine.from_model(reference, max_len=64).layout.entries["down_scales"][0] == (64, 96 // INT4_GROUP)
-    prompt = torch.randint(3, 200, (11,), generator=torch.Generator().manual_seed(2)).tolist()
-    for blocks in [(), (1, 4)]:
+    assert Engine.from_model(reference, max_len=96).layout.entries["down_scales"][0] == (64, 96 // INT4_GROUP)
+    generator = torch.Generator().manual_seed(2)
+    for blocks, length in [((), 11), ((1, 4), 11), ((1, 4), CPU_INT4_KERNEL_ROWS + 6)]:
+        prompt = torch.randint(3, 200, (length,), generator=generator).tolist()
         omit = engine.omission(blocks)
         engine.use(omit)
-        assert "aten::_weight_int4pack_mm_for_cpu" in _ops_run(lambda: engine.prefill(prompt))
+        in_kernel = "aten::_weight_int4pack_mm_for_cpu" in _ops_run(lambda prompt=prompt: engine.prefill(prompt))
+        assert in_kernel == (length <= CPU_INT4_KERNEL_ROWS)
         logits = engine.prefill(prompt).reshape(-1).float()
         step = engine.decode_step(logits.argmax().view(1, 1), len(prompt)).reshape(-1).float()
         ids = torch.tensor([prompt + [int(logits.argmax())]])

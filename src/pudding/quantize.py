@@ -52,11 +52,18 @@ def quantized_shapes(out_features: int, in_features: int, scheme: str, dtype: to
 
 # PyTorch's CPU int4 kernel (the one gpt-fast runs on CPUs) reads its own packing of the nibbles, made from the codes
 # once (about 0.1 s for a 14336 x 4096 matrix, too slow for every product), and its scales as (groups, out, 2)
-# (scale, zero) pairs, a value being (nibble - 8) * scale + zero: with zero 0, exactly this module's int4.
-CPU_INT4_ROWS = 16  # that packing takes the output rows sixteen at a time
+# (scale, zero) pairs, a value being (nibble - 8) * scale + zero: with zero 0, exactly this module's int4. For output
+# rows in 64s the packing is simple (`cpu_int4_values` undoes it): byte i of input k's 32 bytes in a block of 64 rows
+# holds rows i (low nibble) and 32 + i (high); other row counts end in a differently packed tail, so they keep the
+# module's layout.
+CPU_INT4_ROWS = 64
 # PyTorch's CPU weight-only kernels are fast in half precision only: in fp32 they made SmolLM2-135M's decode 3-5x
 # slower than the paths below (2 CPU cores), which fp32 keeps.
 CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# Past this many activation rows (pre-fill) the CPU int4 kernel loses to dequantize-then-multiply: it computes no
+# faster per row than a bf16 product of 4 rows x 16 (2 cores, Qwen2.5-0.5B's 4864 x 896 matrix in bf16: 7.7 ms at
+# 128 rows, 26.5 at 512, against 6.3 / 15.6 dequantized with bf16's GEMM; 0.5 / 1.9 against 4.4 / 4.9 at 8 / 32).
+CPU_INT4_KERNEL_ROWS = 64
 
 
 def cpu_int4_fits(out_features: int, device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -71,6 +78,15 @@ def cpu_int4_form(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tens
     nibbles = torch.stack((codes & 0x0F, codes >> 4), dim=-1).view(codes.shape[0], -1).to(torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
     return packed, torch.stack((scales.t(), torch.zeros_like(scales.t())), dim=-1).contiguous()
+
+
+def cpu_int4_values(packed: torch.Tensor) -> torch.Tensor:
+    """The int4 values in [-8, 7], (out, in) int8, of a matrix in PyTorch's CPU packing (output rows in 64s)."""
+    out_features, in_features = packed.shape[0], packed.shape[1] * 2
+    blocks = out_features // CPU_INT4_ROWS
+    low = ((packed & 0x0F).view(torch.int8) - 8).view(blocks, in_features, CPU_INT4_ROWS // 2)
+    high = ((packed >> 4).view(torch.int8) - 8).view(blocks, in_features, CPU_INT4_ROWS // 2)
+    return torch.stack((low, high), dim=1).transpose(2, 3).reshape(out_features, in_features)
 
 
 def quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +119,17 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) matrix the codes stand for, in `dtype`. The scheme is read from the codes' dtype."""
+    """The (out, in) matrix the codes stand for, in `dtype`. The scheme is read from the codes' dtype; int4 in
+    PyTorch's CPU packing (`cpu_int4_form`) from its 3-D scales."""
     if codes.dtype == torch.int8:
         return codes.to(dtype) * scales.to(dtype)[:, None]
-    values = unpack_int4(codes)
+    if scales.dim() == 3:
+        values, scales = cpu_int4_values(codes), scales[..., 0].t()
+    else:
+        values = unpack_int4(codes)
     out_features, in_features = values.shape
-    grouped = values.view(out_features, scales.shape[1], in_features // scales.shape[1]).to(dtype)
-    return (grouped * scales.to(dtype)[..., None]).view(out_features, in_features)
+    grouped = values.view(out_features, scales.shape[1], in_features // scales.shape[1])
+    return torch.mul(grouped, scales.to(dtype)[..., None]).view(out_features, in_features)  # int8 * dtype: one pass
 
 
 # Up to this many activation rows an int8 product runs in the tiled low-bit kernel; beyond, compute dominates and
@@ -124,14 +144,14 @@ def product_path(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
 
     * "triton": where Triton runs (kernels.py), one row (a decode step) takes the low-bit GEMV kernel and several rows
       the low-bit matrix product (int8: up to INT8_KERNEL_ROWS); each code is read once and widened in registers.
-    * "torch-cpu": on a CPU in half precision, PyTorch's weight-only kernels: int8 for one row, int4 (any rows) when
-      its matrix was laid out in that kernel's form (`cpu_int4_form`; its scales are 3-D).
+    * "torch-cpu": on a CPU in half precision, PyTorch's weight-only kernels: int8 for one row, int4 up to
+      CPU_INT4_KERNEL_ROWS when its matrix was laid out in that kernel's form (`cpu_int4_form`; its scales are 3-D).
     * "codes": one int8 row elsewhere, multiplied on the codes with the row scales on the output.
     * "dequantized": anything else, by the dequantized matrix (for several int8 rows on a GPU inductor would lower the
       codes form to `_weight_int8pack_mm`, which took 15.6 ms per 8B-shape matrix at 128 tokens on an H200)."""
     rows = x.numel() // x.shape[-1]
     if scales.dim() == 3:
-        return "torch-cpu"
+        return "torch-cpu" if rows <= CPU_INT4_KERNEL_ROWS else "dequantized"
     if kernels.available(x) and (codes.dtype != torch.int8 or rows <= INT8_KERNEL_ROWS):
         return "triton"
     if rows == 1 and codes.dtype == torch.int8:
