@@ -1,11 +1,13 @@
 """Why was the int8 GEMV at 1.4x bf16 and not 2x? Forms of the one-row int8 product, each on the four matrix shapes
 of a LLaMA-3.1-8B block, weights cycled past L2 (copies summing to > 200 MB), 20 calls per CUDA graph:
 
-* `kernels.py`: the engine's kernel (codes widened in PTX, a byte permute per code; autotuned tiling);
-* `triton-widening`: the same kernel with the codes widened in Triton (sign extension, add, OR, subtract per code),
-  the form before 2026-12-04 and the one the CPU interpreter runs;
-* `even`: that Triton form without masks (every shape divides its tile) and one integer add for the exponent trick
-  (c + 0x4B000080 is the float 2^23 + 128 + c's bits) instead of an add and an OR;
+* `kernels.py`: the engine's kernel (since 2026-12-05: several rows a thread, codes widened to 1 + (c + 128)/32768 by
+  one byte permute each, no subtraction; the comment above `kernels._int8_biased` says why; autotuned tiling);
+* `triton-widening`: the same kernel with the codes widened in Triton arithmetic, the form the CPU interpreter runs;
+* `previous`: the engine's kernel of 2026-12-04 (one to 8 rows a program, codes widened in PTX by a byte permute and
+  a subtraction each);
+* `even`: the Triton-widened form of 2026-12-03 without masks (every shape divides its tile) and one integer add for
+  the exponent trick (c + 0x4B000080 is the float 2^23 + 128 + c's bits) instead of an add and an OR;
 * `fp16-route`: PTX widening through half precision (two codes per permute under the fp16 exponent of 1024, a packed
   fp16 subtraction, then fp16 -> fp32 per code);
 * `dot-native` / `dot-magic`: the multiply-adds on tensor cores: a tile of codes widened to bf16 (exact: |c| <= 127)
@@ -33,6 +35,7 @@ import triton.language as tl
 
 from pudding import kernels
 from pudding.bench import seconds_per_call
+from pudding.kernels import _int8_values
 from pudding.quantize import dequantize, quantize_weight
 
 SHAPES = [(4096, 14336), (14336, 4096), (1024, 4096), (4096, 4096)]  # FFN down, gate/up, k/v, q/o (out x in)
@@ -129,6 +132,27 @@ _fp16_route_tuned = triton.autotune(_configs("BLOCK_K", [(n, k, w, 1) for n, k, 
 _triton_widening_tuned = triton.autotune(kernels._int8_tuned.configs, key=["N", "K"])(kernels._gemv_int8_kernel)
 
 
+@triton.jit
+def _previous_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PACKED: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+        acc += _int8_values(w, PACKED) * x[None, :]
+    total = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+_previous_tuned = triton.autotune(kernels._tilings("BLOCK_K", [
+    (1, 512, 2), (1, 512, 4), (1, 1024, 4), (1, 2048, 8), (2, 1024, 4), (2, 2048, 8), (2, 4096, 8), (4, 1024, 4),
+    (4, 2048, 8), (4, 4096, 8), (8, 1024, 8)]), key=["N", "K"])(_previous_kernel)
+
+
 def run_variant(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     n, k = codes.shape
     out = torch.empty(n, dtype=x.dtype, device=x.device)
@@ -138,6 +162,8 @@ def run_variant(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.T
     if x.is_cuda:
         if name == "triton-widening":
             _triton_widening_tuned[grid](x, codes, scales, out, n, k, PACKED=False)
+        elif name == "previous":
+            _previous_tuned[grid](x, codes, scales, out, n, k, PACKED=True)
         elif name == "even":
             _even_tuned[grid](x, codes, scales, out, k)
         elif name == "fp16-route":
@@ -147,6 +173,8 @@ def run_variant(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.T
         return out
     if name == "triton-widening":
         kernels._gemv_int8_kernel[(n // 4,)](x, codes, scales, out, n, k, BLOCK_N=4, BLOCK_K=64, PACKED=False)
+    elif name == "previous":
+        _previous_kernel[(n // 4,)](x, codes, scales, out, n, k, BLOCK_N=4, BLOCK_K=64, PACKED=False)
     elif name == "even":
         _even_kernel[(n // 4,)](x, codes, scales, out, k, BLOCK_N=4, BLOCK_K=64)
     else:
@@ -155,10 +183,11 @@ def run_variant(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.T
     return out
 
 
-TUNERS = {"triton-widening": _triton_widening_tuned, "even": _even_tuned, "fp16-route": _fp16_route_tuned,
-          "dot-native": _dot_tuned, "dot-magic": _dot_tuned, "kernels.py": kernels._int8_tuned}
+TUNERS = {"triton-widening": _triton_widening_tuned, "previous": _previous_tuned, "even": _even_tuned,
+          "fp16-route": _fp16_route_tuned, "dot-native": _dot_tuned, "dot-magic": _dot_tuned,
+          "kernels.py": kernels._int8_tuned}
 VARIANTS = tuple(TUNERS)
-CPU_VARIANTS = ("triton-widening", "even", "dot-native", "dot-magic")  # the interpreter runs no PTX
+CPU_VARIANTS = ("triton-widening", "previous", "even", "dot-native", "dot-magic")  # the interpreter runs no PTX
 
 
 def best_config(name: str) -> str:
