@@ -21,7 +21,7 @@ few fixed tilings between cudaProfilerStart/Stop, for `ncu --profile-from-start 
 results/int8-gemv-variants-h200/). On a CPU (TRITON_INTERPRET=1) it checks the Triton forms' arithmetic on a small
 matrix (the interpreter runs no PTX).
 
-    PYTHONPATH=src python benchmarks/int8_gemv_variants.py [--profile]
+    PYTHONPATH=src python benchmarks/int8_gemv_variants.py [--profile] [--only kernels.py,previous]
 """
 
 from __future__ import annotations
@@ -208,13 +208,13 @@ def check_on_cpu() -> None:
         print(f"{name}: max relative error {relative_error(run_variant(name, x, codes, scales), reference):.1e}")
 
 
-def measure_on_gpu() -> None:
+def measure_on_gpu(variants=VARIANTS) -> None:
     torch.manual_seed(0)
     for n, k in SHAPES:
         x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
         bf16_copies = -(-400_000_000 // (2 * n * k)) + 1  # > 400 MB of weights cycled: every call reads from HBM
         bf16_weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(bf16_copies)]
-        bf16 = seconds_per_call(lambda i, w=bf16_weights: torch.nn.functional.linear(x, w[i % len(w)]), "cuda")
+        bf16 = seconds_per_call(lambda i, w=bf16_weights, x=x: torch.nn.functional.linear(x, w[i % len(w)]), "cuda")
         print(f"{n}x{k}: bf16 {bf16 * 1e6:.1f}us {2 * n * k / bf16 / 1e9:.0f}GB/s", flush=True)
         del bf16_weights
         distinct = [quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), "int8") for _ in range(4)]
@@ -223,10 +223,10 @@ def measure_on_gpu() -> None:
         quantized = [(codes.clone(), scales.clone()) for codes, scales in cycled]
         reference = dequantize(*quantized[0], torch.float32) @ x.float()
         moved = n * k + 2 * n
-        for name in VARIANTS:
+        for name in variants:
             try:
                 error = relative_error(run_variant(name, x, *quantized[0]), reference)
-                seconds = seconds_per_call(lambda i, name=name, q=quantized: run_variant(name, x, *q[i % len(q)]),
+                seconds = seconds_per_call(lambda i, name=name, q=quantized, x=x: run_variant(name, x, *q[i % len(q)]),
                                            "cuda")
                 print(f"  {name:15s} {seconds * 1e6:6.1f}us {moved / seconds / 1e9:5.0f}GB/s x{bf16 / seconds:.2f} "
                       f"err={error:.1e} {best_config(name)}", flush=True)
@@ -265,4 +265,5 @@ if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
         check_on_cpu()
     else:
-        profile_on_gpu() if "--profile" in sys.argv else measure_on_gpu()
+        only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else VARIANTS
+        profile_on_gpu() if "--profile" in sys.argv else measure_on_gpu(only)
