@@ -19,15 +19,14 @@ output of the dequantized product, the chosen tiling. On a CPU (TRITON_INTERPRET
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from gemv_timing import relative_error, time_forms
 
 from pudding import kernels
-from pudding.bench import seconds_per_call
 from pudding.kernels import _int4_values
 from pudding.quantize import dequantize, quantize_weight
 
@@ -85,10 +84,6 @@ VARIANTS = ("kernels.py", "groups")
 TUNERS = {"kernels.py": kernels._int4_tuned, "groups": _groups_tuned}
 
 
-def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((got.float() - reference).abs().max() / reference.abs().max()).item()
-
-
 def check_on_cpu() -> None:
     torch.manual_seed(0)
     for n, k in [(64, 256), (20, 384)]:  # the second: rows not a multiple of the tile, inputs not of 128 bytes
@@ -102,28 +97,7 @@ def check_on_cpu() -> None:
 
 
 def measure_on_gpu() -> None:
-    torch.manual_seed(0)
-    for n, k in SHAPES:
-        x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
-        bf16_weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-                        for _ in range(-(-400_000_000 // (2 * n * k)) + 1)]  # > 400 MB cycled: read from HBM
-        bf16 = seconds_per_call(lambda i, w=bf16_weights, x=x: torch.nn.functional.linear(x, w[i % len(w)]), "cuda")
-        print(f"{n}x{k}: bf16 {bf16 * 1e6:.1f}us {2 * n * k / bf16 / 1e9:.0f}GB/s", flush=True)
-        del bf16_weights
-        distinct = [quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), "int4") for _ in range(4)]
-        cycled = itertools.islice(itertools.cycle(distinct), -(-200_000_000 // (n * k // 2)) + 1)
-        quantized = [(codes.clone(), scales.clone()) for codes, scales in cycled]
-        reference = dequantize(*quantized[0], torch.float32) @ x.float()
-        moved = n * k // 2 + 2 * n * (k // kernels.INT4_GROUP)
-        for name in VARIANTS:
-            try:
-                error = relative_error(run_variant(name, x, *quantized[0]), reference)
-                seconds = seconds_per_call(lambda i, name=name, q=quantized, x=x: run_variant(name, x, *q[i % len(q)]),
-                                           "cuda")
-                print(f"  {name:12s} {seconds * 1e6:6.1f}us {moved / seconds / 1e9:5.0f}GB/s x{bf16 / seconds:.2f} "
-                      f"err={error:.1e} {TUNERS[name].best_config}", flush=True)
-            except Exception as failure:  # noqa: BLE001 - a form that fails to compile is a result too
-                print(f"  {name:12s} failed: {type(failure).__name__}: {str(failure)[:300]}", flush=True)
+    time_forms(SHAPES, "int4", VARIANTS, run_variant, lambda name: str(TUNERS[name].best_config))
 
 
 if __name__ == "__main__":
