@@ -4,13 +4,14 @@ matrix product for pre-fill (at the end of this file).
 A decode step multiplies one activation row by every weight matrix of the kept blocks, so its time is the bytes of
 weights read. Dequantize-then-multiply reads the codes, writes a bf16 copy and reads it again (int8 decode was 1.21x
 bf16 instead of ~2x; int4 0.32x); these kernels read each code once, widen it in registers and accumulate in fp32
-(H200, 8B shape, pruned decode: int8 367-390 tok/s, int4 359-373, bf16 270-289; results/quantized-decode-h200*.md):
+(H200, 8B shape, pruned decode: int8 367-390 tok/s, int4 359-373, bf16 270-289, results/quantized-decode-h200*.md;
+int4 461 since the one-row kernels hold several rows a thread, results/lowbit-rows-h200.md):
 
 * int8: codes (N, K) int8, one scale per output row, applied once to the row's sum.
 * int4: codes (N, K/2) uint8, two per byte (low nibble first, offset 8), one scale per group of 32 inputs, applied to
   the group's sum of products.
 
-Each program owns one or a few output rows and walks the inputs in chunks, keeping a 2-D accumulator that is reduced
+Each program owns one or several output rows and walks the inputs in chunks, keeping a 2-D accumulator that is reduced
 once at the end (a reduction per chunk would cost more than the loads). They are registered as torch custom ops, so
 that `torch.compile` keeps them as single kernels and CUDA graphs capture them. Triton runs on NVIDIA GPUs, and on the
 CPU under TRITON_INTERPRET=1, which is how the tests check them against the reference arithmetic of `quantize.py`
