@@ -1,11 +1,13 @@
 """Why was the int8 GEMV at 1.4x bf16 and not 2x? Forms of the one-row int8 product, each on the four matrix shapes
 of a LLaMA-3.1-8B block, weights cycled past L2 (copies summing to > 200 MB), 20 calls per CUDA graph:
 
-* `kernels.py`: the engine's kernel (codes widened in PTX, a byte permute per code; autotuned tiling);
-* `triton-widening`: the same kernel with the codes widened in Triton (sign extension, add, OR, subtract per code),
-  the form before 2026-12-04 and the one the CPU interpreter runs;
-* `even`: that Triton form without masks (every shape divides its tile) and one integer add for the exponent trick
-  (c + 0x4B000080 is the float 2^23 + 128 + c's bits) instead of an add and an OR;
+* `kernels.py`: the engine's kernel (since 2026-12-05: several rows a thread, codes widened to 1 + (c + 128)/32768 by
+  one byte permute each, no subtraction; the comment above `kernels._int8_biased` says why; autotuned tiling);
+* `triton-widening`: the same kernel with the codes widened in Triton arithmetic, the form the CPU interpreter runs;
+* `previous`: the engine's kernel of 2026-12-04 (one to 8 rows a program, codes widened in PTX by a byte permute and
+  a subtraction each);
+* `even`: the Triton-widened form of 2026-12-03 without masks (every shape divides its tile) and one integer add for
+  the exponent trick (c + 0x4B000080 is the float 2^23 + 128 + c's bits) instead of an add and an OR;
 * `fp16-route`: PTX widening through half precision (two codes per permute under the fp16 exponent of 1024, a packed
   fp16 subtraction, then fp16 -> fp32 per code);
 * `dot-native` / `dot-magic`: the multiply-adds on tensor cores: a tile of codes widened to bf16 (exact: |c| <= 127)
@@ -19,20 +21,20 @@ few fixed tilings between cudaProfilerStart/Stop, for `ncu --profile-from-start 
 results/int8-gemv-variants-h200/). On a CPU (TRITON_INTERPRET=1) it checks the Triton forms' arithmetic on a small
 matrix (the interpreter runs no PTX).
 
-    PYTHONPATH=src python benchmarks/int8_gemv_variants.py [--profile]
+    PYTHONPATH=src python benchmarks/int8_gemv_variants.py [--profile] [--only kernels.py,previous]
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from gemv_timing import relative_error, time_forms
 
 from pudding import kernels
-from pudding.bench import seconds_per_call
+from pudding.kernels import _int8_values
 from pudding.quantize import dequantize, quantize_weight
 
 SHAPES = [(4096, 14336), (14336, 4096), (1024, 4096), (4096, 4096)]  # FFN down, gate/up, k/v, q/o (out x in)
@@ -129,6 +131,27 @@ _fp16_route_tuned = triton.autotune(_configs("BLOCK_K", [(n, k, w, 1) for n, k, 
 _triton_widening_tuned = triton.autotune(kernels._int8_tuned.configs, key=["N", "K"])(kernels._gemv_int8_kernel)
 
 
+@triton.jit
+def _previous_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PACKED: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        w = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
+        acc += _int8_values(w, PACKED) * x[None, :]
+    total = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+_previous_tuned = triton.autotune(kernels._tilings("BLOCK_K", [
+    (1, 512, 2), (1, 512, 4), (1, 1024, 4), (1, 2048, 8), (2, 1024, 4), (2, 2048, 8), (2, 4096, 8), (4, 1024, 4),
+    (4, 2048, 8), (4, 4096, 8), (8, 1024, 8)]), key=["N", "K"])(_previous_kernel)
+
+
 def run_variant(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     n, k = codes.shape
     out = torch.empty(n, dtype=x.dtype, device=x.device)
@@ -138,6 +161,8 @@ def run_variant(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.T
     if x.is_cuda:
         if name == "triton-widening":
             _triton_widening_tuned[grid](x, codes, scales, out, n, k, PACKED=False)
+        elif name == "previous":
+            _previous_tuned[grid](x, codes, scales, out, n, k, PACKED=True)
         elif name == "even":
             _even_tuned[grid](x, codes, scales, out, k)
         elif name == "fp16-route":
@@ -147,6 +172,8 @@ def run_variant(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.T
         return out
     if name == "triton-widening":
         kernels._gemv_int8_kernel[(n // 4,)](x, codes, scales, out, n, k, BLOCK_N=4, BLOCK_K=64, PACKED=False)
+    elif name == "previous":
+        _previous_kernel[(n // 4,)](x, codes, scales, out, n, k, BLOCK_N=4, BLOCK_K=64, PACKED=False)
     elif name == "even":
         _even_kernel[(n // 4,)](x, codes, scales, out, k, BLOCK_N=4, BLOCK_K=64)
     else:
@@ -155,18 +182,15 @@ def run_variant(name: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.T
     return out
 
 
-TUNERS = {"triton-widening": _triton_widening_tuned, "even": _even_tuned, "fp16-route": _fp16_route_tuned,
-          "dot-native": _dot_tuned, "dot-magic": _dot_tuned, "kernels.py": kernels._int8_tuned}
+TUNERS = {"triton-widening": _triton_widening_tuned, "previous": _previous_tuned, "even": _even_tuned,
+          "fp16-route": _fp16_route_tuned, "dot-native": _dot_tuned, "dot-magic": _dot_tuned,
+          "kernels.py": kernels._int8_tuned}
 VARIANTS = tuple(TUNERS)
-CPU_VARIANTS = ("triton-widening", "even", "dot-native", "dot-magic")  # the interpreter runs no PTX
+CPU_VARIANTS = ("triton-widening", "previous", "even", "dot-native", "dot-magic")  # the interpreter runs no PTX
 
 
 def best_config(name: str) -> str:
     return str(getattr(TUNERS[name], "best_config", ""))
-
-
-def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((got.float() - reference).abs().max() / reference.abs().max()).item()
 
 
 def check_on_cpu() -> None:
@@ -179,30 +203,8 @@ def check_on_cpu() -> None:
         print(f"{name}: max relative error {relative_error(run_variant(name, x, codes, scales), reference):.1e}")
 
 
-def measure_on_gpu() -> None:
-    torch.manual_seed(0)
-    for n, k in SHAPES:
-        x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
-        bf16_copies = -(-400_000_000 // (2 * n * k)) + 1  # > 400 MB of weights cycled: every call reads from HBM
-        bf16_weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(bf16_copies)]
-        bf16 = seconds_per_call(lambda i, w=bf16_weights: torch.nn.functional.linear(x, w[i % len(w)]), "cuda")
-        print(f"{n}x{k}: bf16 {bf16 * 1e6:.1f}us {2 * n * k / bf16 / 1e9:.0f}GB/s", flush=True)
-        del bf16_weights
-        distinct = [quantize_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), "int8") for _ in range(4)]
-        copies = -(-200_000_000 // (n * k)) + 1  # > 200 MB of codes cycled
-        cycled = itertools.islice(itertools.cycle(distinct), copies)
-        quantized = [(codes.clone(), scales.clone()) for codes, scales in cycled]
-        reference = dequantize(*quantized[0], torch.float32) @ x.float()
-        moved = n * k + 2 * n
-        for name in VARIANTS:
-            try:
-                error = relative_error(run_variant(name, x, *quantized[0]), reference)
-                seconds = seconds_per_call(lambda i, name=name, q=quantized: run_variant(name, x, *q[i % len(q)]),
-                                           "cuda")
-                print(f"  {name:15s} {seconds * 1e6:6.1f}us {moved / seconds / 1e9:5.0f}GB/s x{bf16 / seconds:.2f} "
-                      f"err={error:.1e} {best_config(name)}", flush=True)
-            except Exception as failure:  # noqa: BLE001 - a form that fails to compile is a result too
-                print(f"  {name:15s} failed: {type(failure).__name__}: {str(failure)[:300]}", flush=True)
+def measure_on_gpu(variants=VARIANTS) -> None:
+    time_forms(SHAPES, "int8", variants, run_variant, best_config)
 
 
 def profile_on_gpu() -> None:
@@ -236,4 +238,5 @@ if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
         check_on_cpu()
     else:
-        profile_on_gpu() if "--profile" in sys.argv else measure_on_gpu()
+        only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else VARIANTS
+        profile_on_gpu() if "--profile" in sys.argv else measure_on_gpu(only)

@@ -351,9 +351,9 @@ def test_the_gpu_kernels_compile_for_hopper_without_spilling():
     for config in kernels._int8_tuned.configs:
         forms.append((kernels._gemv_int8_kernel, {"x_ptr": "*bf16", "codes_ptr": "*i8", "scales_ptr": "*bf16",
                                                   "out_ptr": "*bf16"}, {"N": 14336, "K": 4096, "PACKED": True}, config))
-    for config in kernels._int4_tuned.configs:
-        forms.append((kernels._gemv_int4_kernel, {"x_ptr": "*bf16", "codes_ptr": "*u8", "scales_ptr": "*bf16",
-                                                  "out_ptr": "*bf16"},
+    for x_type, config in itertools.product(("*bf16", "*fp16"), kernels._int4_tuned.configs):  # fp16: exact widening
+        forms.append((kernels._gemv_int4_kernel, {"x_ptr": x_type, "codes_ptr": "*u8", "scales_ptr": "*bf16",
+                                                  "out_ptr": x_type},
                       {"N": 14336, "HALF": 2048, "GROUPS": 128, "GROUP": 32, "PACKED": True}, config))
     for int4, config in itertools.product((False, True), kernels._mm_tuned.configs):
         mm = {"x_ptr": "*bf16", "codes_ptr": "*u8" if int4 else "*i8", "scales_ptr": "*bf16", "out_ptr": "*bf16",

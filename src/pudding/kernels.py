@@ -4,13 +4,14 @@ matrix product for pre-fill (at the end of this file).
 A decode step multiplies one activation row by every weight matrix of the kept blocks, so its time is the bytes of
 weights read. Dequantize-then-multiply reads the codes, writes a bf16 copy and reads it again (int8 decode was 1.21x
 bf16 instead of ~2x; int4 0.32x); these kernels read each code once, widen it in registers and accumulate in fp32
-(H200, 8B shape, pruned decode: int8 367-390 tok/s, int4 359-373, bf16 270-289; results/quantized-decode-h200*.md):
+(H200, 8B shape, pruned decode: int8 367-390 tok/s, int4 359-373, bf16 270-289, results/quantized-decode-h200*.md;
+int4 461 since the one-row kernels hold several rows a thread, results/lowbit-rows-h200.md):
 
 * int8: codes (N, K) int8, one scale per output row, applied once to the row's sum.
 * int4: codes (N, K/2) uint8, two per byte (low nibble first, offset 8), one scale per group of 32 inputs, applied to
   the group's sum of products.
 
-Each program owns one or a few output rows and walks the inputs in chunks, keeping a 2-D accumulator that is reduced
+Each program owns one or several output rows and walks the inputs in chunks, keeping a 2-D accumulator that is reduced
 once at the end (a reduction per chunk would cost more than the loads). They are registered as torch custom ops, so
 that `torch.compile` keeps them as single kernels and CUDA graphs capture them. Triton runs on NVIDIA GPUs, and on the
 CPU under TRITON_INTERPRET=1, which is how the tests check them against the reference arithmetic of `quantize.py`
@@ -95,61 +96,161 @@ if triton is not None:
             widened = packed.to(tl.int32)
             return _exact_float(widened & 0xF, 8.0), _exact_float(widened >> 4, 8.0)
 
+    # One row (a decode step) is bound by the instructions each weight costs as much as by its bytes: an H200 issues
+    # ~7 thread instructions per byte of bandwidth, and the first forms of these kernels spent 4.4-8.5 per int8 weight
+    # and 12-17.6 per int4 byte (results/kernel-sass-sm90.md; int4's down product took 22.3 us against int8's 18.9).
+    # Three things cut that to ~3-4 a weight at 8-16 rows a program:
+    # * no subtraction per code: a byte permute puts the code in the mantissa of a float near 1 (int4: the nibble c
+    #   in bits 16-23 of 0x3F000000, 0.5 + c/256; int8: c + 128 in bits 8-15 of 0x3F800000, 1 + (c + 128)/32768),
+    #   and the offset leaves each run of 8 inputs through the activations' sum, shared by every row. The cancellation
+    #   costs ~1e-6 (int4) / ~1e-4 (int8) of a run's value, far below bf16's rounding of the output; other
+    #   activation dtypes keep the exact widening;
+    # * several rows a thread, each thread holding one run (4 int4 bytes, 8 int8 bytes) of every row its program owns,
+    #   so one widened activation serves them all; `tl.max_contiguous` holds each code load to its run (Triton would
+    #   load 16 bytes and give the activations another layout, converted through shared memory in every iteration);
+    # * bf16 activations read as int32 pairs (a bf16 is the top half of an fp32: one shift or mask each), and a run's
+    #   8 products summed in one chain of multiply-adds before one scale.
+    _INT4_BIASED_PTX = tl.constexpr(
+        "{\n.reg .b32 lo, hi;\nand.b32 lo, $8, 0x0F0F0F0F;\nshr.u32 hi, $8, 4;\nand.b32 hi, hi, 0x0F0F0F0F;\n"
+        + "\n".join(f"prmt.b32 ${j}, lo, 0x3F000000, 0x7{j}54;" for j in range(4)) + "\n"
+        + "\n".join(f"prmt.b32 ${4 + j}, hi, 0x3F000000, 0x7{j}54;" for j in range(4)) + "\n}")
+    # selector 0x76j4: byte 0 from the constant (0x00), byte 1 = byte j of t, bytes 2, 3 from the constant (0x80, 0x3F)
+    _INT8_BIASED_PTX = tl.constexpr("{\n.reg .b32 t;\nxor.b32 t, $4, 0x80808080;\n"
+                                    + "\n".join(f"prmt.b32 ${j}, t, 0x3F800000, 0x76{j}4;" for j in range(4)) + "\n}")
+
+    @triton.jit
+    def _int4_biased(packed, PACKED: tl.constexpr):
+        """(0.5 + low nibble / 256, 0.5 + high nibble / 256) of each packed byte, as exact fp32 values."""
+        if PACKED:
+            return tl.inline_asm_elementwise(_INT4_BIASED_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            w = packed.to(tl.int32)
+            return ((((w & 0xF) << 16) | 0x3F000000).to(tl.float32, bitcast=True),
+                    (((w >> 4) << 16) | 0x3F000000).to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _int8_biased(w, PACKED: tl.constexpr):
+        """1 + (c + 128) / 32768 for each int8 code c, as exact fp32 values."""
+        if PACKED:
+            return tl.inline_asm_elementwise(_INT8_BIASED_PTX, "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True,
+                                             pack=4)
+        else:
+            return (((w.to(tl.int32) + 128) << 8) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _quarters(t):
+        """The four values of each run of four along the last axis, as four tensors (a thread holds each run)."""
+        a, b = tl.split(tl.reshape(t, t.shape[:-1] + (t.shape[-1] // 4, 2, 2)))
+        a0, a1 = tl.split(a)
+        b0, b1 = tl.split(b)
+        return a0, b0, a1, b1
+
+    @triton.jit
+    def _pairs(ptr, j, n: tl.constexpr):
+        """Entries 2j and 2j + 1 of a vector of length n, as fp32: bf16 read as int32 pairs (a bf16 is the top half
+        of an fp32), other dtypes (or an odd length) by two strided loads."""
+        if ptr.dtype.element_ty == tl.bfloat16 and n % 2 == 0:
+            pair = tl.load(ptr.to(tl.pointer_type(tl.int32), bitcast=True) + j, mask=j < n // 2, other=0)
+            return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+        else:
+            return (tl.load(ptr + 2 * j, mask=2 * j < n, other=0.0).to(tl.float32),
+                    tl.load(ptr + 2 * j + 1, mask=2 * j + 1 < n, other=0.0).to(tl.float32))
+
+    @triton.jit
+    def _run_sums(x_even, x_odd):
+        """The activations' sum over each run of 8 inputs (4 pairs)."""
+        e0, e1, e2, e3 = _quarters(x_even)
+        o0, o1, o2, o3 = _quarters(x_odd)
+        return ((e0 + o0) + (e1 + o1)) + ((e2 + o2) + (e3 + o3))
+
+    @triton.jit
+    def _run_products(even, odd, x_even, x_odd, init):
+        """init + each row's products over each run of 8 inputs (weights of the even and of the odd inputs, (rows,
+        pairs); activations (pairs,)), in one chain of multiply-adds: (rows, runs)."""
+        w0, w1, w2, w3 = _quarters(even)
+        v0, v1, v2, v3 = _quarters(odd)
+        e0, e1, e2, e3 = _quarters(x_even)
+        o0, o1, o2, o3 = _quarters(x_odd)
+        run = w0 * e0[None, :] + init
+        run = v0 * o0[None, :] + run
+        run = w1 * e1[None, :] + run
+        run = v1 * o1[None, :] + run
+        run = w2 * e2[None, :] + run
+        run = v2 * o2[None, :] + run
+        run = w3 * e3[None, :] + run
+        return v3 * o3[None, :] + run
+
     @triton.jit
     def _gemv_int8_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr):
+        # BLOCK_K inputs (code bytes) per chunk, in runs of 8; one scale per row, applied once to its sum.
+        BIASED: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # codes widened to 1 + (c + 128)/32768
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            w = tl.load(codes_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0)
-            acc += _int8_values(w, PACKED) * x[None, :]
-        total = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+            w = tl.load(codes_ptr + rows[:, None] * K + tl.max_contiguous(cols, 8)[None, :],
+                        mask=row_ok[:, None] & (cols < K)[None, :], other=0)
+            x_even, x_odd = _pairs(x_ptr, start // 2 + tl.arange(0, BLOCK_K // 2), K)
+            if BIASED:
+                values = _int8_biased(w, PACKED)
+                init = (-32896.0 / 32768.0) * _run_sums(x_even, x_odd)[None, :]
+            else:
+                values = _int8_values(w, PACKED)
+                init = tl.zeros((1, BLOCK_K // 8), dtype=tl.float32)
+            even, odd = tl.split(tl.reshape(values, (BLOCK_N, BLOCK_K // 2, 2)))
+            acc += _run_products(even, odd, x_even, x_odd, init)
+        scale = tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * (32768.0 if BIASED else 1.0)
+        tl.store(out_ptr + rows, (tl.sum(acc, axis=1) * scale).to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _gemv_int4_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, HALF: tl.constexpr,
                           GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr,
                           PACKED: tl.constexpr):
-        # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high). A group
-        # of GROUP inputs is GROUP // 2 consecutive bytes: its products are summed first and scaled once.
-        GROUP_BYTES: tl.constexpr = GROUP // 2
+        # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high). Runs of
+        # 4 bytes (8 inputs) never straddle a group (GROUP // 2 bytes, a multiple of 4).
+        RUNS_PER_GROUP: tl.constexpr = GROUP // 8
+        BIASED: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # codes widened to 0.5 + c/256
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_B // GROUP_BYTES), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_B // 4), dtype=tl.float32)
         for start in range(0, HALF, BLOCK_B):
             cols = start + tl.arange(0, BLOCK_B)
-            col_ok = cols < HALF
-            both = row_ok[:, None] & col_ok[None, :]
-            packed = tl.load(codes_ptr + rows[:, None] * HALF + cols[None, :], mask=both, other=0x88)
-            inputs = 2 * start + tl.arange(0, 2 * BLOCK_B)  # one contiguous load, split into even and odd inputs
-            x = tl.load(x_ptr + inputs, mask=inputs < 2 * HALF, other=0.0).to(tl.float32)
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_B, 2)))
-            low, high = _int4_values(packed, PACKED)
-            products = low * x_even[None, :] + high * x_odd[None, :]
-            sums = tl.sum(tl.reshape(products, (BLOCK_N, BLOCK_B // GROUP_BYTES, GROUP_BYTES)), axis=2)
-            groups = start // GROUP_BYTES + tl.arange(0, BLOCK_B // GROUP_BYTES)
-            scale = tl.load(scales_ptr + rows[:, None] * GROUPS + groups[None, :],
-                            mask=row_ok[:, None] & (groups < GROUPS)[None, :], other=0.0)
-            acc += sums * scale.to(tl.float32)
-        tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
+            packed = tl.load(codes_ptr + rows[:, None] * HALF + tl.max_contiguous(cols, 4)[None, :],
+                             mask=row_ok[:, None] & (cols < HALF)[None, :], other=0x88)
+            x_even, x_odd = _pairs(x_ptr, cols, 2 * HALF)
+            if BIASED:
+                low, high = _int4_biased(packed, PACKED)
+                init = (-136.0 / 256.0) * _run_sums(x_even, x_odd)[None, :]
+            else:
+                low, high = _int4_values(packed, PACKED)
+                init = tl.zeros((1, BLOCK_B // 4), dtype=tl.float32)
+            runs = start // 4 + tl.arange(0, BLOCK_B // 4)
+            scale = tl.load(scales_ptr + rows[:, None] * GROUPS + (runs // RUNS_PER_GROUP)[None, :],
+                            mask=row_ok[:, None] & (runs < HALF // 4)[None, :], other=0.0)
+            acc += _run_products(low, high, x_even, x_odd, init) * scale.to(tl.float32)
+        total = tl.sum(acc, axis=1) * (256.0 if BIASED else 1.0)
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     # On the GPU each matrix shape gets the fastest of a few tilings, measured on its first call (the engine's
-    # warm-up, before any CUDA graph is captured); the interpreter runs the fixed tiling below. One row per program
-    # won most often on the H200 (many small programs keep more loads in flight than a few large ones).
+    # warm-up, before any CUDA graph is captured); the interpreter runs the fixed tiling below. The rows a program owns
+    # trade instructions per weight (fewer with more rows) against programs, so bytes in flight (more with fewer).
     def _tilings(chunk: str, sizes) -> list:
         return [triton.Config({"BLOCK_N": n, chunk: c}, num_warps=w, num_stages=1) for n, c, w in sizes]
 
-    _int8_tuned = triton.autotune(_tilings("BLOCK_K", [(1, 512, 2), (1, 512, 4), (1, 1024, 4), (1, 2048, 8),
-                                                       (2, 1024, 4), (2, 2048, 8), (2, 4096, 8), (4, 1024, 4),
-                                                       (4, 2048, 8), (4, 4096, 8), (8, 1024, 8)]),
+    # Each thread holds one run of every row its program owns: BLOCK_K = 8 int8 bytes x 32 threads a warp (x 1 or 2);
+    # BLOCK_B = 4 int4 bytes x 32 a warp.
+    _int8_tuned = triton.autotune(_tilings("BLOCK_K", [(4, 256, 1), (8, 256, 1), (16, 256, 1), (8, 512, 2), (16, 512, 2),
+                                                       (1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (8, 1024, 4),
+                                                       (16, 1024, 4), (8, 2048, 8), (16, 2048, 8), (4, 2048, 4),
+                                                       (8, 1024, 2)]),
                                   key=["N", "K"])(_gemv_int8_kernel)
-    _int4_tuned = triton.autotune(_tilings("BLOCK_B", [(1, 256, 2), (1, 512, 4), (1, 1024, 4), (1, 2048, 8),
-                                                       (2, 512, 4), (2, 1024, 4), (4, 256, 4), (4, 512, 4),
-                                                       (4, 1024, 8), (8, 256, 4), (8, 512, 8), (16, 128, 4)]),
+    _int4_tuned = triton.autotune(_tilings("BLOCK_B", [(4, 128, 1), (8, 128, 1), (16, 128, 1), (4, 256, 2), (8, 256, 2),
+                                                       (16, 256, 2), (1, 512, 4), (2, 512, 4), (4, 512, 4), (8, 512, 4),
+                                                       (16, 512, 4), (8, 1024, 8), (16, 1024, 8), (4, 1024, 4),
+                                                       (8, 512, 2)]),
                                   key=["N", "HALF"])(_gemv_int4_kernel)
 
 
@@ -160,7 +261,7 @@ def _launch_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
         _int8_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, codes, scales, out, n, k, PACKED=True)
     else:
         block_n = _rows_per_program(n)
-        _gemv_int8_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=512,
+        _gemv_int8_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=256,
                                                        PACKED=False)
     return out
 
@@ -175,7 +276,7 @@ def _launch_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> 
     else:
         block_n = _rows_per_program(n)
         _gemv_int4_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, half, scales.shape[1],
-                                                       BLOCK_N=block_n, BLOCK_B=256, GROUP=group, PACKED=False)
+                                                       BLOCK_N=block_n, BLOCK_B=128, GROUP=group, PACKED=False)
     return out
 
 
