@@ -10,7 +10,7 @@ Output on the H200 (2026-12-04, commit 9329c92, which timed 200 graphed calls wi
 `seconds_per_call`'s median): results/decode-kernels-h200.md, last section.""" 
 import json, os
 import torch, triton, triton.language as tl
-from pudding.bench import seconds_per_call
+from pudding.bench.timing import seconds_per_call
 
 torch._inductor.config.coordinate_descent_tuning = True
 

@@ -24,7 +24,9 @@ import torch
 import transformers
 
 from provenance import provenance, save
-from pudding.bench import LLAMA_31_8B, PAPER_SET, Clock, measure_bandwidth, profile_decode, weight_bytes_per_token
+from pudding.bench.references import profile_decode
+from pudding.bench.suites import LLAMA_31_8B, PAPER_SET
+from pudding.bench.timing import Clock, measure_bandwidth, weight_bytes_per_token
 from pudding.block import block_step
 from pudding.engine import Engine
 from pudding.omission import OmissionSet

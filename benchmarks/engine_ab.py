@@ -17,7 +17,10 @@ import time
 
 import transformers
 
-from pudding.bench import LLAMA_31_8B, graph_pool_bytes, profile_prefill, time_set
+from pudding.bench.memory import graph_pool_bytes
+from pudding.bench.references import profile_prefill
+from pudding.bench.suites import LLAMA_31_8B
+from pudding.bench.timing import time_set
 from pudding.engine import Engine
 from pudding.omission import OmissionSet
 

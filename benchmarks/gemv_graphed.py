@@ -20,7 +20,7 @@ import argparse
 import torch
 
 from pudding import kernels
-from pudding.bench import seconds_per_call
+from pudding.bench.timing import seconds_per_call
 from pudding.quantize import INT4_GROUP, dequantize, quantize_weight, quantized_linear
 
 SHAPES = [(4096, 14336), (14336, 4096), (1024, 4096), (4096, 4096)]  # FFN down, gate/up, k/v, q/o (out x in)

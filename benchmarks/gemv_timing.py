@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pudding.bench import seconds_per_call
+from pudding.bench.timing import seconds_per_call
 from pudding.quantize import dequantize, quantize_weight
 
 

@@ -16,7 +16,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pudding.bench import router_text, router_timing
+from pudding.bench.timing import router_text, router_timing
 from pudding.models import load_tokenizer, resolve_model
 from pudding.omission import OmissionSet
 from pudding.policy import RoutedPolicy

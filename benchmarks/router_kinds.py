@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pudding.bench import router_timing
+from pudding.bench.timing import router_timing
 from pudding.bundle import MAIN_ROUTER, Bundle
 from pudding.evaluate import results_document
 from pudding.policy import RoutedPolicy

@@ -20,7 +20,8 @@ import torch
 import transformers
 
 from provenance import provenance, save
-from pudding.bench import LLAMA_31_8B, PAPER_SET, ROUTER_POOL, Clock, _prompt, router_text, routed_prefill
+from pudding.bench.suites import LLAMA_31_8B, PAPER_SET, ROUTER_POOL
+from pudding.bench.timing import Clock, prompt_ids, routed_prefill, router_text
 from pudding.engine import Engine
 from pudding.omission import OmissionSet
 from pudding.policy import RoutedPolicy, shared_blocks
@@ -99,7 +100,7 @@ def main() -> None:
     clock = Clock("cuda")
     report = {**provenance(args), "pool_shared_blocks": shared_blocks(pool), "routers": {}}
     engine.use(OmissionSet(PAPER_SET, blocks))
-    report["pruned_prefill_ms"] = {n: clock.median(lambda n=n: engine.prefill(_prompt(n, engine.shape.vocab)).argmax(-1), args.repeats)
+    report["pruned_prefill_ms"] = {n: clock.median(lambda n=n: engine.prefill(prompt_ids(n, engine.shape.vocab)).argmax(-1), args.repeats)
                                    for n in lengths}
     for dtype in args.router_dtypes.split(","):
         policy = RoutedPolicy(LoadedRouter.untrained("minilm-l6", pool, "cuda", dtype))

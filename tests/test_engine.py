@@ -202,7 +202,8 @@ def test_bench_measures_prefill_with_routing_beside_the_shared_blocks(encoder):
     pre-filled ahead, and checks its logits against choosing first (equal on the CPU); the report shows the table.
     The encoder router and the one on the decoder's embeddings (host-side, no device work) run the same way."""
     from conftest import build_tiny
-    from pudding.bench import _routed_lines, _router_words, routed_prefill
+    from pudding.bench.report import _routed_lines, _router_words
+    from pudding.bench.timing import routed_prefill
     from pudding.models import load_tokenizer, resolve_model
     from pudding.policy import RoutedPolicy
     from pudding.router import untrained_router
@@ -241,7 +242,7 @@ def test_bench_times_the_sets_in_turn():
     """`bench.time_sets`: the sets take turns at every repeat (a machine whose speed drifts then slows them alike),
     each timing is of its own set's stack, and every length and generation is timed for each set."""
     from conftest import build_tiny
-    from pudding.bench import time_sets
+    from pudding.bench.timing import time_sets
 
     engine = Engine.from_model(build_tiny("llama", init=0.2), max_len=64)
     dense, pruned = engine.omission(()), engine.omission((2, 4))
@@ -268,7 +269,8 @@ def test_bench_times_a_bundle_with_the_router_asked_for(smollm2):
     own router (the embeddings router reading with the model's own tokenizer), and the report says which."""
     from pathlib import Path
 
-    from pudding.bench import BenchSettings, benchmark_bundle, markdown
+    from pudding.bench.report import markdown
+    from pudding.bench.suites import BenchSettings, benchmark_bundle
 
     settings = BenchSettings(prompt_lengths=(8,), base_prompt=8, gen_lengths=(4,), repeats=1, max_len=64)
     bundle = Path(__file__).parent.parent / "results" / "smollm2-h100"  # its router.json names MiniLM
@@ -286,7 +288,7 @@ def test_the_committed_h200_report_renders_with_its_goals():
     import json
     from pathlib import Path
 
-    from pudding.bench import markdown, shape_goals
+    from pudding.bench.report import markdown, shape_goals
 
     report = json.loads((Path(__file__).parents[1] / "results" / "bench-h200.json").read_text())
     goals = shape_goals(report["shape"])
@@ -343,7 +345,7 @@ def test_kernel_profiles_count_the_products_and_not_the_kernels_named_after_them
     """A profile splits a step's GPU time into matrix products and the rest by kernel name. Inductor names a fused
     kernel after the ops in it, so a norm fused beside a low-bit product (`..._gemv_lowbit_mean_...`) is not a product,
     while pudding's own low-bit kernels, cuBLAS's and inductor's reductions holding an `mm` are."""
-    from pudding.bench import _is_matrix_product
+    from pudding.bench.references import _is_matrix_product
 
     products = ["_gemv_int8_kernel", "_gemv_int4_kernel", "_mm_lowbit_kernel", "nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT",
                 "triton_red_fused__to_copy__unsafe_view_add_mean_mm_mul_pow_rsqrt_t_view_8", "triton_red_fused_mm_t_transpose_view_6"]
@@ -361,7 +363,8 @@ def test_the_memory_allowance_counts_only_the_small_tensor_segments_that_appeare
     import json
     from pathlib import Path
 
-    from pudding.bench import markdown, small_segment_slack
+    from pudding.bench.memory import small_segment_slack
+    from pudding.bench.report import markdown
 
     mb = 2 * 1024 * 1024
     segments = [{"in_pool": False, "type": "small", "address": 1, "total": mb, "used": 512},  # new: counts

@@ -236,7 +236,8 @@ def test_bench_compares_block_weights_on_one_shape():
     with the blocks' bytes."""
     from transformers import LlamaConfig
 
-    from pudding.bench import benchmark_weights, markdown
+    from pudding.bench.report import markdown
+    from pudding.bench.suites import benchmark_weights
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256)

@@ -643,7 +643,8 @@ def bench_command(
     import platform
     from datetime import datetime, timezone
 
-    from .bench import BenchSettings, benchmark_bundle, benchmark_shape, benchmark_weights, markdown, shape_goals
+    from .bench.report import markdown, shape_goals
+    from .bench.suites import BenchSettings, benchmark_bundle, benchmark_shape, benchmark_weights
     from .models import check_device, default_device
     from .omission import OmissionSet
     from .policy import RoutedPolicy
@@ -673,7 +674,7 @@ def bench_command(
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": environment(), "settings": settings.__dict__.copy()}
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if shape:
-        from .bench import ROUTER_POOL
+        from .bench.suites import ROUTER_POOL
 
         if schemes:
             report["weights"] = benchmark_weights(config, device, schemes, repeats, log=log,
@@ -699,7 +700,7 @@ def bench_command(
 
 def _shape_config(shape: str):
     """The config of a random-weight benchmark: the LLaMA-3.1-8B shape, or a packaged decoder's own."""
-    from .bench import LLAMA_31_8B
+    from .bench.suites import LLAMA_31_8B
     from .models import REGISTRY, resolve_model
 
     if shape == SHAPE_8B:
