@@ -61,8 +61,8 @@ CPU_INT4_ROWS = 64
 # slower than the paths below (2 CPU cores), which fp32 keeps.
 CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # Past this many activation rows (pre-fill) the CPU int4 kernel loses to dequantize-then-multiply: it computes no
-# faster per row than a bf16 product of 4 rows x 16 (2 cores, Qwen2.5-0.5B's 4864 x 896 matrix in bf16: 7.7 ms at
-# 128 rows, 26.5 at 512, against 6.3 / 15.6 dequantized with bf16's GEMM; 0.5 / 1.9 against 4.4 / 4.9 at 8 / 32).
+# faster per row than a bf16 product of 4 rows x 16. Pruned pre-fill on 2 cores, kernel against dequantized:
+# Qwen2.5-0.5B's shape 277 / 291 ms at 48 tokens, 357 / 302 at 64; SmolLM2-135M's 101 / 123 at 64, 168 / 119 at 96.
 CPU_INT4_KERNEL_ROWS = 64
 
 
@@ -81,12 +81,13 @@ def cpu_int4_form(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tens
 
 
 def cpu_int4_values(packed: torch.Tensor) -> torch.Tensor:
-    """The int4 values in [-8, 7], (out, in) int8, of a matrix in PyTorch's CPU packing (output rows in 64s)."""
+    """The int4 values in [-8, 7], (out, in) int8, of a matrix in PyTorch's CPU packing (output rows in 64s). The
+    result is the transpose of a contiguous (in, out) tensor: the packing keeps each input's 64 rows together, so the
+    values come out input-major without a transposing copy (which cost as much as the rest of the unpacking)."""
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    blocks = out_features // CPU_INT4_ROWS
-    low = ((packed & 0x0F).view(torch.int8) - 8).view(blocks, in_features, CPU_INT4_ROWS // 2)
-    high = ((packed >> 4).view(torch.int8) - 8).view(blocks, in_features, CPU_INT4_ROWS // 2)
-    return torch.stack((low, high), dim=1).transpose(2, 3).reshape(out_features, in_features)
+    by_input = packed.view(out_features // CPU_INT4_ROWS, in_features, CPU_INT4_ROWS // 2).transpose(0, 1).contiguous()
+    nibbles = torch.stack((by_input & 0x0F, by_input >> 4), dim=2)  # (in, block, low / high, 32 rows)
+    return nibbles.view(torch.int8).sub_(8).view(in_features, out_features).t()
 
 
 def quantize_weight(weight: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,16 +121,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) matrix the codes stand for, in `dtype`. The scheme is read from the codes' dtype; int4 in
-    PyTorch's CPU packing (`cpu_int4_form`) from its 3-D scales."""
+    PyTorch's CPU packing (`cpu_int4_form`) from its 3-D scales. The codes are widened into the result and scaled in
+    place: a multiply of int8 codes by `dtype` scales widens them into a temporary first (on a CPU that made int8
+    pre-fill of 128 tokens ~2x slower, int4 ~1.5x)."""
     if codes.dtype == torch.int8:
-        return codes.to(dtype) * scales.to(dtype)[:, None]
-    if scales.dim() == 3:
-        values, scales = cpu_int4_values(codes), scales[..., 0].t()
-    else:
-        values = unpack_int4(codes)
-    out_features, in_features = values.shape
-    grouped = values.view(out_features, scales.shape[1], in_features // scales.shape[1])
-    return torch.mul(grouped, scales.to(dtype)[..., None]).view(out_features, in_features)  # int8 * dtype: one pass
+        return codes.to(dtype).mul_(scales.to(dtype)[:, None])
+    if scales.dim() == 3:  # scaled input-major, as the values come; the (out, in) result is a transposed view
+        by_input = cpu_int4_values(codes).t().to(dtype)
+        # contiguous: the scales' stride-2 view made the multiply 9x slower
+        by_input.view(scales.shape[0], -1, by_input.shape[1]).mul_(scales[..., 0].to(dtype).contiguous()[:, None])
+        return by_input.t()
+    values = unpack_int4(codes).to(dtype)
+    values.view(values.shape[0], scales.shape[1], -1).mul_(scales.to(dtype)[..., None])
+    return values
 
 
 # Up to this many activation rows an int8 product runs in the tiled low-bit kernel; beyond, compute dominates and
