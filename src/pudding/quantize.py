@@ -61,9 +61,10 @@ CPU_INT4_ROWS = 64
 # slower than the paths below (2 CPU cores), which fp32 keeps.
 CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # Past this many activation rows (pre-fill) the CPU int4 kernel loses to dequantize-then-multiply: it computes no
-# faster per row than a bf16 product of 4 rows x 16. Pruned pre-fill on 2 cores, kernel against dequantized:
-# Qwen2.5-0.5B's shape 277 / 291 ms at 48 tokens, 357 / 302 at 64; SmolLM2-135M's 101 / 123 at 64, 168 / 119 at 96.
-CPU_INT4_KERNEL_ROWS = 64
+# faster per row than a bf16 product of 4 rows x 16. Pruned pre-fill on 2 cores, every product in the kernel against
+# every one dequantized (results/quantized-prefill-cpu.md): Qwen2.5-0.5B's shape 348 / 364 ms at 48 tokens,
+# 401 / 273 at 64; SmolLM2-135M's 82 / 86 and 107 / 92.
+CPU_INT4_KERNEL_ROWS = 48
 
 
 def cpu_int4_fits(out_features: int, device: torch.device | str, dtype: torch.dtype) -> bool:
