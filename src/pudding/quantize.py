@@ -122,9 +122,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) matrix the codes stand for, in `dtype`. The scheme is read from the codes' dtype; int4 in
-    PyTorch's CPU packing (`cpu_int4_form`) from its 3-D scales. The codes are widened into the result and scaled in
-    place: a multiply of int8 codes by `dtype` scales widens them into a temporary first (on a CPU that made int8
-    pre-fill of 128 tokens ~2x slower, int4 ~1.5x)."""
+    PyTorch's CPU packing (`cpu_int4_form`) from its 3-D scales. The codes are widened once, into the result, and
+    scaled in place: an out-of-place multiply (or one of int8 codes by `dtype` scales, which widens them into a
+    temporary first) writes a second matrix; on a CPU that made pre-fill of 128 tokens up to 1.8x slower with int8
+    blocks and 1.9x with int4 (results/quantized-prefill-cpu.md)."""
     if codes.dtype == torch.int8:
         return codes.to(dtype).mul_(scales.to(dtype)[:, None])
     if scales.dim() == 3:  # scaled input-major, as the values come; the (out, in) result is a transposed view
