@@ -264,6 +264,32 @@ def test_bench_times_the_sets_in_turn():
     assert used == expected
 
 
+def test_bench_times_engines_in_turn():
+    """`bench.time_arms`: arms on different engines (full-precision and int8 blocks of one shape) take turns at every repeat, each
+    timing runs its own engine, and engines of another vocabulary are refused in one line."""
+    from conftest import build_tiny
+    from pudding.bench.timing import Arm, time_arms
+
+    config = build_tiny("llama").config
+    engines = {scheme: Engine.random(config, "cpu", dtype=torch.float32, quantize=quantize, max_len=64)
+               for scheme, quantize in (("fp32", None), ("int8", "int8"))}
+    used = []
+    for name, engine in engines.items():
+        def recorded(omit, engine=engine, name=name, use=engine.use):
+            used.append(name)
+            return use(omit)
+        engine.use = recorded
+    pruned = engines["fp32"].omission((2, 4))
+    arms = [Arm(engines["fp32"], pruned, "fp32"), Arm(engines["int8"], pruned, "int8")]
+    timed = time_arms(arms, (4,), 4, (3,), repeats=2)
+    assert [t.label for t in timed] == ["fp32", "int8"] and all(t.kept == 4 and t.decode_tok_s > 0 for t in timed)
+    assert used == ["fp32", "int8"] * 5  # pre-fill: a warm-up round and 2 repeats; generation: a warm-up and 1
+    config.vocab_size = 300
+    other = Engine.random(config, "cpu", dtype=torch.float32, max_len=64)
+    with pytest.raises(PuddingError, match="share a vocabulary"):
+        time_arms(arms + [Arm(other, other.omission(()), "other")], (4,), 4, (3,), repeats=1)
+
+
 def test_bench_times_a_bundle_with_the_router_asked_for(smollm2):
     """`bench --bundle B --router-encoder E` times an untrained router of E with B's model and sets instead of B's
     own router (the embeddings router reading with the model's own tokenizer), and the report says which."""

@@ -203,7 +203,8 @@ def _weights_lines(compared: dict) -> list[str]:
     base = rows["bf16"]["pruned"]["decode_tok_s"]
     lengths = list(rows["bf16"]["pruned"]["ttft_ms"])
     lines = [f"## Weight-only quantized blocks (shape of {compared.get('shape', 'LLaMA-3.1-8B')}, random weights)", "",
-             f"Pruned = {compared['pruned']}.", "",
+             f"Pruned = {compared['pruned']}." + (" The schemes' engines are resident together and take turns at every "
+                                                  "repeat." if compared.get("timing") else ""), "",
              f"| weights | block | decode dense | decode pruned | pruned vs bf16 pruned | TTFT {' / '.join(map(str, lengths))}, "
              "pruned | blocks on device |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():

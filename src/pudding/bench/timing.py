@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import Engine
+from ..errors import PuddingError
 from ..omission import OmissionSet
 from ..policy import Pending
 
@@ -82,6 +83,15 @@ def prompt_ids(length: int, vocab: int) -> list[int]:
     return torch.randint(10, vocab - 10, (length,), generator=torch.Generator().manual_seed(length)).tolist()
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One thing `time_arms` times: an engine running an omission set, under a label."""
+
+    engine: Engine
+    omit: OmissionSet
+    label: str
+
+
 def time_set(engine: Engine, omit: OmissionSet, label: str, prompt_lengths: Sequence[int], base_prompt: int,
              gen_lengths: Sequence[int], repeats: int) -> SetTimings:
     return time_sets(engine, [(omit, label)], prompt_lengths, base_prompt, gen_lengths, repeats)[0]
@@ -89,45 +99,60 @@ def time_set(engine: Engine, omit: OmissionSet, label: str, prompt_lengths: Sequ
 
 def time_sets(engine: Engine, sets: Sequence[tuple[OmissionSet, str]], prompt_lengths: Sequence[int], base_prompt: int,
               gen_lengths: Sequence[int], repeats: int) -> list[SetTimings]:
+    """`time_arms` for several (set, label) of one engine."""
+    return time_arms([Arm(engine, omit, label) for omit, label in sets], prompt_lengths, base_prompt, gen_lengths, repeats)
+
+
+def time_arms(arms: Sequence[Arm], prompt_lengths: Sequence[int], base_prompt: int, gen_lengths: Sequence[int],
+              repeats: int) -> list[SetTimings]:
     """Time to first token per prompt length, and pre-fill of the base prompt plus generation per number of new
-    tokens, for each (set, label): medians of `repeats` (generation: half as many). The sets take turns at every
-    repeat, so that a machine whose speed drifts (a shared CPU, a GPU's clocks) slows them alike instead of whichever
-    ran last: on two shared CPU cores, timing one set after the other put 1.17-1.56x into ratios of ~1.25x
-    (results/bench-smollm2-cpu.md)."""
-    clock = Clock(engine.device)
-    vocab = engine.shape.vocab
+    tokens, for each arm: medians of `repeats` (generation: half as many). The arms take turns at every repeat, so
+    that a machine whose speed drifts (a shared CPU, a GPU's clocks) slows them alike instead of whichever ran last:
+    on two shared CPU cores, timing one set after the other put 1.17-1.56x into ratios of ~1.25x
+    (results/bench-smollm2-cpu.md), and timing bf16, int8 and int4 engines one after another moved their ratios by up
+    to 30% between runs (results/quantized-cpu.md). Arms may run different engines of one model shape."""
+    clock = Clock(arms[0].engine.device)
+    vocab = arms[0].engine.shape.vocab
+    if any(arm.engine.shape.vocab != vocab for arm in arms):
+        raise PuddingError("the arms timed together must share a vocabulary (one model shape)")
     base_ids = prompt_ids(base_prompt, vocab)
 
-    def prefill(ids: list[int]) -> Callable[[], object]:
-        return lambda: engine.prefill(ids).argmax(-1)
+    def prefill(ids: list[int]) -> Callable[[Engine], Callable[[], object]]:
+        def make(engine: Engine) -> Callable[[], object]:
+            return lambda: engine.prefill(ids).argmax(-1)
+        return make
 
-    def generate(new_tokens: int) -> Callable[[], object]:
-        def run() -> None:
-            token = engine.prefill(base_ids).argmax(-1)
-            for i in range(new_tokens - 1):
-                token = engine.decode_step(token, base_prompt + i).argmax(-1)
-            token.item()
-        return run
+    def generate(new_tokens: int) -> Callable[[Engine], Callable[[], object]]:
+        def make(engine: Engine) -> Callable[[], object]:
+            def run() -> None:
+                token = engine.prefill(base_ids).argmax(-1)
+                for i in range(new_tokens - 1):
+                    token = engine.decode_step(token, base_prompt + i).argmax(-1)
+                token.item()
+            return run
+        return make
 
     jobs = {("ttft", n): (prefill(prompt_ids(n, vocab)), repeats) for n in prompt_lengths}
     jobs.setdefault(("ttft", base_prompt), (prefill(base_ids), repeats))  # generation's own pre-fill, subtracted
     jobs.update({("generate", n): (generate(n), max(1, repeats // 2)) for n in gen_lengths})
-    samples = {(i, key): [] for i in range(len(sets)) for key in jobs}
-    for key, (fn, count) in jobs.items():
-        for i, (omit, _) in enumerate(sets):  # warm-up
-            engine.use(omit)
-            clock.time(fn)
+    samples = {(i, key): [] for i in range(len(arms)) for key in jobs}
+    for key, (make, count) in jobs.items():
+        runs = [make(arm.engine) for arm in arms]
+        for arm, run in zip(arms, runs):  # warm-up
+            arm.engine.use(arm.omit)
+            clock.time(run)
         for _ in range(count):
-            for i, (omit, _) in enumerate(sets):
-                engine.use(omit)
-                samples[i, key].append(clock.time(fn))
+            for i, (arm, run) in enumerate(zip(arms, runs)):
+                arm.engine.use(arm.omit)
+                samples[i, key].append(clock.time(run))
     out = []
     longest = max(gen_lengths)
-    for i, (omit, label) in enumerate(sets):
+    for i, arm in enumerate(arms):
         median = {key: statistics.median(samples[i, key]) for key in jobs}
         per_token = (median["generate", longest] - median["ttft", base_prompt]) / (longest - 1)
-        out.append(SetTimings(label, engine.shape.num_blocks - len(omit), {n: median["ttft", n] for n in prompt_lengths},
-                              {n: median["generate", n] for n in gen_lengths}, 1000 / per_token, per_token))
+        out.append(SetTimings(arm.label, arm.engine.shape.num_blocks - len(arm.omit),
+                              {n: median["ttft", n] for n in prompt_lengths}, {n: median["generate", n] for n in gen_lengths},
+                              1000 / per_token, per_token))
     return out
 
 
