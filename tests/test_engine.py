@@ -265,8 +265,8 @@ def test_bench_times_the_sets_in_turn():
 
 
 def test_bench_times_engines_in_turn():
-    """`bench.time_arms`: arms on different engines (full-precision and int8 blocks of one shape) take turns at every repeat, each
-    timing runs its own engine, and engines of another vocabulary are refused in one line."""
+    """`bench.time_arms`: arms on different engines (full-precision and int8 blocks of one shape) take turns at every
+    repeat, each timing runs its own engine, and engines of another vocabulary are refused in one line."""
     from conftest import build_tiny
     from pudding.bench.timing import Arm, time_arms
 
