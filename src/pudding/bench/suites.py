@@ -26,12 +26,9 @@ LLAMA_31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=
                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 8192})
 
-
 # Seven of 32 blocks, in the late-middle of the stack where depth pruning of LLaMA-3.1-8B removes them (paper Fig. 4),
 # and sets that differ from it in 2, 4 and 7 blocks for the swap figures.
 PAPER_SET = (20, 22, 24, 26, 27, 28, 30)
-
-
 SWAP_SETS = {2: (20, 22, 24, 26, 27, 29, 31), 4: (18, 19, 24, 26, 27, 29, 31), 7: (8, 9, 10, 11, 12, 13, 14)}
 
 
