@@ -175,6 +175,48 @@ def test_quantized_engine_matches_transformers_with_the_quantized_modules(family
         torch.testing.assert_close(engine.prefill(prompt).reshape(-1).float(), expected.float(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scheme", ["int8+head", "int4+head"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_head_scheme_quantizes_the_output_head_too(family, scheme):
+    """`int8+head` / `int4+head`: the blocks as with int8 / int4, and the output head too (the input embeddings stay):
+    the engine generates what transformers generates with the same modules, reads the head's codes (a quarter to
+    an eighth of its bytes), and its logits are not those of blocks-only quantization (the head really changed)."""
+    model = build_tiny(family, init=0.2)
+    embeddings = model.get_input_embeddings().weight.clone()
+    blocks_only = __import__("copy").deepcopy(model)
+    assert quantize_blocks(model, scheme) == quantize_blocks(blocks_only, scheme.removesuffix("+head")) + 1
+    assert isinstance(model.lm_head, QuantizedLinear) and torch.equal(model.get_input_embeddings().weight, embeddings)
+    assert scheme_of(model) == scheme.removesuffix("+head")
+    engine, reference = Engine.from_model(model, max_len=64), Engine.from_model(blocks_only, max_len=64)
+    assert engine.head_bytes < reference.head_bytes / 3
+    prompt = torch.randint(3, 200, (11,), generator=torch.Generator().manual_seed(2)).tolist()
+    omit = engine.omission((1, 4))
+    ours = engine.generate(prompt, omit, max_new_tokens=8, stop_ids=[])
+    pruned = delete_blocks(model, omit)
+    expected = pruned.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert ours.tokens == expected[0, len(prompt):].tolist()
+    for e in (engine, reference):
+        e.use(omit)
+    logits = engine.prefill(prompt).reshape(-1).clone()
+    torch.testing.assert_close(logits, pruned(torch.tensor([prompt])).logits[0, -1].float(), rtol=1e-4, atol=1e-4)
+    assert (logits - reference.prefill(prompt).reshape(-1)).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(kernels.available(torch.zeros(1)), reason="Triton's interpreter runs the kernels of kernels.py here")
+def test_a_half_precision_cpu_engine_runs_an_int4_head_in_pytorchs_packing():
+    """The head of `int4+head` takes the blocks' CPU form too (a decode step's head product in PyTorch's kernel)."""
+    model = build_tiny("llama", init=0.2).to(torch.bfloat16)
+    quantize_blocks(model, "int4+head")
+    engine = Engine.from_model(model, max_len=32)
+    assert engine.head_scales.shape == (64 // INT4_GROUP, model.config.vocab_size, 2)
+    engine.use(engine.omission(()))
+    logits = engine.prefill([3, 4, 5]).reshape(-1).float()
+    assert "aten::_weight_int4pack_mm_for_cpu" in _ops_run(lambda: engine.decode_step(logits.argmax().view(1, 1), 3))
+    with torch.no_grad():
+        expected = model(torch.tensor([[3, 4, 5]])).logits[0, -1].float()
+    assert (logits - expected).abs().max() < 0.1 * expected.abs().max()
+
+
 def test_quantized_blocks_take_a_quarter_of_the_bytes_and_swap_like_the_others():
     model = build_tiny("llama", init=0.2)
     full = Engine.from_model(model, max_len=64).layout.nbytes
@@ -193,10 +235,12 @@ def test_quantized_blocks_take_a_quarter_of_the_bytes_and_swap_like_the_others()
 
 def test_random_engine_builds_quantized_layouts():
     model = build_tiny("llama")
-    for scheme, codes_dtype in (("int8", torch.int8), ("int4", torch.uint8)):
+    for scheme, codes_dtype in (("int8", torch.int8), ("int4", torch.uint8), ("int8+head", torch.int8)):
         engine = Engine.random(model.config, "cpu", dtype=torch.float32, quantize=scheme, max_len=32)
         views = engine.blocks.views[0]
         assert views["qkv"].dtype == codes_dtype and views["qkv_scales"].dtype == torch.float32
+        assert (engine.head.dtype, engine.head_scales is None) == ((torch.int8, False) if "+head" in scheme else
+                                                                   (torch.float32, True))
         assert len(engine.generate([3, 4, 5], engine.omission(()), max_new_tokens=3, stop_ids=[]).tokens) == 3
 
 
@@ -218,7 +262,10 @@ def test_eval_and_generate_take_quantize(tmp_path):
 @pytest.mark.slow
 def test_unknown_scheme_is_one_line():
     for command in (["eval", "--tasks", "piqa", "--limit", "1"], ["generate", "hello"], ["bench", "--output", "x.json", "--shape", ""]):
-        assert_clean_failure(pudding(*command, "--quantize", "int3"), "unknown --quantize 'int3' (use int8 or int4)")
+        assert_clean_failure(pudding(*command, "--quantize", "int3"), "unknown --quantize 'int3' (use int8 or int4, with "
+                                                                     "+head to quantize the output head too)")
+    assert_clean_failure(pudding("export", "--format", "gguf", "--omit", "3", "--quantize", "int4+head", "--output", "x.gguf"),
+                         "llama-quantize --output-tensor-type")
 
 
 @pytest.mark.slow
@@ -241,14 +288,16 @@ def test_bench_compares_block_weights_on_one_shape():
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256)
-    compared = benchmark_weights(config, "cpu", ["int8", "int4", "lora"], repeats=1, prompt_lengths=(16, 32), log=lambda m: None)
+    compared = benchmark_weights(config, "cpu", ["int8", "int4", "int4+head", "lora"], repeats=1, prompt_lengths=(16, 32),
+                                 log=lambda m: None)
     rows = compared["weights"]
-    assert list(rows) == ["bf16", "int8", "int4", "bf16 + LoRA r8 (unmerged)"]
+    assert list(rows) == ["bf16", "int8", "int4", "int4+head", "bf16 + LoRA r8 (unmerged)"]
+    assert rows["int4+head"]["head_bytes"] < rows["int4"]["head_bytes"] / 3 and "gemv" not in rows["int4+head"]
     assert rows["bf16 + LoRA r8 (unmerged)"]["block_bytes"] > rows["bf16"]["block_bytes"]
     assert rows["int8"]["block_bytes"] < rows["bf16"]["block_bytes"] / 1.8
     assert rows["int4"]["block_bytes"] < rows["int8"]["block_bytes"] / 1.5  # on a CPU int4's scales pair with zeros
     assert all(r[name]["decode_tok_s"] > 0 and set(r[name]["ttft_ms"]) == {16, 32} for r in rows.values() for name in ("dense", "pruned"))
-    assert [g["figure"].split()[0] for g in compared["goals"]] == ["int8", "int4"]
+    assert [g["figure"].split()[0] for g in compared["goals"]] == ["int8", "int4", "int4+head"]
     for scheme in ("int8", "int4"):  # the one-row product checked against the dequantized one (triton on a GPU)
         check = rows[scheme]["gemv"]
         assert check["kernel"] == "torch-cpu" and check["shape"] == [64, 128] and check["max_relative_error"] < 1e-2

@@ -39,7 +39,7 @@ DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Task dat
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu or cuda[:N] (default: cuda if available).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")]
 SHAPE_8B = "llama-3.1-8b"  # bench's default shape, the paper's model; the 8B speed goals are set on it
-QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="Weight-only quantization of the blocks: int8 (a scale per output row) or int4 (a scale per 32 weights).")]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="Weight-only quantization of the blocks: int8 (a scale per output row) or int4 (a scale per 32 weights); int8+head / int4+head quantize the output head too (faster decode, above all for small models, whose head is a large part of their weights).")]
 LoraOpt = Annotated[bool, typer.Option("--lora", help="With --bundle: run each set with its LoRA adapter (`pudding lora`).")]
 RawRouterOpt = Annotated[bool, typer.Option("--router", help="With --bundle: route with the bundle's router itself instead of the policy it deploys (policy.json).")]
 BatchTokensOpt = Annotated[Optional[int], typer.Option("--batch-tokens", min=64, help="Tokens per forward pass (default: 2048 on CPU, 16384 on GPU).")]
@@ -636,7 +636,7 @@ def bench_command(
     repeats: Annotated[int, typer.Option("--repeats", min=1)] = 5,
     compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode of the decode step, e.g. max-autotune-no-cudagraphs.")] = None,
     quantize: QuantizeOpt = None,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="Only compare bf16 blocks on the shape with these: int8, int4 (weight-only schemes), lora (an unmerged rank-8 LoRA update): decode, pre-fill, memory.")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Only compare bf16 blocks on the shape with these: int8, int4 (weight-only schemes; int8+head, int4+head with the output head quantized too), lora (an unmerged rank-8 LoRA update): decode, pre-fill, memory.")] = None,
     device: DeviceOpt = None,
 ) -> None:
     """The speed benchmark: TTFT, pre-fill + generation, routing, block swaps and memory, dense vs pruned."""
@@ -656,8 +656,8 @@ def bench_command(
     encoder_dtype(router_dtype, "cuda")
     schemes = [s.strip() for s in weights.split(",")] if weights else []
     for scheme in schemes:
-        if scheme not in ("int8", "int4", "lora"):
-            raise PuddingError(f"unknown --weights value '{scheme}' (use int8, int4 or lora)")
+        if scheme not in ("int8", "int4", "int8+head", "int4+head", "lora"):
+            raise PuddingError(f"unknown --weights value '{scheme}' (use int8, int4, int8+head, int4+head or lora)")
     if shape and shape != SHAPE_8B and not schemes:
         raise PuddingError(f"--shape {shape}: a packaged decoder's shape is benchmarked with --weights only")
     shape_encoder = router_encoder or RouterSettings().encoder  # the shape's router: the pipeline's default one
@@ -941,6 +941,9 @@ def export_command(
     if file_format not in ("hf", "gguf"):
         raise PuddingError(f"unknown --format '{file_format}' (hf or gguf)")
     check_scheme(quantize)
+    if quantize and quantize.endswith("+head"):
+        raise PuddingError(f"--quantize {quantize}: a GGUF export re-quantizes the blocks only; llama.cpp quantizes the "
+                           "output head itself (llama-quantize --output-tensor-type q8_0)")
     if quantize and file_format != "gguf":
         raise PuddingError("--quantize is for --format gguf (llama.cpp's Q8_0 / Q4_0); a Hugging Face checkpoint "
                            "keeps full-precision weights: quantize when loading it (`--quantize` on eval, generate, serve)")

@@ -125,11 +125,11 @@ class PrunableDecoder:
 
     @property
     def device(self) -> torch.device:
-        return self.head.weight.device
+        return self.embed_tokens.weight.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.head.weight.dtype
+    def dtype(self) -> torch.dtype:  # the input embeddings' (the head may hold quantized codes: `int8+head`)
+        return self.embed_tokens.weight.dtype
 
     def omission(self, blocks: Iterable[int] = ()) -> OmissionSet:
         return OmissionSet(blocks, self.num_blocks)

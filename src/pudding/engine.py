@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from .block import (BlockLayout, Shape, block_step, block_tensors, engine_archit
 from .errors import PuddingError
 from .omission import OmissionSet
 from .policy import Choice, Pending
-from .quantize import random_codes, scheme_of
+from .quantize import (QuantizedLinear, device_form, quantized_linear, quantized_shapes, random_codes, scheme_of,
+                       split_scheme)
 from .residency import ResidentBlocks, SlotPool
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # pre-fill lengths a graph is captured for
@@ -102,10 +104,12 @@ class Engine:
     def __init__(self, shape: Shape, embed: torch.Tensor, final_norm: torch.Tensor, head: torch.Tensor,
                  blocks, layout: BlockLayout, rotary: dict[str, tuple[torch.Tensor, torch.Tensor]], tokenizer=None,
                  max_len: int = 2048, compile: bool | None = None, graphs: bool | None = None, bos: bool = False,
-                 compile_mode: str | None = None, buckets: bool | None = None, lora_rank: int = 0) -> None:
+                 compile_mode: str | None = None, buckets: bool | None = None, lora_rank: int = 0,
+                 head_scales: torch.Tensor | None = None) -> None:
         self.shape = shape
         self.arch = shape.arch
         self.embed, self.final_norm, self.head = embed, final_norm, head
+        self.head_scales = head_scales  # a quantized head (`int8+head`, `int4+head`): `head` holds its codes
         self.blocks = blocks
         self.layout = layout
         self.rotary = rotary
@@ -185,9 +189,15 @@ class Engine:
             residency = SlotPool([flat(b, "cpu", pin) for b in hf_blocks], layout, budget, device)
         norm = resolve(stack, arch.final_norm).weight.detach().to(device)
         embed = getattr(stack, arch.embed).weight.detach().to(device)
-        head = resolve(model, arch.head).weight.detach().to(device)
+        head_module = resolve(model, arch.head)
+        if isinstance(head_module, QuantizedLinear):
+            head, head_scales = (t.to(device) for t in device_form(head_module.weight_codes, head_module.weight_scales,
+                                                                   device, dtype))
+        else:
+            head, head_scales = head_module.weight.detach().to(device), None
         rotary = rotary_tables(resolve(stack, arch.position_embedding), arch.positions, shape, options.get("max_len", 2048), device, dtype)
-        return cls(shape, embed, norm, head, residency, layout, rotary, tokenizer, bos=arch.bos, **options)
+        return cls(shape, embed, norm, head, residency, layout, rotary, tokenizer, bos=arch.bos, head_scales=head_scales,
+                   **options)
 
     @classmethod
     def random(cls, config, device: str = "cuda", dtype=torch.bfloat16, budget: int | None = None, seed: int = 0,
@@ -197,7 +207,8 @@ class Engine:
 
         shape = Shape.from_config(config)
         arch = engine_architecture(config.model_type)
-        layout = BlockLayout.of(shape, random_block_tensors(arch, config), dtype, quantize, device)
+        scheme, quantized_head = split_scheme(quantize) if quantize else (None, False)
+        layout = BlockLayout.of(shape, random_block_tensors(arch, config), dtype, scheme, device)
         generator = torch.Generator(device=device).manual_seed(seed)
         on_gpu = torch.device(device).type == "cuda"
 
@@ -222,11 +233,16 @@ class Engine:
         rotary_module = type(resolve(resolve(skeleton, arch.stack), arch.position_embedding))(config=config)
         rotary = rotary_tables(rotary_module, arch.positions, shape, options.get("max_len", 2048), device, dtype)
         embed = filled(shape.vocab * shape.hidden).view(shape.vocab, shape.hidden)
-        head = filled(shape.vocab * shape.hidden).view(shape.vocab, shape.hidden)
+        if quantized_head:
+            (codes, codes_dtype), (scales, _) = quantized_shapes(shape.vocab, shape.hidden, scheme, dtype, device)
+            head = random_codes(codes, codes_dtype, generator, device)
+            head_scales = filled(math.prod(scales)).view(scales)
+        else:
+            head, head_scales = filled(shape.vocab * shape.hidden).view(shape.vocab, shape.hidden), None
         norm = torch.ones(shape.hidden, dtype=dtype, device=device)
         if on_gpu:  # the blocks were filled through device temporaries (up to a whole gate/up matrix): hand their
             torch.cuda.empty_cache()  # cached segments back, or the KV caches land in them with the rest unused
-        return cls(shape, embed, norm, head, residency, layout, rotary, None, **options)
+        return cls(shape, embed, norm, head, residency, layout, rotary, None, head_scales=head_scales, **options)
 
     # -- stacks, caches, graphs ---------------------------------------------------------------------------------
 
@@ -332,7 +348,15 @@ class Engine:
         return hidden
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(rms_norm(x, self.final_norm, self.shape.eps, self.arch.norm), self.head).float()
+        h = rms_norm(x, self.final_norm, self.shape.eps, self.arch.norm)
+        if self.head_scales is None:
+            return torch.nn.functional.linear(h, self.head).float()
+        return quantized_linear(h, self.head, self.head_scales).float()
+
+    @property
+    def head_bytes(self) -> int:
+        """Bytes of the output head (its codes and scales when quantized), which every decode step reads."""
+        return sum(t.numel() * t.element_size() for t in (self.head, self.head_scales) if t is not None)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.embedding(ids, self.embed)
@@ -677,7 +701,8 @@ class Engine:
         tables = [t for pair in self.rotary.values() for t in pair]
         inputs = [self._token, self._position, self._prompt, self._positions, self._last]
         lora = (self._lora_slots if self.lora_rank else []) + [t for per_set in self.adapters.values() for t in per_set.values()]
-        return {"blocks": blocks, "embed_head_norm": size(self.embed) + size(self.head) + size(self.final_norm),
+        head = 0 if self.head.data_ptr() == self.embed.data_ptr() else self.head_bytes  # tied: one tensor
+        return {"blocks": blocks, "embed_head_norm": size(self.embed) + head + size(self.final_norm),
                 "kv_cache": sum(size(t) for t in self.k_cache + self.v_cache), "block_bytes": self.layout.nbytes,
                 "buffers": sum(size(t) for t in tables + inputs + lora)}
 

@@ -15,7 +15,10 @@ Both are symmetric (no zero point) and computed from the model's own weights at 
 calibration data. The same `quantized_linear` serves the scorer (transformers modules, `QuantizedLinear`) and the
 engine (`block.block_step` reads codes and scales from the block's flat buffer), so a quantized evaluation and a
 quantized generation run the same arithmetic (but for the engine's int4 on a CPU in half precision: the same values,
-rounded by PyTorch's kernel). Embeddings, norms and the output head stay in the model's dtype.
+rounded by PyTorch's kernel). Embeddings and norms stay in the model's dtype; so does the output head (the paper's
+Table 14 quantizes the blocks), unless the scheme ends in "+head" (`int8+head`, `int4+head`), as gpt-fast and
+llama.cpp's quantized files do: every decode step reads the whole head, 8% of the 8B shape's pruned bf16 weights but
+a quarter of Qwen2.5-0.5B's, so the faster the blocks the more of a step it takes.
 """
 
 from __future__ import annotations
@@ -27,13 +30,20 @@ from .architectures import architecture_for, resolve
 from .errors import PuddingError
 
 SCHEMES = ("int8", "int4")
+HEAD = "+head"  # a scheme's suffix: the output head quantized too
 INT4_GROUP = kernels.INT4_GROUP
 
 
 def check_scheme(scheme: str | None, option: str = "--quantize") -> str | None:
-    if scheme is not None and scheme not in SCHEMES:
-        raise PuddingError(f"unknown {option} '{scheme}' (use {' or '.join(SCHEMES)})")
+    if scheme is not None and split_scheme(scheme)[0] not in SCHEMES:
+        raise PuddingError(f"unknown {option} '{scheme}' (use {' or '.join(SCHEMES)}, with {HEAD} to quantize the output "
+                           "head too)")
     return scheme
+
+
+def split_scheme(scheme: str) -> tuple[str, bool]:
+    """(the blocks' scheme, whether the output head is quantized too): 'int4+head' -> ('int4', True)."""
+    return (scheme.removesuffix(HEAD), True) if scheme.endswith(HEAD) else (scheme, False)
 
 
 def quantized_shapes(out_features: int, in_features: int, scheme: str, dtype: torch.dtype,
@@ -79,6 +89,15 @@ def cpu_int4_form(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tens
     nibbles = torch.stack((codes & 0x0F, codes >> 4), dim=-1).view(codes.shape[0], -1).to(torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
     return packed, torch.stack((scales.t(), torch.zeros_like(scales.t())), dim=-1).contiguous()
+
+
+def device_form(codes: torch.Tensor, scales: torch.Tensor, device: torch.device | str,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A matrix's (codes, scales) in the form its products take on `device` with activations of `dtype`: int4 in
+    PyTorch's CPU packing where that kernel runs (`cpu_int4_fits`), as the engine lays out its blocks."""
+    if scales.dim() == 2 and codes.dtype == torch.uint8 and cpu_int4_fits(codes.shape[0], device, dtype):
+        return cpu_int4_form(codes, scales)
+    return codes, scales
 
 
 def cpu_int4_values(packed: torch.Tensor) -> torch.Tensor:
@@ -203,9 +222,10 @@ class QuantizedLinear(torch.nn.Module):
 
 
 def quantize_blocks(model: torch.nn.Module, scheme: str) -> int:
-    """Replace every linear layer inside the model's transformer blocks by a `QuantizedLinear`, in place.
-    Returns how many were replaced. Embeddings, the final norm and the head are left as they are."""
-    check_scheme(scheme)
+    """Replace every linear layer inside the model's transformer blocks by a `QuantizedLinear`, in place, and with
+    a "+head" scheme the output head too (tied to the input embeddings or not: those stay as they are). Returns how
+    many were replaced. Embeddings and the final norm are left as they are."""
+    blocks_scheme, head = split_scheme(check_scheme(scheme))
     arch = architecture_for(model.config.model_type)
     blocks = getattr(resolve(model, arch.stack), arch.blocks)
     replaced = 0
@@ -213,8 +233,13 @@ def quantize_blocks(model: torch.nn.Module, scheme: str) -> int:
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, QuantizedLinear(child, scheme))
+                    setattr(parent, name, QuantizedLinear(child, blocks_scheme))
                     replaced += 1
+    if head:
+        path, _, name = arch.head.rpartition(".")
+        parent = resolve(model, path) if path else model
+        setattr(parent, name, QuantizedLinear(getattr(parent, name), blocks_scheme))
+        replaced += 1
     return replaced
 
 

@@ -205,11 +205,12 @@ def _weights_lines(compared: dict) -> list[str]:
     lines = [f"## Weight-only quantized blocks (shape of {compared.get('shape', 'LLaMA-3.1-8B')}, random weights)", "",
              f"Pruned = {compared['pruned']}." + (" The schemes' engines are resident together and take turns at every "
                                                   "repeat." if compared.get("timing") else ""), "",
-             f"| weights | block | decode dense | decode pruned | pruned vs bf16 pruned | TTFT {' / '.join(map(str, lengths))}, "
-             "pruned | blocks on device |", "|---|---|---|---|---|---|---|"]
+             f"| weights | block | head | decode dense | decode pruned | pruned vs bf16 pruned | TTFT "
+             f"{' / '.join(map(str, lengths))}, pruned | blocks on device |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         ttft = " / ".join(f"{v:.1f}" for v in r["pruned"]["ttft_ms"].values())
-        lines.append(f"| {name} | {r['block_bytes'] / 1e6:.1f} MB | {r['dense']['decode_tok_s']:.1f} tok/s | "
+        head = f"{r['head_bytes'] / 1e6:.1f} MB" if "head_bytes" in r else "-"  # not recorded before +head schemes
+        lines.append(f"| {name} | {r['block_bytes'] / 1e6:.1f} MB | {head} | {r['dense']['decode_tok_s']:.1f} tok/s | "
                      f"{r['pruned']['decode_tok_s']:.1f} tok/s | {r['pruned']['decode_tok_s'] / base:.2f}x | {ttft} ms | "
                      f"{r['blocks_on_device_gb']:.2f} GB |")
     checks = {name: r["gemv"] for name, r in rows.items() if r.get("gemv")}

@@ -55,8 +55,8 @@ def measure_bandwidth(device, gigabytes: float = 2.0) -> float:
 
 def weight_bytes_per_token(engine: Engine, kept: int) -> int:
     """Weights decode reads per generated token: the blocks that run, the final norm and the LM head."""
-    size = engine.embed.element_size()
-    return kept * engine.layout.nbytes + engine.final_norm.numel() * size + engine.head.numel() * size
+    norm = engine.final_norm.numel() * engine.final_norm.element_size()
+    return kept * engine.layout.nbytes + norm + engine.head_bytes
 
 
 def prefill_flops(engine: Engine, kept: int, prompt: int) -> float:
@@ -65,7 +65,7 @@ def prefill_flops(engine: Engine, kept: int, prompt: int) -> float:
     s = engine.shape
     block = 2 * engine.layout.params  # one multiply-add per weight
     attention = 2 * 2 * s.heads * s.head_dim * (prompt + 1) / 2  # QK^T and PV, causal: half the square on average
-    return kept * prompt * (block + attention) + 2 * engine.head.numel()
+    return kept * prompt * (block + attention) + 2 * s.vocab * s.hidden
 
 
 @dataclass
