@@ -1,8 +1,8 @@
 """Accuracy tables of PuDDing variants in the paper's layouts, each row one `pudding eval` run on the Table 2 tasks,
 with paired differences against the table's reference row:
 
-* `--table quantized` (Table 14): dense, SLEB, the deployed set, and the deployed set with int8 and int4 blocks;
-  reference: the unquantized deployed set.
+* `--table quantized` (Table 14): dense, SLEB, the deployed set, and the deployed set with int8 and int4 blocks
+  (and with the output head quantized too: int8+head, int4+head); reference: the unquantized deployed set.
 * `--table lora` (Table 4): dense, SLEB, Shortened LLaMA and PuDDing (the bundle's router), each with and without the
   LoRA adapter of its set (`pudding lora`), and the deployed policy with LoRA; reference: PuDDing + LoRA.
 
@@ -33,7 +33,9 @@ def rows(table: str, bundle: Path) -> tuple[dict[str, list[str]], str]:
     if table == "quantized":
         return {"dense": [], "SLEB": [*b, "--method", "sleb"], "deployed": b,
                 "deployed + int8": [*b, "--quantize", "int8"], "deployed + int4": [*b, "--quantize", "int4"],
-                "dense + int8": ["--quantize", "int8"], "dense + int4": ["--quantize", "int4"]}, "deployed"
+                "dense + int8": ["--quantize", "int8"], "dense + int4": ["--quantize", "int4"],
+                "deployed + int8+head": [*b, "--quantize", "int8+head"],
+                "deployed + int4+head": [*b, "--quantize", "int4+head"]}, "deployed"
     plain = {"SLEB": [*b, "--method", "sleb"], "Shortened LLaMA": [*b, "--method", "shortened-ppl"], "PuDDing": [*b, "--router"]}
     return {"dense": [], **plain, **{f"{name} + LoRA": [*opts, "--lora"] for name, opts in plain.items()},
             "deployed + LoRA": [*b, "--lora"]}, "PuDDing + LoRA"

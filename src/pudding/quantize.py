@@ -17,8 +17,8 @@ engine (`block.block_step` reads codes and scales from the block's flat buffer),
 quantized generation run the same arithmetic (but for the engine's int4 on a CPU in half precision: the same values,
 rounded by PyTorch's kernel). Embeddings and norms stay in the model's dtype; so does the output head (the paper's
 Table 14 quantizes the blocks), unless the scheme ends in "+head" (`int8+head`, `int4+head`), as gpt-fast and
-llama.cpp's quantized files do: every decode step reads the whole head, 8% of the 8B shape's pruned bf16 weights but
-a quarter of Qwen2.5-0.5B's, so the faster the blocks the more of a step it takes.
+llama.cpp's quantized files do: every decode step reads the whole head, 7% of the weights of the 8B shape but 28% of
+Qwen2.5-0.5B's, so the faster the blocks the more of a step it takes.
 """
 
 from __future__ import annotations
