@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -342,6 +344,7 @@ def test_a_block_deferring_its_last_add_leaves_the_stream_unchanged(family):
     stream through a stack, the add taken by the next block and by `resolved` at the end, is the one of blocks that
     add themselves, bit for bit (eagerly the same additions run, only later); gemma3 has the sandwich norms."""
     from conftest import build_tiny
+
     from pudding.block import block_step, resolved
 
     engine = Engine.from_model(build_tiny(family, init=0.2), max_len=32, compile=False)
@@ -350,8 +353,7 @@ def test_a_block_deferring_its_last_add_leaves_the_stream_unchanged(family):
     positions, masks = engine._prompt_context(7)
     streams = []
     for defer in (False, True):
-        step = lambda *args, defer=defer: block_step(*args, defer=defer)  # noqa: E731
-        hidden = engine._run_stack((x, None), positions, masks, 7, step)
+        hidden = engine._run_stack((x, None), positions, masks, 7, functools.partial(block_step, defer=defer))
         assert (hidden[1] is not None) == defer
         streams.append(resolved(hidden))
     assert torch.equal(streams[0], streams[1])
