@@ -648,16 +648,17 @@ def bench_command(
     from .models import check_device, default_device
     from .omission import OmissionSet
     from .policy import RoutedPolicy
-    from .quantize import check_scheme
+    from .quantize import HEAD, SCHEMES, check_scheme
     from .router import DECODER_EMBEDDINGS, RouterSettings, check_encoder, encoder_dtype, untrained_router
     from .storage import atomic_write_json, atomic_write_text, check_output_file, environment
 
     check_scheme(quantize)
     encoder_dtype(router_dtype, "cuda")
     schemes = [s.strip() for s in weights.split(",")] if weights else []
+    valid = [*SCHEMES, *(s + HEAD for s in SCHEMES), "lora"]
     for scheme in schemes:
-        if scheme not in ("int8", "int4", "int8+head", "int4+head", "lora"):
-            raise PuddingError(f"unknown --weights value '{scheme}' (use int8, int4, int8+head, int4+head or lora)")
+        if scheme not in valid:
+            raise PuddingError(f"unknown --weights value '{scheme}' (use {', '.join(valid[:-1])} or {valid[-1]})")
     if shape and shape != SHAPE_8B and not schemes:
         raise PuddingError(f"--shape {shape}: a packaged decoder's shape is benchmarked with --weights only")
     shape_encoder = router_encoder or RouterSettings().encoder  # the shape's router: the pipeline's default one
@@ -936,12 +937,12 @@ def export_command(
     from .export import export_checkpoint
     from .models import load_decoder, resolve_model
     from .omission import OmissionSet
-    from .quantize import check_scheme
+    from .quantize import check_scheme, split_scheme
 
     if file_format not in ("hf", "gguf"):
         raise PuddingError(f"unknown --format '{file_format}' (hf or gguf)")
     check_scheme(quantize)
-    if quantize and quantize.endswith("+head"):
+    if quantize and split_scheme(quantize)[1]:
         raise PuddingError(f"--quantize {quantize}: a GGUF export re-quantizes the blocks only; llama.cpp quantizes the "
                            "output head itself (llama-quantize --output-tensor-type q8_0)")
     if quantize and file_format != "gguf":
