@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -338,27 +336,6 @@ def test_the_committed_h200_report_renders_with_its_goals():
     assert "| cuBLAS workspaces | 0.000 |" in text and "held 0.066 GB unused" in text
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_a_block_deferring_its_last_add_leaves_the_stream_unchanged(family):
-    """Compiled pre-fill defers each block's last residual add into the next block (`block_step(defer=True)`): the
-    stream through a stack, the add taken by the next block and by `resolved` at the end, is the one of blocks that
-    add themselves, bit for bit (eagerly the same additions run, only later); gemma3 has the sandwich norms."""
-    from conftest import build_tiny
-
-    from pudding.block import block_step, resolved
-
-    engine = Engine.from_model(build_tiny(family, init=0.2), max_len=32, compile=False)
-    engine.use(engine.omission((1,)))
-    x = torch.randn(1, 7, engine.shape.hidden, generator=torch.Generator().manual_seed(0)).to(engine.dtype)
-    positions, masks = engine._prompt_context(7)
-    streams = []
-    for defer in (False, True):
-        hidden = engine._run_stack((x, None), positions, masks, 7, functools.partial(block_step, defer=defer))
-        assert (hidden[1] is not None) == defer
-        streams.append(resolved(hidden))
-    assert torch.equal(streams[0], streams[1])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 def test_compiled_block_step_equals_the_eager_one(scheme):
@@ -429,3 +406,4 @@ def test_the_memory_allowance_counts_only_the_small_tensor_segments_that_appeare
     memory["small_segments_slack_gb"] = 0.0042
     text = markdown(report)
     assert "| free space of new small-tensor segments (2 MB a stream) | 0.004 |" in text and rest_before not in text
+

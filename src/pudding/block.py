@@ -224,7 +224,6 @@ def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.
 
 def block_step(
     x: torch.Tensor,  # (batch, tokens, hidden)
-    pending: torch.Tensor | None,  # the block before's output not yet added to x (`defer`), or None
     w: dict[str, torch.Tensor],
     k_cache: torch.Tensor,  # (batch, kv_heads, max_len, head_dim)
     v_cache: torch.Tensor,
@@ -235,15 +234,7 @@ def block_step(
     keys: int,  # how many cache positions attention reads
     shape: Shape,
     arch: Architecture,
-    defer: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The block applied to the residual stream x + pending: (x, None), or with `defer` (x before the MLP's output,
-    the MLP's output), whose sum the next block (or `resolved`) takes. Compiled, the deferred add runs inside the next
-    block's first norm kernel: in a pre-fill, whose products are cuBLAS's, an add at the end of a block is a kernel of
-    its own (32 a pre-fill of the 8B shape, ~2.5 us each at 128 tokens on an H200); in decode, inductor fuses it into
-    the down product's own kernel, so decode does not defer."""
-    if pending is not None:
-        x = x + pending
+) -> torch.Tensor:
     batch, tokens, _ = x.shape
     h = rms_norm(x, w["attn_norm"], shape.eps, arch.norm)
     qkv = _linear(h, w, "qkv", w.get("qkv_bias"))
@@ -277,13 +268,9 @@ def block_step(
     out = _linear(_act(gate, arch.activation) * up, w, "down")
     if arch.sandwich:
         out = rms_norm(out, w["post_mlp_norm"], shape.eps, arch.norm)
-    return (x, out) if defer else (x + out, None)
-
-
-def resolved(hidden: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """The residual stream a (x, pending) pair of `block_step` stands for."""
-    x, pending = hidden
-    return x if pending is None else x + pending
+    # In a pre-fill this add is a kernel of its own (~2.5 us at 128 tokens); deferring it into the next block's first
+    # norm kernel slowed that kernel by as much (H100, results/prefill-defer-ab-h100.md), so it stays here.
+    return x + out
 
 
 def rotary_tables(module, positions_kind: str, shape: Shape, max_len: int, device, dtype) -> dict:

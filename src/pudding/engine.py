@@ -14,7 +14,6 @@ only after the blocks every candidate set keeps have started to pre-fill, so a r
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +23,7 @@ import torch
 
 from .architectures import resolve
 from .block import (BlockLayout, Shape, block_step, block_tensors, engine_architecture, lora_block_tensors, lora_layout,
-                    random_block_tensors, resolved, rms_norm, rotary_tables)
+                    random_block_tensors, rms_norm, rotary_tables)
 from .errors import PuddingError
 from .omission import OmissionSet
 from .policy import Choice, Pending
@@ -36,7 +35,6 @@ PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # pre-fil
 # Context lengths a decode graph attends over: a step reads the cache only up to the bucket holding its position, not
 # the whole context (~5% of an 8B-shape step at a 4096 context on an H200). Four apart: each is one more compile.
 DECODE_BUCKETS = (256, 1024, 4096, 16384, 65536)
-Hidden = tuple[torch.Tensor, torch.Tensor | None]  # hidden states between blocks: (x, pending), `block_step`
 
 
 @dataclass
@@ -132,8 +130,7 @@ class Engine:
                     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
             torch._inductor.config.coordinate_descent_tuning = True  # tunes the fused small kernels of a step
             self._decode_block = torch.compile(block_step, fullgraph=True, dynamic=False, mode=compile_mode)
-            self._prefill_block = torch.compile(functools.partial(block_step, defer=True), fullgraph=True,
-                                                dynamic=None)  # a new bucket: dynamic
+            self._prefill_block = torch.compile(block_step, fullgraph=True, dynamic=None)  # a new bucket: dynamic
         capacity = shape.num_blocks if blocks.mode == "all" else blocks.capacity
         cache_shape = (1, shape.kv_heads, max_len, shape.head_dim)
         # one allocation per K and V (the allocator rounds each up), a view per stack position
@@ -330,10 +327,10 @@ class Engine:
             masks["sliding_attention"] = causal & (key_pos[None, :] > positions[:, None] - self.shape.sliding_window)
         return masks
 
-    def _run_stack(self, hidden: Hidden, positions: torch.Tensor, masks: dict | None, keys: int, step, wait: bool = False,
-                   start: int = 0, layers: list[tuple[dict, str]] | None = None) -> Hidden:
-        """Hidden states (x, pending: `block_step`) through the stack from position `start` (or through `layers`, from
-        position 0), each stack position with its own KV cache."""
+    def _run_stack(self, x: torch.Tensor, positions: torch.Tensor, masks: dict | None, keys: int, step, wait: bool = False,
+                   start: int = 0, layers: list[tuple[dict, str]] | None = None) -> torch.Tensor:
+        """x through the stack from position `start` (or through `layers`, from position 0), each stack position
+        with its own KV cache."""
         layers = list(zip(self.stack, self.stack_types))[start:] if layers is None else layers
         # cos / sin of these positions once per attention type, not once per block (a gather kernel each)
         rotary = {kind: (self.rotary[kind][0][positions], self.rotary[kind][1][positions])
@@ -343,9 +340,8 @@ class Engine:
                 torch.cuda.current_stream().wait_event(self._events[j])
             cos, sin = rotary[layer_type]
             mask = None if masks is None else masks[layer_type]
-            hidden = step(*hidden, w, self.k_cache[j], self.v_cache[j], positions, cos, sin, mask, keys, self.shape,
-                          self.arch)
-        return hidden
+            x = step(x, w, self.k_cache[j], self.v_cache[j], positions, cos, sin, mask, keys, self.shape, self.arch)
+        return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, self.final_norm, self.shape.eps, self.arch.norm)
@@ -441,8 +437,8 @@ class Engine:
     def _prefill_padded(self, length: int, wait: bool = False) -> torch.Tensor:
         return self._last_logits(self._prompt_hidden(length, wait))
 
-    def _last_logits(self, hidden: Hidden) -> torch.Tensor:
-        return self._logits(resolved([h if h is None else h.index_select(1, self._last) for h in hidden])[:, 0])
+    def _last_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._logits(hidden.index_select(1, self._last)[:, 0])
 
     def _prompt_context(self, length: int) -> tuple[torch.Tensor, dict | None]:
         """Positions of the first `length` tokens of the pre-fill buffer, and the masks they need: a sliding window
@@ -451,20 +447,19 @@ class Engine:
         needs_mask = self.shape.sliding_window is not None and length > self.shape.sliding_window
         return positions, self._masks(positions, length) if needs_mask else None
 
-    def _prompt_hidden(self, length: int, wait: bool = False) -> Hidden:
+    def _prompt_hidden(self, length: int, wait: bool = False) -> torch.Tensor:
         """The last hidden states of the first `length` tokens of the pre-fill buffer, filling the KV cache."""
         positions, masks = self._prompt_context(length)
-        return self._run_stack((self._embed(self._prompt[:, :length]), None), positions, masks, length,
-                               self._prefill_block, wait)
+        return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, length, self._prefill_block, wait)
 
-    def _shared_hidden(self, length: int, shared: int) -> Hidden:
+    def _shared_hidden(self, length: int, shared: int) -> torch.Tensor:
         """The prompt through blocks 0 .. shared-1, which are stack positions 0 .. shared-1 of any set keeping them."""
         positions, masks = self._prompt_context(length)
         layers = [(self.blocks.views[b], self.shape.layer_types[b]) for b in range(shared)]
-        return self._run_stack((self._embed(self._prompt[:, :length]), None), positions, masks, length,
-                               self._prefill_block, layers=layers)
+        return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, length, self._prefill_block,
+                               layers=layers)
 
-    def _rest_logits(self, length: int, shared: int, hidden: Hidden) -> torch.Tensor:
+    def _rest_logits(self, length: int, shared: int, hidden: torch.Tensor) -> torch.Tensor:
         positions, masks = self._prompt_context(length)
         return self._last_logits(self._run_stack(hidden, positions, masks, length, self._prefill_block, start=shared))
 
@@ -482,7 +477,7 @@ class Engine:
         token_logprobs: list[float | None] = [None]
         tops: list[dict[int, float] | None] = [None]
         with self._graph_memory():
-            hidden = resolved(self._prompt_hidden(len(ids), wait=True))[0]
+            hidden = self._prompt_hidden(len(ids), wait=True)[0]
             self._events = [None] * len(self._events)
             targets = torch.tensor(ids[1:], device=self.device)
             for start in range(0, len(ids) - 1, chunk):  # logits over the vocabulary a chunk of positions at a time
@@ -500,8 +495,8 @@ class Engine:
 
     def _decode_eager(self, keys: int) -> torch.Tensor:
         masks = self._masks(self._position, keys)
-        hidden = self._run_stack((self._embed(self._token), None), self._position, masks, keys, self._decode_block)
-        return self._logits(resolved(hidden)[:, -1])
+        x = self._run_stack(self._embed(self._token), self._position, masks, keys, self._decode_block)
+        return self._logits(x[:, -1])
 
     def _graph_key(self) -> tuple:
         return (self.blocks.mode, self.kept if self.blocks.mode == "all" else len(self.kept))
