@@ -407,3 +407,26 @@ def test_the_memory_allowance_counts_only_the_small_tensor_segments_that_appeare
     text = markdown(report)
     assert "| free space of new small-tensor segments (2 MB a stream) | 0.004 |" in text and rest_before not in text
 
+
+def test_the_memory_allowance_counts_the_allocators_rounding_of_the_engines_own_tensors():
+    """The caching allocator gives a tensor of 10 MiB or more a segment rounded up to 2 MiB and rounds every block to
+    512 bytes: the memory-budget peak of the 8B shape on an H100 exceeded its allowance by exactly that (the 26 block
+    slots, 11341.824 MB, sat in a segment of 11343.495 MB). The rounding is counted per allocation, once for the
+    slots that are views of one tensor."""
+    from conftest import build_tiny
+    from pudding.bench.memory import allocator_rounding, allocator_size
+
+    assert allocator_size(26 * 436_224_000) == 11_343_495_168  # the H100 run's slots segment
+    assert allocator_size(1_050_673_152) == 1_050_673_152  # its embeddings: a multiple of 2 MiB already
+    assert allocator_size(100) == 512 and allocator_size(8192) == 8192 and allocator_size(2**20 + 1) == 2**20 + 512
+    engine = Engine.random(build_tiny("llama").config, "cpu", dtype=torch.float32, max_len=64, budget=3)
+    resident = engine.resident()
+    memory = engine.memory()
+    assert {part: sum(t.numel() * t.element_size() for t in ts) for part, ts in resident.items()} == \
+        {part: memory[part] for part in resident}
+    slots = resident["blocks"]
+    assert len(slots) == 4 and len({t.untyped_storage().data_ptr() for t in slots}) == 1  # 3 kept + a spare, one tensor
+    storage = slots[0].untyped_storage().nbytes()
+    assert allocator_rounding(slots) == allocator_size(storage) - storage
+    everything = [t for ts in resident.values() for t in ts]
+    assert 0 < allocator_rounding(everything) < 512 * len(everything) + 2 * 2**20

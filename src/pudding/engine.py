@@ -686,20 +686,22 @@ class Engine:
             return []
         return [self.tokenizer.eos_token_id]
 
-    def memory(self) -> dict:
-        """Bytes held on the device: weights, cache, and the engine's own buffers (rotary tables, inputs, LoRA
-        slots); not the graphs' pool (activations and outputs) nor cuBLAS's workspaces."""
-        def size(t):
-            return t.numel() * t.element_size()
-
-        blocks = sum(size(f) for f in (self.blocks.flats if self.blocks.mode == "all" else self.blocks.slots))
+    def resident(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors the engine keeps on the device, by part (views of one allocation may appear more than once)."""
+        blocks = self.blocks.flats if self.blocks.mode == "all" else self.blocks.slots
         tables = [t for pair in self.rotary.values() for t in pair]
         inputs = [self._token, self._position, self._prompt, self._positions, self._last]
         lora = (self._lora_slots if self.lora_rank else []) + [t for per_set in self.adapters.values() for t in per_set.values()]
-        head = 0 if self.head.data_ptr() == self.embed.data_ptr() else self.head_bytes  # tied: one tensor
-        return {"blocks": blocks, "embed_head_norm": size(self.embed) + head + size(self.final_norm),
-                "kv_cache": sum(size(t) for t in self.k_cache + self.v_cache), "block_bytes": self.layout.nbytes,
-                "buffers": sum(size(t) for t in tables + inputs + lora)}
+        tied = self.head.data_ptr() == self.embed.data_ptr()  # one tensor
+        head = [] if tied else [t for t in (self.head, self.head_scales) if t is not None]
+        return {"blocks": list(blocks), "embed_head_norm": [self.embed, *head, self.final_norm],
+                "kv_cache": self.k_cache + self.v_cache, "buffers": tables + inputs + lora}
+
+    def memory(self) -> dict:
+        """Bytes held on the device: weights, cache, and the engine's own buffers (rotary tables, inputs, LoRA
+        slots); not the graphs' pool (activations and outputs) nor cuBLAS's workspaces."""
+        sizes = {part: sum(t.numel() * t.element_size() for t in tensors) for part, tensors in self.resident().items()}
+        return {**sizes, "block_bytes": self.layout.nbytes}
 
 
 def _top(logprobs: torch.Tensor, k: int) -> list[dict[int, float]]:

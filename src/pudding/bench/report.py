@@ -139,6 +139,8 @@ def _memory_lines(all_resident: dict, mb: dict) -> list[str]:
              "cuBLAS workspaces": mm["cublas_workspaces_gb"], "graphs' pool (outputs, activations)": mm["graph_pool_gb"]}
     if "small_segments_slack_gb" in mm:  # reports before 2026-12-05 left it in the rest
         parts["free space of new small-tensor segments (2 MB a stream)"] = mm["small_segments_slack_gb"]
+    if "allocator_rounding_gb" in mm:  # reports before 2026-12-06 left it in the rest
+        parts["allocator rounding of the engine's tensors (512 B; 2 MiB from 10 MiB)"] = mm["allocator_rounding_gb"]
     rest = mm["engine_peak_gb"] - sum(parts.values())
     lines += ["", "Memory-budget engine at its peak (pre-fill 512 + 512 tokens right after a swap, whose pre-fill waits for "
               "the copies and runs eagerly in the graphs' pool), GB the allocator reserved from the device:", "",
@@ -267,7 +269,9 @@ def shape_goals(shape: dict) -> list[dict]:
                             + (f" + activation workspace {mb['activation_workspace_gb']:.2f} GB"
                                if "activation_workspace_gb" in mb else "")
                             + (f" + small-tensor segments' free space {mm['small_segments_slack_gb'] * 1000:.1f} MB"
-                               if "small_segments_slack_gb" in mm else "") + ")"})
+                               if "small_segments_slack_gb" in mm else "")
+                            + (f" + allocator rounding {mm['allocator_rounding_gb'] * 1000:.1f} MB"
+                               if "allocator_rounding_gb" in mm else "") + ")"})
     return goals
 
 
