@@ -422,8 +422,7 @@ def test_the_memory_allowance_counts_the_allocators_rounding_of_the_engines_own_
     engine = Engine.random(build_tiny("llama").config, "cpu", dtype=torch.float32, max_len=64, budget=3)
     resident = engine.resident()
     memory = engine.memory()
-    assert {part: sum(t.numel() * t.element_size() for t in ts) for part, ts in resident.items()} == \
-        {part: memory[part] for part in resident}
+    assert memory["blocks"] == 4 * memory["block_bytes"]  # the slots' views, not the allocation under them
     slots = resident["blocks"]
     assert len(slots) == 4 and len({t.untyped_storage().data_ptr() for t in slots}) == 1  # 3 kept + a spare, one tensor
     storage = slots[0].untyped_storage().nbytes()

@@ -352,7 +352,10 @@ class Engine:
     @property
     def head_bytes(self) -> int:
         """Bytes of the output head (its codes and scales when quantized), which every decode step reads."""
-        return sum(t.numel() * t.element_size() for t in (self.head, self.head_scales) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self._head_tensors())
+
+    def _head_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.head, self.head_scales) if t is not None]
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = torch.nn.functional.embedding(ids, self.embed)
@@ -693,7 +696,7 @@ class Engine:
         inputs = [self._token, self._position, self._prompt, self._positions, self._last]
         lora = (self._lora_slots if self.lora_rank else []) + [t for per_set in self.adapters.values() for t in per_set.values()]
         tied = self.head.data_ptr() == self.embed.data_ptr()  # one tensor
-        head = [] if tied else [t for t in (self.head, self.head_scales) if t is not None]
+        head = [] if tied else self._head_tensors()
         return {"blocks": list(blocks), "embed_head_norm": [self.embed, *head, self.final_norm],
                 "kv_cache": self.k_cache + self.v_cache, "buffers": tables + inputs + lora}
 

@@ -146,7 +146,8 @@ def _memory_lines(all_resident: dict, mb: dict) -> list[str]:
               "the copies and runs eagerly in the graphs' pool), GB the allocator reserved from the device:", "",
               "| part | GB |", "|---|---|"]
     lines += [f"| {name} | {gb:.3f} |" for name, gb in parts.items()]
-    lines += [f"| rest (allocator rounding, anything unaccounted) | {rest:.3f} |"
+    rest_name = "rest (anything unaccounted)" if "allocator_rounding_gb" in mm else "rest (allocator rounding, anything unaccounted)"
+    lines += [f"| {rest_name} | {rest:.3f} |"
               + (f" (after the run, segments outside the graphs' pools, the router's included, held {mm['outside_pools_unused_gb']:.3f} GB unused)"
                  if "outside_pools_unused_gb" in mm else ""),
               f"| **peak reserved** | **{mm['engine_peak_gb']:.3f}** |", "",
