@@ -383,22 +383,28 @@ def test_kernel_profiles_count_the_products_and_not_the_kernels_named_after_them
 
 
 def test_the_memory_allowance_counts_only_the_small_tensor_segments_that_appeared_since_the_baseline():
-    """The allocator serves tensors under 1 MB from 2 MB segments per stream: the engine's first small tensor on a
-    stream costs a segment unless one existed before it was built. Only segments outside the graphs' pools, of the
-    small kind, and new since the baseline count, with their free space (what is allocated is counted elsewhere)."""
+    """The allocator serves tensors of 1 MiB or less from 2 MiB segments per stream: the engine's first small tensor
+    on a stream costs a segment unless one existed before it was built. Only segments outside the graphs' pools, of
+    the small kind, and new since the baseline count, whole, less the blocks the engine's own tensors take in them
+    (counted in their own parts); the segment's other tenants (the caller's sampled token) stay in it."""
     import json
     from pathlib import Path
 
-    from pudding.bench.memory import small_segment_slack
+    from pudding.bench.memory import allocator_size, small_segment_slack
     from pudding.bench.report import markdown
 
     mb = 2 * 1024 * 1024
-    segments = [{"in_pool": False, "type": "small", "address": 1, "total": mb, "used": 512},  # new: counts
+    engine_token = torch.zeros(1, dtype=torch.long)
+    at = engine_token.untyped_storage().data_ptr()
+    segments = [{"in_pool": False, "type": "small", "address": at, "total": mb, "used": 1024},  # new: counts
                 {"in_pool": False, "type": "small", "address": 2, "total": mb, "used": 0},  # there before the engine
                 {"in_pool": True, "type": "small", "address": 3, "total": mb, "used": 0},  # the graphs' pool: counted there
                 {"in_pool": False, "type": "large", "address": 4, "total": 20 * mb, "used": mb}]  # not the granularity
-    assert small_segment_slack(segments, {2}) == mb - 512
-    assert small_segment_slack(segments, {1, 2}) == 0
+    assert small_segment_slack(segments, {2}) == mb
+    views = [engine_token, engine_token[:0]]  # one allocation, counted once
+    assert small_segment_slack(segments, {2}, views) == mb - allocator_size(8) == mb - 512
+    assert small_segment_slack([{**segments[0], "address": at + 512}], set(), views) == mb  # it lies elsewhere
+    assert small_segment_slack(segments, {at, 2}, views) == 0
     report = json.loads((Path(__file__).parents[1] / "results" / "bench-h200-embeddings.json").read_text())
     memory = report["shape"]["memory_budget"]["memory"]
     rest_before = "| rest (allocator rounding, anything unaccounted) | 0.006 |"

@@ -63,13 +63,19 @@ def allocator_baseline() -> AllocatorBaseline:
     return AllocatorBaseline(torch.cuda.memory_reserved(), graph_pool_bytes(), frozenset(s["address"] for s in _segments()))
 
 
-def small_segment_slack(segments: list[dict], baseline_addresses: set) -> int:
-    """Free bytes in the small-tensor segments outside the graphs' pools that appeared since the baseline. PyTorch's
-    allocator serves tensors under 1 MB from 2 MB segments of their stream, so the engine's first small tensor on a
+def small_segment_slack(segments: list[dict], baseline_addresses: set, engine_tensors: list[torch.Tensor] = ()) -> int:
+    """Bytes of the small-tensor segments outside the graphs' pools that appeared since the baseline, less the blocks
+    the engine's own tensors take in them (counted in their parts and `allocator_rounding`). PyTorch's allocator
+    serves tensors of 1 MiB or less from 2 MiB segments of their stream, so the engine's first small tensor on a
     stream costs a whole segment unless one is already there (a router's small tensors, say): a fixed cost per stream
-    the engine allocates on, not growth."""
-    return sum(s["total"] - s["used"] for s in segments
-               if not s["in_pool"] and s["type"] == "small" and s["address"] not in baseline_addresses)
+    the engine allocates on, not growth. The segment's other tenants count here too: the caller's sampled token, a
+    few bytes the engine's streams keep outside the pool (1.5 KB on an H100, 2026-12-06)."""
+    new = [s for s in segments
+           if not s["in_pool"] and s["type"] == "small" and s["address"] not in baseline_addresses]
+    inside = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in engine_tensors}
+    engine_blocks = sum(allocator_size(n) for ptr, n in inside.items()
+                        if any(s["address"] <= ptr < s["address"] + s["total"] for s in new))
+    return sum(s["total"] for s in new) - engine_blocks
 
 
 # PyTorch's CUDA caching allocator hands out blocks in multiples of 512 bytes, and gives a tensor of 10 MiB or more a
@@ -124,11 +130,12 @@ def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int,
         token = engine.decode_step(token, prompt + i).argmax(-1)
     torch.cuda.synchronize()
     mem = engine.memory()
+    resident = [t for part in engine.resident().values() for t in part]
     segments = _segments()  # after the run: the segments' slack
     return {"outside_pools_unused_gb": sum(s["total"] - s["used"] for s in segments if not s["in_pool"]) / 1e9,
             "slack_segments": slack_segments(segments),
-            "small_segments_slack_gb": small_segment_slack(segments, baseline.addresses) / 1e9,
-            "allocator_rounding_gb": allocator_rounding([t for part in engine.resident().values() for t in part]) / 1e9,
+            "small_segments_gb": small_segment_slack(segments, baseline.addresses, resident) / 1e9,
+            "allocator_rounding_gb": allocator_rounding(resident) / 1e9,
             "engine_peak_gb": (torch.cuda.max_memory_reserved() - baseline.reserved) / 1e9,
             "reserved_gb": (torch.cuda.memory_reserved() - baseline.reserved) / 1e9,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,  # the allocator's view (router included)

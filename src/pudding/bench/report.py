@@ -129,6 +129,16 @@ def _prefill_lines(ar: dict, settings: dict) -> list[str]:
     return lines
 
 
+# The allowance's small parts, each split out of the "rest" from the date a report has its key: key, table row, goal
+# detail. small_segments_slack_gb (2026-12-05) was the new small segments' free space; small_segments_gb (2026-12-06)
+# is those segments less the engine's own tensors in them, so their other tenants (a sampled token) count too.
+_ALLOWANCE_EXTRAS = (
+    ("small_segments_slack_gb", "free space of new small-tensor segments (2 MB a stream)", "small-tensor segments' free space"),
+    ("small_segments_gb", "new small-tensor segments beside the engine's tensors (2 MB a stream)", "small-tensor segments"),
+    ("allocator_rounding_gb", "allocator rounding of the engine's tensors (512 B; 2 MiB from 10 MiB)", "allocator rounding"),
+)
+
+
 def _memory_lines(all_resident: dict, mb: dict) -> list[str]:
     mm = mb["memory"]
     lines = ["", f"Memory-budget pruned decode: {mb['pruned']['decode_tok_s']:.1f} tok/s."]
@@ -137,11 +147,8 @@ def _memory_lines(all_resident: dict, mb: dict) -> list[str]:
     parts = {f"blocks ({mb['slots']} slots + 1 spare)": mm["engine_blocks_gb"], "embeddings, head, norm": mm["embed_head_norm_gb"],
              "KV cache": mm["kv_cache_gb"], "buffers (rotary tables, inputs)": mm["buffers_gb"],
              "cuBLAS workspaces": mm["cublas_workspaces_gb"], "graphs' pool (outputs, activations)": mm["graph_pool_gb"]}
-    if "small_segments_slack_gb" in mm:  # reports before 2026-12-05 left it in the rest
-        parts["free space of new small-tensor segments (2 MB a stream)"] = mm["small_segments_slack_gb"]
-    if "allocator_rounding_gb" in mm:  # reports before 2026-12-06 left it in the rest
-        parts["allocator rounding of the engine's tensors (512 B; 2 MiB from 10 MiB)"] = mm["allocator_rounding_gb"]
-    rest = mm["engine_peak_gb"] - sum(parts.values())
+    parts.update({label: mm[key] for key, label, _ in _ALLOWANCE_EXTRAS if key in mm})
+    rest = round(mm["engine_peak_gb"] - sum(parts.values()), 3) + 0.0  # + 0.0: no "-0.000"
     lines += ["", "Memory-budget engine at its peak (pre-fill 512 + 512 tokens right after a swap, whose pre-fill waits for "
               "the copies and runs eagerly in the graphs' pool), GB the allocator reserved from the device:", "",
               "| part | GB |", "|---|---|"]
@@ -269,10 +276,8 @@ def shape_goals(shape: dict) -> list[dict]:
                             f"{mm.get('cublas_workspaces_gb', 0):.2f} GB"
                             + (f" + activation workspace {mb['activation_workspace_gb']:.2f} GB"
                                if "activation_workspace_gb" in mb else "")
-                            + (f" + small-tensor segments' free space {mm['small_segments_slack_gb'] * 1000:.1f} MB"
-                               if "small_segments_slack_gb" in mm else "")
-                            + (f" + allocator rounding {mm['allocator_rounding_gb'] * 1000:.1f} MB"
-                               if "allocator_rounding_gb" in mm else "") + ")"})
+                            + "".join(f" + {short} {mm[key] * 1000:.1f} MB" for key, _, short in _ALLOWANCE_EXTRAS
+                                      if key in mm) + ")"})
     return goals
 
 
