@@ -138,9 +138,13 @@ class Engine:
         self.v_cache = list(torch.zeros((capacity, *cache_shape), dtype=self.dtype, device=self.device).unbind(0))
         self._token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self._position = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._prompt = torch.zeros(1, max_len, dtype=torch.long, device=self.device)  # pre-fill's (padded) input
+        # Pre-fill's input, one buffer: the prompt's last position in its bucket, then the (padded) prompt. The host
+        # writes both into a pinned copy and sends them in one transfer (`_load_prompt`).
+        self._prompt_input = torch.zeros(max_len + 1, dtype=torch.long, device=self.device)
+        self._last, self._prompt = self._prompt_input[:1], self._prompt_input[1:].view(1, max_len)
+        self._prompt_host = torch.zeros(max_len + 1, dtype=torch.long, pin_memory=on_gpu)
+        self._prompt_sent = torch.cuda.Event() if on_gpu else None  # recorded after each transfer out of it
         self._positions = torch.arange(max_len, device=self.device)
-        self._last = torch.zeros(1, dtype=torch.long, device=self.device)  # the prompt's last position in the bucket
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # the graphs' memory pool (`_memory_pool`), and their stream (`_side_stream`)
         self._capture_stream = None
@@ -422,16 +426,24 @@ class Engine:
             return logits
         return self._rest_logits(padded, shared, hidden)
 
-    def _load_prompt(self, ids: Sequence[int]) -> int:
-        """Write the prompt into the pre-fill buffer, padded to its bucket; returns the padded length."""
+    def _load_prompt(self, ids: Sequence[int], exact: bool = False) -> int:
+        """Write the prompt into the pre-fill buffer, padded to its bucket (unless `exact`); returns the padded
+        length. One transfer from pinned memory, which the device runs without the host waiting: on an H100 the
+        earlier three (a pageable copy, zeroing the padding, setting the last position) held back a 128-token
+        pre-fill's first kernel by ~0.06 ms."""
         length = len(ids)
         if not 0 < length <= self.max_len:  # direct callers (benchmarks, the lm-eval model) skip generate's check
             raise PuddingError(f"the prompt ({length} tokens) must have 1 to {self.max_len} tokens (the engine's context)")
-        padded = self.bucket(length) if self.bucketed else length
-        self._prompt[0, :length].copy_(torch.tensor(list(ids)), non_blocking=True)
-        if padded > length:
-            self._prompt[0, length:padded].zero_()
-        self._last.fill_(length - 1)
+        padded = self.bucket(length) if self.bucketed and not exact else length
+        if self._prompt_sent is not None:
+            self._prompt_sent.synchronize()  # the last transfer has read the pinned buffer
+        host = self._prompt_host.numpy()
+        host[0] = length - 1
+        host[1 : length + 1] = ids
+        host[length + 1 : padded + 1] = 0
+        self._prompt_input[: padded + 1].copy_(self._prompt_host[: padded + 1], non_blocking=True)
+        if self._prompt_sent is not None:
+            self._prompt_sent.record()
         return padded
 
     def _graphed(self, padded: int, length: int) -> bool:
@@ -476,7 +488,7 @@ class Engine:
         ids = list(ids)
         if len(ids) > self.max_len:
             raise PuddingError(f"the prompt ({len(ids)} tokens) exceeds the engine's context of {self.max_len} tokens")
-        self._prompt[0, : len(ids)].copy_(torch.tensor(ids))
+        self._load_prompt(ids, exact=True)
         token_logprobs: list[float | None] = [None]
         tops: list[dict[int, float] | None] = [None]
         with self._graph_memory():
@@ -693,7 +705,7 @@ class Engine:
         """The tensors the engine keeps on the device, by part (views of one allocation may appear more than once)."""
         blocks = self.blocks.flats if self.blocks.mode == "all" else self.blocks.slots
         tables = [t for pair in self.rotary.values() for t in pair]
-        inputs = [self._token, self._position, self._prompt, self._positions, self._last]
+        inputs = [self._token, self._position, self._prompt_input, self._positions]
         lora = (self._lora_slots if self.lora_rank else []) + [t for per_set in self.adapters.values() for t in per_set.values()]
         tied = self.head.data_ptr() == self.embed.data_ptr()  # one tensor
         head = [] if tied else self._head_tensors()

@@ -158,8 +158,7 @@ def graphed_equals_eager(engine: Engine, sets: Sequence[OmissionSet], lengths: S
             graphed_logits = engine.prefill(ids).clone()
             compiled, engine._prefill_block = engine._prefill_block, block_step
             try:
-                engine._prompt[0, : len(ids)].copy_(torch.tensor(ids))
-                engine._last.fill_(len(ids) - 1)
+                engine._load_prompt(ids, exact=True)
                 plain = engine._prefill_padded(len(ids)).clone()
             finally:
                 engine._prefill_block = compiled
