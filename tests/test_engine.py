@@ -213,14 +213,17 @@ def test_bench_measures_prefill_with_routing_beside_the_shared_blocks(encoder):
     tokenizer = load_tokenizer(resolve_model("smollm2-135m")) if encoder == "embeddings" else None
     policy = RoutedPolicy(untrained_router(encoder, sets, decoder_tokenizer=tokenizer))
     assert ("table lookup" in _router_words({"router_encoder": encoder})) == (encoder == "embeddings")
-    measured = routed_prefill(engine, policy, (8, 16), (0, 2), repeats=1)
-    # per (blocks ahead, length): warm-up, the timed run, the host-time run, the logit check
+    dense = engine.omission(())
+    measured = routed_prefill(engine, policy, (8, 16), (0, 2), repeats=1, dense=dense)
+    # per (blocks ahead, length): warm-up, the timed run (each after a dense pre-fill), the host-time run, the check
     assert measured["max_abs_logit_diff"] == 0.0 and policy.stats.prompts == 2 * 2 * 4
     assert set(measured["ttft_ms"]) == {0, 2} and all(v > 0 for t in measured["ttft_ms"].values() for v in t.values())
+    assert set(measured["dense_ttft_ms"]) == {0, 2} and all(set(t) == {8, 16} for t in measured["dense_ttft_ms"].values())
     assert set(measured["issue_ms"]) == {0, 2} and set(measured["prefill_issue_ms"]) == {8, 16}
     lines = _routed_lines({"pool_shared_blocks": 2, **measured}, {"ttft_ms": {8: 1.0, 16: 2.0}}, 0.5, {"prompt_lengths": (8, 16)})
     assert "| (pruned pre-fill + router time, added) | 1.50 ms | 2.50 ms |" in lines
     assert any(line.startswith("| 2 | ") for line in lines) and lines[-1].startswith("| `Engine.start`, 2 blocks ahead | ")
+    assert any(line.startswith("| dense, timed in turn with row 2 ") for line in lines)
 
 
 def test_bench_reads_the_embeddings_routers_tokenizer_from_a_model_or_a_tokenizer_directory(tmp_path):

@@ -95,6 +95,10 @@ def _routed_lines(routed: dict | None, pruned: dict, router_ms: float, settings:
                  f"{_key(pruned['ttft_ms'], p) + router_ms:.2f} ms" for p in prompts) + " |"]
     for shared, values in routed["ttft_ms"].items():
         lines.append(f"| {shared} | " + " | ".join(f"{_key(values, p):.2f} ms" for p in prompts) + " |")
+    if routed.get("dense_ttft_ms"):  # runs before 2026-12-06 timed dense only beside pruned
+        shared = routed["pool_shared_blocks"]
+        lines.append(f"| dense, timed in turn with row {shared} (the speedup's numerator) | "
+                     + " | ".join(f"{_key(_key(routed['dense_ttft_ms'], shared), p):.2f} ms" for p in prompts) + " |")
     if routed.get("issue_ms"):  # runs before this measurement have no host times
         lines += ["", ("Host time until the call returns, from an idle device (choosing, switching, loading the "
                        "prompt, launching; the device waits for what comes before its first kernel):"), "",
@@ -256,7 +260,8 @@ def shape_goals(shape: dict) -> list[dict]:
         goals.append({"figure": f"pre-fill speedup at {p} tokens (routing included), of the FLOP ratio",
                       "measured": v["of_flop_ratio"], "target": "≥ 97%", "met": v["of_flop_ratio"] >= 0.97,
                       "detail": f"{v['speedup_with_router']:.3f}x of {v['flop_ratio']:.3f}x ({100 * v['of_flop_ratio']:.1f}%"
-                                f"{', routing measured beside pre-fill' if v.get('routing_measured') else ''})"})
+                                f"{', routing measured beside pre-fill' if v.get('routing_measured') else ''}"
+                                f"{', dense timed in turn' if v.get('dense_in_turn') else ''})"})
     for name in ("dense", "pruned"):
         of = c.get(f"{name}_decode_of_ceiling")
         if of is not None:

@@ -55,10 +55,12 @@ def _row(t: SetTimings) -> dict:
 
 
 def compare(engine: Engine, dense: SetTimings, pruned: SetTimings, bandwidth: float | None, router_ms: float,
-            settings: BenchSettings, references: dict | None = None, routed_ttft: dict | None = None) -> dict:
+            settings: BenchSettings, references: dict | None = None, routed_ttft: dict | None = None,
+            routed_dense_ttft: dict | None = None) -> dict:
     """Ratios against dense, against the ceilings and against the references measured in the same run. With
     `routed_ttft` (prompt length -> TTFT measured with routing, `routed_prefill`), the pre-fill speedup with routing
-    is taken from it; otherwise the router's time is added to the pruned pre-fill."""
+    is taken from it, against `routed_dense_ttft` (the dense pre-fill timed in turn with it) where given; otherwise
+    the router's time is added to the pruned pre-fill."""
     references = references or {}
     bytes_dense = weight_bytes_per_token(engine, dense.kept)
     bytes_pruned = weight_bytes_per_token(engine, pruned.kept)
@@ -78,9 +80,11 @@ def compare(engine: Engine, dense: SetTimings, pruned: SetTimings, bandwidth: fl
     for p in settings.prompt_lengths:
         flop_ratio = prefill_flops(engine, dense.kept, p) / prefill_flops(engine, pruned.kept, p)
         with_routing = routed_ttft[p] if routed_ttft else pruned.ttft_ms[p] + router_ms
-        speedup = dense.ttft_ms[p] / with_routing
+        dense_ms = routed_dense_ttft[p] if routed_ttft and routed_dense_ttft else dense.ttft_ms[p]
+        speedup = dense_ms / with_routing
         out["prefill"][p] = {"speedup_with_router": speedup, "speedup_without_router": dense.ttft_ms[p] / pruned.ttft_ms[p],
                              "ttft_with_routing_ms": with_routing, "routing_measured": bool(routed_ttft),
+                             "dense_in_turn": bool(routed_ttft and routed_dense_ttft),
                              "flop_ratio": flop_ratio, "of_flop_ratio": speedup / flop_ratio}
         for name, t in (("dense", dense), ("pruned", pruned)):
             for reference, values in (("gemm_bound", references.get(f"{name}_gemm_ms")),
@@ -118,7 +122,8 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     routed = None
     if policy is not None:
         pool_shared = shared_blocks(policy.sets)
-        measured = routed_prefill(engine, policy, settings.prompt_lengths, sorted({0, 8, pool_shared}), settings.repeats)
+        measured = routed_prefill(engine, policy, settings.prompt_lengths, sorted({0, 8, pool_shared}), settings.repeats,
+                                  dense=dense_set)
         results["routed_prefill"] = {"pool_shared_blocks": pool_shared, **measured}
         routed = measured["ttft_ms"]
         log(f"pre-fill with routing (blocks ahead -> ms): {routed}; largest logit difference from choosing first "
@@ -135,7 +140,8 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
     log(f"transformers eager: dense {references['dense_transformers_ms']}, pruned {references['pruned_transformers_ms']}")
     results["all_resident"] = {"dense": _row(dense), "pruned": _row(pruned), "references": references,
                                "comparison": compare(engine, dense, pruned, bandwidth, router_ms, settings, references,
-                                                     routed[pool_shared] if routed else None),
+                                                     routed[pool_shared] if routed else None,
+                                                     measured["dense_ttft_ms"][pool_shared] if routed else None),
                                "memory": {name: peak_memory(engine, omit, 512, 512, baseline)
                                           for name, omit in (("dense", dense_set), ("pruned", pruned_set))}}
     switch_clock = Clock(device)
