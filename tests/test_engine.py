@@ -311,6 +311,31 @@ def test_bench_times_a_bundle_with_the_router_asked_for(smollm2):
     assert "(timed with an untrained router of the encoder asked for (embeddings))" in report
 
 
+def test_the_committed_h100_report_compares_the_routed_pre_fill_with_a_dense_one_timed_in_turn():
+    """results/bench-h100.json (a real `pudding bench` run at 439bc85): the routed speedup divides the dense
+    pre-fill timed in turn with it, the report shows that row, and the memory-budget peak, counted with the new
+    small-tensor segments whole, meets its allowance with nothing left in the rest."""
+    import json
+    from pathlib import Path
+
+    from pudding.bench.report import markdown, shape_goals
+
+    report = json.loads((Path(__file__).parents[1] / "results" / "bench-h100.json").read_text())
+    shape = report["shape"]
+    routed = shape["routed_prefill"]
+    dense_in_turn = routed["dense_ttft_ms"][str(routed["pool_shared_blocks"])]
+    for length, row in shape["all_resident"]["comparison"]["prefill"].items():
+        assert row["dense_in_turn"] and row["speedup_with_router"] == dense_in_turn[length] / row["ttft_with_routing_ms"]
+    goals = shape_goals(shape)
+    assert all("dense timed in turn" in g["detail"] for g in goals if "routing included" in g["figure"])
+    memory = shape["memory_budget"]
+    assert memory["within_allowed"] and "small_segments_gb" in memory["memory"]
+    text = markdown(report)
+    assert f"| dense, timed in turn with row {routed['pool_shared_blocks']} (the speedup's numerator) |" in text
+    assert "| rest (anything unaccounted) | 0.000 |" in text
+    assert "| new small-tensor segments beside the engine's tensors (2 MB a stream) | 0.004 |" in text
+
+
 def test_the_committed_h200_report_renders_with_its_goals():
     """results/bench-h200.json (a real `pudding bench` run) renders as the Markdown the command writes: Table 6, the
     routed pre-fill measured beside the shared blocks, and one goal line per target of the engine issue."""

@@ -428,9 +428,9 @@ class Engine:
 
     def _load_prompt(self, ids: Sequence[int], exact: bool = False) -> int:
         """Write the prompt into the pre-fill buffer, padded to its bucket (unless `exact`); returns the padded
-        length. One transfer from pinned memory, which the device runs without the host waiting: on an H100 the
-        earlier three (a pageable copy, zeroing the padding, setting the last position) held back a 128-token
-        pre-fill's first kernel by ~0.06 ms."""
+        length. One transfer from pinned memory, which the device runs without the host waiting, instead of three
+        operations (a pageable copy, zeroing the padding, setting the last position): 0.03 instead of 0.09 ms of host
+        time for a 512-token prompt on an H100 (results/prompt-load-ab-h100.md)."""
         length = len(ids)
         if not 0 < length <= self.max_len:  # direct callers (benchmarks, the lm-eval model) skip generate's check
             raise PuddingError(f"the prompt ({length} tokens) must have 1 to {self.max_len} tokens (the engine's context)")

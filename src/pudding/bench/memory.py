@@ -68,8 +68,8 @@ def small_segment_slack(segments: list[dict], baseline_addresses: set, engine_te
     the engine's own tensors take in them (counted in their parts and `allocator_rounding`). PyTorch's allocator
     serves tensors of 1 MiB or less from 2 MiB segments of their stream, so the engine's first small tensor on a
     stream costs a whole segment unless one is already there (a router's small tensors, say): a fixed cost per stream
-    the engine allocates on, not growth. The segment's other tenants count here too: the caller's sampled token, a
-    few bytes the engine's streams keep outside the pool (1.5 KB on an H100, 2026-12-06)."""
+    the engine allocates on, not growth. The segments' other tenants count here too: the caller's sampled token and
+    two small tensors on a side stream (1.5 KB in all on an H100, 2026-12-06)."""
     new = [s for s in segments
            if not s["in_pool"] and s["type"] == "small" and s["address"] not in baseline_addresses]
     inside = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in engine_tensors}
