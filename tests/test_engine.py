@@ -96,6 +96,9 @@ def test_bucketed_prefill_equals_the_exact_length_prefill(family):
             for engine in (exact, padded):
                 engine.use(engine.omission(omit))
             torch.testing.assert_close(padded.prefill(ids).clone(), exact.prefill(ids).clone(), rtol=1e-5, atol=1e-5)
+            # the input buffer: the prompt, zeros to the bucket's end (a longer earlier prompt is gone), its last position
+            bucket = padded.bucket(length)
+            assert padded._prompt[0, :bucket].tolist() == ids + [0] * (bucket - length) and padded._last.item() == length - 1
             tokens = [e.generate(ids, e.omission(omit), max_new_tokens=6, stop_ids=[]).tokens for e in (exact, padded)]
             assert tokens[0] == tokens[1]
 
