@@ -421,7 +421,7 @@ def test_the_memory_allowance_counts_only_the_small_tensor_segments_that_appeare
     import json
     from pathlib import Path
 
-    from pudding.bench.memory import allocator_size, small_segment_slack
+    from pudding.bench.memory import allocator_size, new_small_segment_bytes
     from pudding.bench.report import markdown
 
     mb = 2 * 1024 * 1024
@@ -431,11 +431,11 @@ def test_the_memory_allowance_counts_only_the_small_tensor_segments_that_appeare
                 {"in_pool": False, "type": "small", "address": 2, "total": mb, "used": 0},  # there before the engine
                 {"in_pool": True, "type": "small", "address": 3, "total": mb, "used": 0},  # the graphs' pool: counted there
                 {"in_pool": False, "type": "large", "address": 4, "total": 20 * mb, "used": mb}]  # not the granularity
-    assert small_segment_slack(segments, {2}) == mb
+    assert new_small_segment_bytes(segments, {2}) == mb
     views = [engine_token, engine_token[:0]]  # one allocation, counted once
-    assert small_segment_slack(segments, {2}, views) == mb - allocator_size(8) == mb - 512
-    assert small_segment_slack([{**segments[0], "address": at + 512}], set(), views) == mb  # it lies elsewhere
-    assert small_segment_slack(segments, {at, 2}, views) == 0
+    assert new_small_segment_bytes(segments, {2}, views) == mb - allocator_size(8) == mb - 512
+    assert new_small_segment_bytes([{**segments[0], "address": at + 512}], set(), views) == mb  # it lies elsewhere
+    assert new_small_segment_bytes(segments, {at, 2}, views) == 0
     report = json.loads((Path(__file__).parents[1] / "results" / "bench-h200-embeddings.json").read_text())
     memory = report["shape"]["memory_budget"]["memory"]
     rest_before = "| rest (allocator rounding, anything unaccounted) | 0.006 |"

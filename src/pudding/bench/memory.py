@@ -63,7 +63,7 @@ def allocator_baseline() -> AllocatorBaseline:
     return AllocatorBaseline(torch.cuda.memory_reserved(), graph_pool_bytes(), frozenset(s["address"] for s in _segments()))
 
 
-def small_segment_slack(segments: list[dict], baseline_addresses: set, engine_tensors: list[torch.Tensor] = ()) -> int:
+def new_small_segment_bytes(segments: list[dict], baseline_addresses: set, engine_tensors: list[torch.Tensor] = ()) -> int:
     """Bytes of the small-tensor segments outside the graphs' pools that appeared since the baseline, less the blocks
     the engine's own tensors take in them (counted in their parts and `allocator_rounding`). PyTorch's allocator
     serves tensors of 1 MiB or less from 2 MiB segments of their stream, so the engine's first small tensor on a
@@ -80,7 +80,7 @@ def small_segment_slack(segments: list[dict], baseline_addresses: set, engine_te
 
 # PyTorch's CUDA caching allocator hands out blocks in multiples of 512 bytes, and gives a tensor of 10 MiB or more a
 # segment of its own rounded up to 2 MiB (smaller ones share 2 MiB or 20 MiB segments: their free space is counted
-# per segment, `small_segment_slack`, or stays in the rest).
+# per segment, `new_small_segment_bytes`, or stays in the rest).
 _BLOCK_ROUND = 512
 _OWN_SEGMENT = 10 * 2**20
 _SEGMENT_ROUND = 2 * 2**20
@@ -134,7 +134,7 @@ def peak_memory(engine: Engine, omit: OmissionSet, prompt: int, new_tokens: int,
     segments = _segments()  # after the run: the segments' slack
     return {"outside_pools_unused_gb": sum(s["total"] - s["used"] for s in segments if not s["in_pool"]) / 1e9,
             "slack_segments": slack_segments(segments),
-            "small_segments_gb": small_segment_slack(segments, baseline.addresses, resident) / 1e9,
+            "small_segments_gb": new_small_segment_bytes(segments, baseline.addresses, resident) / 1e9,
             "allocator_rounding_gb": allocator_rounding(resident) / 1e9,
             "engine_peak_gb": (torch.cuda.max_memory_reserved() - baseline.reserved) / 1e9,
             "reserved_gb": (torch.cuda.memory_reserved() - baseline.reserved) / 1e9,
