@@ -486,9 +486,7 @@ class Engine:
         choice = chosen if isinstance(chosen, Choice) else Choice(chosen)
         self.use(choice.omit)
         ids = list(ids)
-        if len(ids) > self.max_len:
-            raise PuddingError(f"the prompt ({len(ids)} tokens) exceeds the engine's context of {self.max_len} tokens")
-        self._load_prompt(ids, exact=True)
+        self._load_prompt(ids, exact=True)  # checks the length against the context
         token_logprobs: list[float | None] = [None]
         tops: list[dict[int, float] | None] = [None]
         with self._graph_memory():

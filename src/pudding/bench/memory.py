@@ -72,8 +72,7 @@ def new_small_segment_bytes(segments: list[dict], baseline_addresses: set, engin
     two small tensors on a side stream (1.5 KB in all on an H100, 2026-12-06)."""
     new = [s for s in segments
            if not s["in_pool"] and s["type"] == "small" and s["address"] not in baseline_addresses]
-    inside = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in engine_tensors}
-    engine_blocks = sum(allocator_size(n) for ptr, n in inside.items()
+    engine_blocks = sum(allocator_size(n) for ptr, n in _storages(engine_tensors).items()
                         if any(s["address"] <= ptr < s["address"] + s["total"] for s in new))
     return sum(s["total"] for s in new) - engine_blocks
 
@@ -99,8 +98,12 @@ def allocator_size(nbytes: int) -> int:
 def allocator_rounding(tensors: list[torch.Tensor]) -> int:
     """Bytes the allocator rounds the allocations under these tensors up by (views of one allocation count once): a
     fixed cost of the tensors' sizes (the blocks' slots of the 8B shape: 1.7 MB), not growth."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(allocator_size(n) - n for n in storages.values())
+    return sum(allocator_size(n) - n for n in _storages(tensors).values())
+
+
+def _storages(tensors) -> dict[int, int]:
+    """The allocations under these tensors, by address: their bytes (views of one allocation appear once)."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
 
 
 def slack_segments(segments: list[dict], top: int = 8) -> list[dict]:
