@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .architectures import OPTIONAL_BLOCK, ARCHITECTURES, Architecture, architecture_for
+from . import attention
+from .architectures import ARCHITECTURES, OPTIONAL_BLOCK, Architecture, architecture_for
 from .errors import PuddingError
 from .quantize import cpu_int4_form, quantized_linear, quantized_shapes
 
@@ -222,6 +223,31 @@ def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.
     return out
 
 
+def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, keys: int,
+                    shape: Shape) -> torch.Tensor:
+    """q (batch, heads, tokens, head_dim) attending to the first `keys` positions of the cache where mask (tokens,
+    keys) allows."""
+    batch, _, tokens, _ = q.shape
+    if tokens == 1 and batch == 1 and attention.supported(q, shape.heads, shape.kv_heads, shape.head_dim):
+        # a decode step: one kernel instead of four (attention.py)
+        attn = attention.decode_attention(q.reshape(shape.heads, shape.head_dim), k_cache[0], v_cache[0],
+                                          mask.reshape(keys), shape.attn_scale)
+        return attn.view(batch, shape.heads, 1, shape.head_dim)
+    return grouped_attention(q, k_cache, v_cache, mask, keys, shape)
+
+
+def grouped_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, keys: int,
+                      shape: Shape) -> torch.Tensor:
+    """`cache_attention` in PyTorch ops: query heads grouped by their KV head, so the cache is read once."""
+    batch, _, tokens, _ = q.shape
+    groups = shape.heads // shape.kv_heads
+    qg = q.reshape(batch, shape.kv_heads, groups * tokens, shape.head_dim)
+    scores = torch.matmul(qg, k_cache[:, :, :keys].transpose(2, 3)).float() * shape.attn_scale
+    scores = scores.view(batch, shape.kv_heads, groups, tokens, keys).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(batch, shape.kv_heads, groups * tokens, keys)
+    return torch.matmul(probs, v_cache[:, :, :keys]).view(batch, shape.heads, tokens, shape.head_dim)
+
+
 def block_step(
     x: torch.Tensor,  # (batch, tokens, hidden)
     w: dict[str, torch.Tensor],
@@ -253,12 +279,8 @@ def block_step(
         # by their query groups inside the kernel (a copy of K and V per group cost ~0.3 ms at 128 tokens, 8B, H200)
         attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=shape.attn_scale,
                                                                 enable_gqa=groups > 1)
-    else:  # attend to the cache; query heads grouped by their KV head, so the cache is read once
-        qg = q.reshape(batch, shape.kv_heads, groups * tokens, shape.head_dim)
-        scores = torch.matmul(qg, k_cache[:, :, :keys].transpose(2, 3)).float() * shape.attn_scale
-        scores = scores.view(batch, shape.kv_heads, groups, tokens, keys).masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(batch, shape.kv_heads, groups * tokens, keys)
-        attn = torch.matmul(probs, v_cache[:, :, :keys]).view(batch, shape.heads, tokens, shape.head_dim)
+    else:
+        attn = cache_attention(q, k_cache, v_cache, mask, keys, shape)
     out = _linear(attn.transpose(1, 2).reshape(batch, tokens, q_size), w, "o")
     if arch.sandwich:
         out = rms_norm(out, w["post_attn_norm"], shape.eps, arch.norm)
