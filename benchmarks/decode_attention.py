@@ -22,9 +22,10 @@ from pudding.block import Shape, grouped_attention
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--buckets", default="256,1024,4096", help="context buckets (keys read per step)")
-parser.add_argument("--settings", default="64:16:8,64:16:4,32:16:4,64:8:8,64:32:8,128:16:8",
+parser.add_argument("--settings", default="64:16:8,64:16:4,64:8:8,128:16:8,32:16:8",
                     help="kernel launch settings to time, BLOCK_N:MAX_SPLITS:NUM_WARPS each")
-parser.add_argument("--device", default="cuda", help="cpu runs the kernel under TRITON_INTERPRET=1 (a check, not a timing)")
+parser.add_argument("--device", default="cuda",
+                    help="cpu runs the kernel under TRITON_INTERPRET=1 (a check, not a timing)")
 parser.add_argument("--output", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
 args = parser.parse_args()
 
@@ -43,10 +44,12 @@ def reference(mask: torch.Tensor, keys: int) -> torch.Tensor:
     k, v = (c[0, :, :keys].float() for c in caches[0])
     qg = q.float().view(shape.kv_heads, -1, shape.head_dim)
     scores = torch.einsum("hgd,hnd->hgn", qg, k) * shape.attn_scale
-    return torch.einsum("hgn,hnd->hgd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v).reshape(shape.heads, -1)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("hgn,hnd->hgd", probs, v).reshape(shape.heads, -1)
 
 
-results = {"shape": "LLaMA-3.1-8B", "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "torch": torch.__version__, "buckets": {}}
+results = {"shape": "LLaMA-3.1-8B", "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+           "torch": torch.__version__, "buckets": {}}
 for keys in map(int, args.buckets.split(",")):
     position = int(0.6 * keys)
     mask = (torch.arange(keys, device=device) <= position)[None]

@@ -1,13 +1,15 @@
 """Decode attention in one kernel (Triton): one new token's query heads against a block's KV cache, at batch 1.
 
-Written in PyTorch ops, a decode step's attention is a score product, a masked softmax (two kernels once compiled)
-and a value product: four small kernels a block, each reading at most a few MB, so each costs its launch and latency
-rather than its bytes (~8 µs a block on an H100 for the 8B shape, ~0.27 ms of a 6 ms step; results/bench-h100.json).
-Here it is one kernel, split over the keys as flash-decoding does: a program per (KV head, slice of the keys) holds
-that KV head's query heads together (the slice of the cache is read once for all of them), runs an online softmax
-over its slice and writes its partial result; the last program of a KV head to finish, known by an atomic ticket,
-combines the slices' partials and writes the output. One kernel needs no second launch for the combination, which is
-what the two-kernel form of flash-decoding spends.
+Written in PyTorch ops, a decode step's attention is a score product, a masked softmax and a value product: three or
+four kernels a block once compiled (inductor splits the softmax differently from build to build), each reading at
+most a few MB, so each costs its launch and latency rather than its bytes (~7 µs a block together on an H100 for
+the 8B shape). Here it is one kernel, split over the keys as flash-decoding does: a program per (KV head, slice of
+the keys) holds that KV head's query heads together (the slice of the cache is read once for all of them), runs an
+online softmax over its slice and writes its partial result; the last program of a KV head to finish, known by an
+atomic ticket, combines the slices' partials and writes the output. One kernel needs no second launch for the
+combination, which is what the two-kernel form of flash-decoding spends. It is no faster than the kernels it
+replaces (6.3-6.7 µs a block): what it saves is their launches, 64 a dense step of the 8B shape, worth +0.9 to +2.7%
+decode speed on an H100 (results/decode-attention-ab-h100.md).
 
 The mask is read as data (True where a key may be attended): the engine's decode mask, causal up to the step's
 position within the context bucket, and a sliding window where the block has one.
@@ -45,9 +47,9 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, partial_ptr, max_ptr, sum_ptr, tickets_ptr,
-                                 scale, keys, cache_stride, GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr, GROUPS_PAD: tl.constexpr,
-                                 D: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 FP32: tl.constexpr):
+                                 scale, keys, cache_stride, GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr,
+                                 GROUPS_PAD: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr,
+                                 SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, FP32: tl.constexpr):
         head = tl.program_id(0)  # the KV head
         split = tl.program_id(1)
         g = tl.arange(0, GROUPS_PAD)  # its query heads, padded to a tensor-core tile (rows past GROUPS are zeros)
@@ -113,6 +115,7 @@ if triton is not None:
             tl.store(out_ptr + (head * GROUPS + h)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
                      mask=(h < GROUPS)[:, None])
             tl.atomic_xchg(tickets_ptr + head, 0)  # ready for the next launch
+
 
 _tickets: dict[torch.device, torch.Tensor] = {}
 
