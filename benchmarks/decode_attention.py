@@ -5,6 +5,8 @@ block, each its own cache, so none is served from L2) in one CUDA graph; also th
 reference. Needs a GPU; writes decode-attention.json under $OUT (or --output).
 
     PYTHONPATH=src python benchmarks/decode_attention.py
+
+Output on the H100 (2026-12-06, three leases, the kernel revised between them): results/decode-attention-ab-h100.md.
 """
 
 import argparse

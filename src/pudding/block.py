@@ -229,7 +229,7 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     keys) allows."""
     batch, _, tokens, _ = q.shape
     if tokens == 1 and batch == 1 and attention.supported(q, shape.heads, shape.kv_heads, shape.head_dim):
-        # a decode step: one kernel instead of four (attention.py)
+        # a decode step: one kernel instead of three or four (attention.py)
         attn = attention.decode_attention(q.reshape(shape.heads, shape.head_dim), k_cache[0], v_cache[0],
                                           mask.reshape(keys), shape.attn_scale)
         return attn.view(batch, shape.heads, 1, shape.head_dim)
@@ -279,7 +279,7 @@ def block_step(
         # by their query groups inside the kernel (a copy of K and V per group cost ~0.3 ms at 128 tokens, 8B, H200)
         attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=shape.attn_scale,
                                                                 enable_gqa=groups > 1)
-    else:
+    else:  # attend to the cache
         attn = cache_attention(q, k_cache, v_cache, mask, keys, shape)
     out = _linear(attn.transpose(1, 2).reshape(batch, tokens, q_size), w, "o")
     if arch.sandwich:
