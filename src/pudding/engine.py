@@ -3,8 +3,9 @@
 In the spirit of gpt-fast, the engine keeps each transformer block's weights in its own layout (one flat buffer per
 block, viewed as fused QKV and gate/up projections: `block.py`), a static KV cache per *stack position* (the j-th
 block that runs), and on GPUs a CUDA graph of the whole decode step per stack and context bucket (attention reads the
-cache only as far as the bucket holding the position), so decoding is not bound by Python or kernel launches. Where
-the blocks live (all on the device, or a memory budget of slots) is `residency.py`.
+cache only as far as the bucket holding the position, in one Triton kernel a block: `attention.py`), so decoding is
+not bound by Python or kernel launches. Where the blocks live (all on the device, or a memory budget of slots) is
+`residency.py`.
 
 The engine never chooses blocks: callers ask a policy (`policy.py`) for a `Choice` and pass it in, and the time the
 choice took counts in the time to first token; or they pass the policy's `Pending` choice, which the engine resolves
