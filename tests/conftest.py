@@ -203,3 +203,14 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def hopper_resources(fn, signature: dict, constants: dict, config) -> dict[str, int]:
+    """A Triton kernel compiled for sm_90 on this machine (no GPU needed: Triton's own ptxas), and the registers a
+    thread (REG) and the local-memory stack (STACK, spills) it uses."""
+    import re
+
+    from pudding import kernels
+
+    usage = kernels.cuobjdump(kernels.compile_for_hopper(fn, signature, constants, config), "--dump-resource-usage")
+    return {key: int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK")}

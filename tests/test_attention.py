@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import hopper_resources
 from pudding import attention, kernels
 
 ATTENTION_CHECK = r"""
@@ -22,12 +22,12 @@ import transformers
 from pudding import attention
 from pudding.block import Shape, cache_attention, grouped_attention
 from pudding.engine import Engine
-from pudding.export import delete_blocks
 from pudding.omission import OmissionSet
 
 device = sys.argv[1]
 sys.path.insert(0, sys.argv[2])
 from conftest import build_tiny
+from test_engine import _hf_greedy
 
 generator = torch.Generator().manual_seed(0)
 # (query heads, KV heads, head size, cache length, keys read, position, sliding window): groups of 1, 3, 4 and 7 query
@@ -67,9 +67,7 @@ counted = attention.decode_attention
 for family, omit in [("llama", (0, 3)), ("mistral", ()), ("gemma3", (1, 2))]:
     model = build_tiny(family, init=0.2)
     prompt = torch.randint(3, 200, (11,), generator=torch.Generator().manual_seed(2)).tolist()
-    pruned = delete_blocks(model, OmissionSet(omit, 6))
-    theirs = pruned.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    theirs = theirs[0, len(prompt):].tolist()
+    theirs = _hf_greedy(model, prompt, OmissionSet(omit, 6), 8)
     # compiled and graphed on a GPU (as served), then eager with the kernel's calls counted (a counter inside a
     # compiled step would recompile it at every call)
     for compiled in ([True, False] if device == "cuda" else [False]):
@@ -124,8 +122,6 @@ def test_decode_attention_compiles_for_hopper_without_spilling():
         constants = {**attention.launch_settings(heads, kv_heads, dim, keys), "FP32": fp32}
         if fp32:
             signature = {**signature, **{name: "*fp32" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}}
-        cubin = kernels.compile_for_hopper(attention._decode_attention_kernel, signature, constants,
-                                           triton.Config({}, num_warps=attention.NUM_WARPS))
-        usage = kernels.cuobjdump(cubin, "--dump-resource-usage")
-        used = {key: int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK")}
+        used = hopper_resources(attention._decode_attention_kernel, signature, constants,
+                                triton.Config({}, num_warps=attention.NUM_WARPS))
         assert used["STACK"] == 0 and used["REG"] <= 255, (constants, used)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_CONFIGS, assert_clean_failure, build_tiny, cli, pudding
+from conftest import TINY_CONFIGS, assert_clean_failure, build_tiny, cli, hopper_resources, pudding
 from pudding import kernels
 from pudding.engine import Engine
 from pudding.errors import PuddingError
@@ -381,14 +381,6 @@ def test_low_bit_kernels_equal_the_reference_product(tmp_path, device):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
-def _compiled_for_hopper(fn, signature: dict, constants: dict, config) -> dict:
-    """A Triton kernel compiled for sm_90 on this machine (no GPU needed: Triton's own ptxas), and its resources."""
-    import re
-
-    usage = kernels.cuobjdump(kernels.compile_for_hopper(fn, signature, constants, config), "--dump-resource-usage")
-    return {key: int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK")}
-
-
 @pytest.mark.skipif(kernels.triton is None, reason="Triton is not installed")
 def test_the_gpu_kernels_compile_for_hopper_without_spilling():
     """The GPU form of the kernels (PTX widening, tensor-core dot), which the CPU interpreter never compiles: every
@@ -411,5 +403,5 @@ def test_the_gpu_kernels_compile_for_hopper_without_spilling():
         forms.append((kernels._mm_lowbit_kernel, mm, {"N": 4096, "K": 14336, "GROUPS": 448, "GROUP": 32, "INT4": int4,
                                                       "FP32": False}, config))
     for fn, signature, constants, config in forms:
-        used = _compiled_for_hopper(fn, signature, constants, config)
+        used = hopper_resources(fn, signature, constants, config)
         assert used["STACK"] == 0 and used["REG"] <= 255, (fn.__name__, config, used)
