@@ -381,12 +381,106 @@ def test_low_bit_kernels_equal_the_reference_product(tmp_path, device):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+FUSED_CHECK = r"""
+import os
+import sys
+import torch
+from pudding import kernels
+from pudding.engine import Engine
+from pudding.omission import OmissionSet
+from pudding.quantize import dequantize, quantize_blocks, quantize_weight
+sys.path.insert(0, sys.argv[2])
+from conftest import build_tiny
+from test_engine import _hf_greedy
+
+device = sys.argv[1]
+generator = torch.Generator().manual_seed(0)
+# One row with the gate after the product or the residual added, against the unfused ops (odd output counts: a
+# program's last outputs fall outside)
+for scheme, rows, cols in [("int8", 38, 100), ("int4", 38, 96), ("int8", 64, 1024), ("int4", 70, 608)]:
+    for dtype in (torch.float32, torch.bfloat16):
+        for activation, residual in [("silu", False), ("gelu_tanh", False), ("", True), ("silu", True)]:
+            w = torch.randn(rows, cols, generator=generator)
+            x = (torch.randn(cols, generator=generator) * 3).to(dtype)
+            codes, scales = quantize_weight(w.to(dtype), scheme)
+            matrix = dequantize(codes, scales, torch.float32)
+            product = torch.nn.functional.linear(x.float(), matrix)
+            bound = torch.nn.functional.linear(x.float().abs(), matrix.abs())
+            expected = product
+            if activation:  # rounded where the unfused ops round; the bound carries the gate's slope (<= 1.13)
+                gate, up = product.to(dtype).chunk(2)
+                act = torch.nn.functional.silu if activation == "silu" else lambda g: torch.nn.functional.gelu(g, approximate="tanh")
+                expected = (act(gate) * up).float()
+                bound = bound[: rows // 2] * (up.float().abs() + 1.2 * gate.float().abs() + 1)
+            skip = torch.randn(expected.shape[0], generator=generator).to(dtype)
+            if residual:
+                expected = expected.to(dtype).float() + skip.float()
+            got = kernels.gemv(x.to(device), codes.to(device), scales.to(device), activation,
+                               skip.to(device) if residual else None)
+            tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # fp32: summation order; bf16: the output's rounding
+            error = (got.float().cpu() - expected).abs()
+            assert got.dtype == dtype and got.shape == expected.shape
+            assert torch.all(error <= tolerance * bound), f"{scheme} {rows}x{cols} {dtype} {activation} {residual}"
+
+# The engine's decode of quantized blocks runs the fused forms and gives transformers' tokens (with the same
+# quantized modules): gate and residual fused where the family allows (Gemma 3's sandwich norms keep the residual
+# adds apart)
+fused = []
+plain = kernels.gemv
+def counting(x, codes, scales, activation="", residual=None):
+    fused.append((bool(activation), residual is not None))
+    return plain(x, codes, scales, activation, residual)
+for family, scheme in [("llama", "int4+head"), ("gemma3", "int8")]:
+    model = build_tiny(family, init=0.2)
+    quantize_blocks(model, scheme)
+    prompt = torch.randint(3, 200, (11,), generator=torch.Generator().manual_seed(2)).tolist()
+    interpreter = os.environ.pop("TRITON_INTERPRET", None)  # transformers' modules take PyTorch's path (faster here)
+    theirs = _hf_greedy(model, prompt, OmissionSet((1, 4), 6), 4)
+    if interpreter:
+        os.environ["TRITON_INTERPRET"] = interpreter
+    engine = Engine.from_model(model, device=device, max_len=64, compile=False, graphs=False)
+    fused.clear()
+    kernels.gemv = counting
+    try:
+        ours = engine.generate(prompt, engine.omission((1, 4)), max_new_tokens=4, stop_ids=[]).tokens
+    finally:
+        kernels.gemv = plain
+    assert ours == theirs, (family, scheme, ours, theirs)
+    steps, blocks = 3, 4  # the first token comes from the pre-fill
+    calls = {form: fused.count(form) for form in set(fused)}
+    assert calls.get((True, False), 0) == steps * blocks, calls
+    assert calls.get((False, True), 0) == steps * blocks * (0 if family == "gemma3" else 2), calls
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the PTX form of the kernels needs an NVIDIA GPU"))])
+def test_one_row_kernels_take_in_the_gate_and_residual(tmp_path, device):
+    """A decode step's low-bit products with the element-wise work after them fused in (`kernels.gemv`: SiLU / GELU
+    of the gate times the up half, the residual add) equal the unfused ops, and a quantized engine's decode runs them
+    (Llama with its head quantized; Gemma 3, whose sandwich norms keep the residual adds apart)
+    and gives transformers' tokens. On the CPU under Triton's interpreter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "fused_check.py"
+    script.write_text(FUSED_CHECK)
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else dict(os.environ)
+    tests = str(Path(__file__).parent)
+    result = subprocess.run([sys.executable, str(script), device, tests], capture_output=True, text=True, timeout=900,
+                            env=env, check=False)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 @pytest.mark.skipif(kernels.triton is None, reason="Triton is not installed")
 def test_the_gpu_kernels_compile_for_hopper_without_spilling():
     """The GPU form of the kernels (PTX widening, tensor-core dot), which the CPU interpreter never compiles: every
     tiling the autotuner may pick compiles for sm_90 here, for the 8B shape's largest matrices and both schemes,
-    keeping everything in registers (a spill would put the weights' stream through local memory). A typo in the
-    widening PTX fails it here, where the interpreter's tests cannot see it."""
+    keeping everything in registers (a spill would put the weights' stream through local memory), with the one-row
+    kernels' fused forms too. A typo in the widening PTX fails it here, where the interpreter's tests cannot see it."""
     import itertools
 
     forms = []
@@ -397,6 +491,21 @@ def test_the_gpu_kernels_compile_for_hopper_without_spilling():
         forms.append((kernels._gemv_int4_kernel, {"x_ptr": x_type, "codes_ptr": "*u8", "scales_ptr": "*bf16",
                                                   "out_ptr": x_type},
                       {"N": 14336, "HALF": 2048, "GROUPS": 128, "GROUP": 32, "PACKED": True}, config))
+    # a decode step's fused forms (`kernels.gemv`): the gate/up product with its gate (a program reads BLOCK_N rows
+    # of each half), the down product with its residual
+    fused = {"res_ptr": "*bf16"}
+    for int4, config in itertools.product((False, True), (*kernels._int8_tuned.configs, *kernels._int4_tuned.configs)):
+        kernel = kernels._gemv_int4_kernel if int4 else kernels._gemv_int8_kernel
+        if (config in kernels._int4_tuned.configs) != int4 or config.kwargs["BLOCK_N"] > 8:  # `_gated_rows`
+            continue
+        signature = {"x_ptr": "*bf16", "codes_ptr": "*u8" if int4 else "*i8", "scales_ptr": "*bf16", "out_ptr": "*bf16",
+                     **fused}
+        shapes = [({"N": 28672, "HALF": 2048, "GROUPS": 128, "GROUP": 32} if int4 else {"N": 28672, "K": 4096},
+                   {"GATE": 1}),
+                  ({"N": 4096, "HALF": 7168, "GROUPS": 448, "GROUP": 32} if int4 else {"N": 4096, "K": 14336},
+                   {"RESIDUAL": True})]
+        for shape, form in shapes:
+            forms.append((kernel, signature, {**shape, **form, "PACKED": True}, config))
     for int4, config in itertools.product((False, True), kernels._mm_tuned.configs):
         mm = {"x_ptr": "*bf16", "codes_ptr": "*u8" if int4 else "*i8", "scales_ptr": "*bf16", "out_ptr": "*bf16",
               "M": "i32", "M_BUCKET": "i32"}

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import attention
+from . import attention, kernels
 from .architectures import ARCHITECTURES, OPTIONAL_BLOCK, Architecture, architecture_for
 from .errors import PuddingError
-from .quantize import cpu_int4_form, quantized_linear, quantized_shapes
+from .quantize import cpu_int4_form, product_path, quantized_linear, quantized_shapes
 
 
 def engine_architecture(model_type: str) -> Architecture:
@@ -223,6 +223,35 @@ def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.
     return out
 
 
+def _fuses(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> bool:
+    """Whether the product `name` of one activation row runs as the low-bit GEMV kernel that takes the element-wise
+    work after it in (`kernels.gemv`: the gate, the residual add): quantized weights where Triton runs and no
+    unmerged LoRA update beside them. A decode step of quantized blocks so runs two kernels fewer a block."""
+    scales = w.get(name + "_scales")
+    return (scales is not None and x.numel() == x.shape[-1] and name + "_lora_a" not in w
+            and product_path(x, w[name], scales) == "triton")
+
+
+def _gated_linear(h: torch.Tensor, w: dict[str, torch.Tensor], name: str, arch: Architecture) -> torch.Tensor:
+    """act(gate) * up, the halves of the product `name` of h."""
+    if _fuses(h, w, name):
+        out = kernels.gemv(h.reshape(-1), w[name], w[name + "_scales"], activation=arch.activation)
+        return out.view(*h.shape[:-1], out.shape[0])
+    gate, up = _linear(h, w, name).chunk(2, dim=-1)
+    return _act(gate, arch.activation) * up
+
+
+def _residual_linear(residual: torch.Tensor, a: torch.Tensor, w: dict[str, torch.Tensor], name: str,
+                     post_norm: str, shape: Shape, arch: Architecture) -> torch.Tensor:
+    """residual + the product `name` of a (normalized by `post_norm` first in families with sandwich norms)."""
+    if not arch.sandwich and _fuses(a, w, name):
+        return kernels.gemv(a.reshape(-1), w[name], w[name + "_scales"], residual=residual.reshape(-1)).view_as(residual)
+    out = _linear(a, w, name)
+    if arch.sandwich:
+        out = rms_norm(out, w[post_norm], shape.eps, arch.norm)
+    return residual + out
+
+
 def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, keys: int,
                     shape: Shape) -> torch.Tensor:
     """q (batch, heads, tokens, head_dim) attending to the first `keys` positions of the cache where mask (tokens,
@@ -281,18 +310,11 @@ def block_step(
                                                                 enable_gqa=groups > 1)
     else:  # attend to the cache
         attn = cache_attention(q, k_cache, v_cache, mask, keys, shape)
-    out = _linear(attn.transpose(1, 2).reshape(batch, tokens, q_size), w, "o")
-    if arch.sandwich:
-        out = rms_norm(out, w["post_attn_norm"], shape.eps, arch.norm)
-    x = x + out
-    h = rms_norm(x, w["mlp_norm"], shape.eps, arch.norm)
-    gate, up = _linear(h, w, "gate_up").chunk(2, dim=-1)
-    out = _linear(_act(gate, arch.activation) * up, w, "down")
-    if arch.sandwich:
-        out = rms_norm(out, w["post_mlp_norm"], shape.eps, arch.norm)
-    # In a pre-fill this add is a kernel of its own (~2.5 us at 128 tokens); deferring it into the next block's first
-    # norm kernel slowed that kernel by as much (H100, results/prefill-defer-ab-h100.md), so it stays here.
-    return x + out
+    x = _residual_linear(x, attn.transpose(1, 2).reshape(batch, tokens, q_size), w, "o", "post_attn_norm", shape, arch)
+    hidden = _gated_linear(rms_norm(x, w["mlp_norm"], shape.eps, arch.norm), w, "gate_up", arch)
+    # In a pre-fill the residual add is a kernel of its own (~2.5 us at 128 tokens); deferring it into the next
+    # block's first norm kernel slowed that kernel by as much (H100, results/prefill-defer-ab-h100.md), so it stays.
+    return _residual_linear(x, hidden, w, "down", "post_mlp_norm", shape, arch)
 
 
 def rotary_tables(module, positions_kind: str, shape: Shape, max_len: int, device, dtype) -> dict:

@@ -12,7 +12,9 @@ int4 461 since the one-row kernels hold several rows a thread, results/lowbit-ro
   the group's sum of products.
 
 Each program owns one or several output rows and walks the inputs in chunks, keeping a 2-D accumulator that is reduced
-once at the end (a reduction per chunk would cost more than the loads). They are registered as torch custom ops, so
+once at the end (a reduction per chunk would cost more than the loads). In a decode step the gate/up product ends with
+SiLU(gate) x up and the output and down products with the residual add, in the same kernel (`gemv`'s `activation` and
+`residual`: 2 kernels a block fewer, int4 decode +2.5% on an H100, results/fused-gemv-ab-h100.md). They are registered as torch custom ops, so
 that `torch.compile` keeps them as single kernels and CUDA graphs capture them. Triton runs on NVIDIA GPUs, and on the
 CPU under TRITON_INTERPRET=1, which is how the tests check them against the reference arithmetic of `quantize.py`
 (the GPU form, whose codes are widened in PTX, is checked by the same test where a GPU is present).
@@ -160,6 +162,23 @@ if triton is not None:
                     tl.load(ptr + 2 * j + 1, mask=2 * j + 1 < n, other=0.0).to(tl.float32))
 
     @triton.jit
+    def _finish(total, up, rows, row_ok, out_ptr, res_ptr, GATE: tl.constexpr, RESIDUAL: tl.constexpr):
+        """Store a program's row sums (rows,): with GATE, act(total) * up, up being the sums of the matching rows of
+        the matrix's second half (1: SiLU, 2: GELU, tanh form); plus the residual row; rounded to the output's dtype
+        where the unfused ops round."""
+        dtype = out_ptr.dtype.element_ty
+        if GATE:
+            gate, up = total.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32)
+            if GATE == 1:
+                act = gate * tl.sigmoid(gate)
+            else:  # 0.5 g (1 + tanh(u)) = g sigmoid(2u)
+                act = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+            total = act.to(dtype).to(tl.float32) * up
+        if RESIDUAL:
+            total = total.to(dtype).to(tl.float32) + tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, total.to(dtype), mask=row_ok)
+
+    @triton.jit
     def _run_sums(x_even, x_odd):
         """The activations' sum over each run of 8 inputs (4 pairs)."""
         e0, e1, e2, e3 = _quarters(x_even)
@@ -184,57 +203,90 @@ if triton is not None:
         return v3 * o3[None, :] + run
 
     @triton.jit
+    def _int8_chunk(codes_ptr, rows, row_ok, cols, K: tl.constexpr, x_even, x_odd, init, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BIASED: tl.constexpr, PACKED: tl.constexpr):
+        """The rows' products with one chunk of inputs, a sum per run of 8: (BLOCK_N, BLOCK_K // 8)."""
+        w = tl.load(codes_ptr + rows[:, None] * K + tl.max_contiguous(cols, 8)[None, :],
+                    mask=row_ok[:, None] & (cols < K)[None, :], other=0)
+        values = _int8_biased(w, PACKED) if BIASED else _int8_values(w, PACKED)
+        even, odd = tl.split(tl.reshape(values, (BLOCK_N, BLOCK_K // 2, 2)))
+        return _run_products(even, odd, x_even, x_odd, init)
+
+    @triton.jit
     def _gemv_int8_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr):
-        # BLOCK_K inputs (code bytes) per chunk, in runs of 8; one scale per row, applied once to its sum.
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr, res_ptr=None,
+                          GATE: tl.constexpr = 0, RESIDUAL: tl.constexpr = False):
+        # BLOCK_K inputs (code bytes) per chunk, in runs of 8; one scale per row, applied once to its sum. With GATE
+        # a program owns BLOCK_N rows of each half of the matrix, and its outputs combine them pairwise.
         BIASED: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # codes widened to 1 + (c + 128)/32768
+        OUTPUTS: tl.constexpr = N // 2 if GATE else N
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+        row_ok = rows < OUTPUTS
         acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
-            w = tl.load(codes_ptr + rows[:, None] * K + tl.max_contiguous(cols, 8)[None, :],
-                        mask=row_ok[:, None] & (cols < K)[None, :], other=0)
             x_even, x_odd = _pairs(x_ptr, start // 2 + tl.arange(0, BLOCK_K // 2), K)
             if BIASED:
-                values = _int8_biased(w, PACKED)
                 init = (-32896.0 / 32768.0) * _run_sums(x_even, x_odd)[None, :]
             else:
-                values = _int8_values(w, PACKED)
                 init = tl.zeros((1, BLOCK_K // 8), dtype=tl.float32)
-            even, odd = tl.split(tl.reshape(values, (BLOCK_N, BLOCK_K // 2, 2)))
-            acc += _run_products(even, odd, x_even, x_odd, init)
-        scale = tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * (32768.0 if BIASED else 1.0)
-        tl.store(out_ptr + rows, (tl.sum(acc, axis=1) * scale).to(out_ptr.dtype.element_ty), mask=row_ok)
+            acc += _int8_chunk(codes_ptr, rows, row_ok, cols, K, x_even, x_odd, init, BLOCK_N, BLOCK_K, BIASED, PACKED)
+            if GATE:
+                acc_up += _int8_chunk(codes_ptr, rows + OUTPUTS, row_ok, cols, K, x_even, x_odd, init, BLOCK_N,
+                                      BLOCK_K, BIASED, PACKED)
+        unit = 32768.0 if BIASED else 1.0
+        total = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * unit
+        up = total
+        if GATE:
+            up = tl.sum(acc_up, axis=1) * tl.load(scales_ptr + OUTPUTS + rows, mask=row_ok, other=0.0).to(tl.float32) * unit
+        _finish(total, up, rows, row_ok, out_ptr, res_ptr, GATE, RESIDUAL)
+
+    @triton.jit
+    def _int4_chunk(codes_ptr, scales_ptr, rows, row_ok, start, HALF: tl.constexpr, GROUPS: tl.constexpr,
+                    GROUP: tl.constexpr, x_even, x_odd, init, BLOCK_B: tl.constexpr, BIASED: tl.constexpr,
+                    PACKED: tl.constexpr):
+        """The rows' products with one chunk of inputs (BLOCK_B bytes), each run of 8 scaled by its group's scale:
+        (rows, BLOCK_B // 4)."""
+        cols = start + tl.arange(0, BLOCK_B)
+        packed = tl.load(codes_ptr + rows[:, None] * HALF + tl.max_contiguous(cols, 4)[None, :],
+                         mask=row_ok[:, None] & (cols < HALF)[None, :], other=0x88)
+        low, high = _int4_biased(packed, PACKED) if BIASED else _int4_values(packed, PACKED)
+        runs = start // 4 + tl.arange(0, BLOCK_B // 4)
+        scale = tl.load(scales_ptr + rows[:, None] * GROUPS + (runs // (GROUP // 8))[None, :],
+                        mask=row_ok[:, None] & (runs < HALF // 4)[None, :], other=0.0)
+        return _run_products(low, high, x_even, x_odd, init) * scale.to(tl.float32)
 
     @triton.jit
     def _gemv_int4_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, HALF: tl.constexpr,
                           GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr,
-                          PACKED: tl.constexpr):
+                          PACKED: tl.constexpr, res_ptr=None, GATE: tl.constexpr = 0,
+                          RESIDUAL: tl.constexpr = False):
         # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high). Runs of
-        # 4 bytes (8 inputs) never straddle a group (GROUP // 2 bytes, a multiple of 4).
-        RUNS_PER_GROUP: tl.constexpr = GROUP // 8
+        # 4 bytes (8 inputs) never straddle a group (GROUP // 2 bytes, a multiple of 4). GATE: as in the int8 kernel.
         BIASED: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # codes widened to 0.5 + c/256
+        OUTPUTS: tl.constexpr = N // 2 if GATE else N
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+        row_ok = rows < OUTPUTS
         acc = tl.zeros((BLOCK_N, BLOCK_B // 4), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_B // 4), dtype=tl.float32)
         for start in range(0, HALF, BLOCK_B):
-            cols = start + tl.arange(0, BLOCK_B)
-            packed = tl.load(codes_ptr + rows[:, None] * HALF + tl.max_contiguous(cols, 4)[None, :],
-                             mask=row_ok[:, None] & (cols < HALF)[None, :], other=0x88)
-            x_even, x_odd = _pairs(x_ptr, cols, 2 * HALF)
+            x_even, x_odd = _pairs(x_ptr, start + tl.arange(0, BLOCK_B), 2 * HALF)
             if BIASED:
-                low, high = _int4_biased(packed, PACKED)
                 init = (-136.0 / 256.0) * _run_sums(x_even, x_odd)[None, :]
             else:
-                low, high = _int4_values(packed, PACKED)
                 init = tl.zeros((1, BLOCK_B // 4), dtype=tl.float32)
-            runs = start // 4 + tl.arange(0, BLOCK_B // 4)
-            scale = tl.load(scales_ptr + rows[:, None] * GROUPS + (runs // RUNS_PER_GROUP)[None, :],
-                            mask=row_ok[:, None] & (runs < HALF // 4)[None, :], other=0.0)
-            acc += _run_products(low, high, x_even, x_odd, init) * scale.to(tl.float32)
-        total = tl.sum(acc, axis=1) * (256.0 if BIASED else 1.0)
-        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+            acc += _int4_chunk(codes_ptr, scales_ptr, rows, row_ok, start, HALF, GROUPS, GROUP, x_even, x_odd, init,
+                               BLOCK_B, BIASED, PACKED)
+            if GATE:
+                acc_up += _int4_chunk(codes_ptr, scales_ptr, rows + OUTPUTS, row_ok, start, HALF, GROUPS, GROUP, x_even,
+                                      x_odd, init, BLOCK_B, BIASED, PACKED)
+        unit = 256.0 if BIASED else 1.0
+        total = tl.sum(acc, axis=1) * unit
+        up = total
+        if GATE:
+            up = tl.sum(acc_up, axis=1) * unit
+        _finish(total, up, rows, row_ok, out_ptr, res_ptr, GATE, RESIDUAL)
 
     # On the GPU each matrix shape gets the fastest of a few tilings, measured on its first call (the engine's
     # warm-up, before any CUDA graph is captured); the interpreter runs the fixed tiling below. The rows a program owns
@@ -242,57 +294,71 @@ if triton is not None:
     def _tilings(chunk: str, sizes) -> list:
         return [triton.Config({"BLOCK_N": n, chunk: c}, num_warps=w, num_stages=1) for n, c, w in sizes]
 
+    def _gated_rows(configs, named_args, **kwargs) -> list:
+        """With GATE a program reads BLOCK_N rows of each half: at most 8 (16 spill)."""
+        return [c for c in configs if not kwargs.get("GATE") or c.kwargs["BLOCK_N"] <= 8]
+
     # Each thread holds one run of every row its program owns: BLOCK_K = 8 int8 bytes x 32 threads a warp (x 1 or 2);
     # BLOCK_B = 4 int4 bytes x 32 a warp.
     _int8_tuned = triton.autotune(_tilings("BLOCK_K", [(4, 256, 1), (8, 256, 1), (16, 256, 1), (8, 512, 2), (16, 512, 2),
                                                        (1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (8, 1024, 4),
                                                        (16, 1024, 4), (8, 2048, 8), (16, 2048, 8), (4, 2048, 4),
                                                        (8, 1024, 2)]),
-                                  key=["N", "K"])(_gemv_int8_kernel)
+                                  key=["N", "K", "GATE"], prune_configs_by={"early_config_prune": _gated_rows})(
+                                      _gemv_int8_kernel)
     _int4_tuned = triton.autotune(_tilings("BLOCK_B", [(4, 128, 1), (8, 128, 1), (16, 128, 1), (4, 256, 2), (8, 256, 2),
                                                        (16, 256, 2), (1, 512, 4), (2, 512, 4), (4, 512, 4), (8, 512, 4),
                                                        (16, 512, 4), (8, 1024, 8), (16, 1024, 8), (4, 1024, 4),
                                                        (8, 512, 2)]),
-                                  key=["N", "HALF"])(_gemv_int4_kernel)
+                                  key=["N", "HALF", "GATE"], prune_configs_by={"early_config_prune": _gated_rows})(
+                                      _gemv_int4_kernel)
+
+_GATES = {"": 0, "silu": 1, "gelu_tanh": 2}  # `gemv`'s activation, as the kernels' constant
 
 
-def _launch_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    n, k = codes.shape
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
-    if x.is_cuda:
-        _int8_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, codes, scales, out, n, k, PACKED=True)
+def _launch(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, activation: str,
+            residual: torch.Tensor | None) -> torch.Tensor:
+    n = codes.shape[0]
+    gated = bool(activation)
+    out = torch.empty(n // 2 if gated else n, dtype=x.dtype, device=x.device)
+    fused = {"res_ptr": out if residual is None else residual, "GATE": _GATES[activation],
+             "RESIDUAL": residual is not None}
+    outputs = out.numel()
+    if codes.dtype == torch.int8:
+        shape = (n, codes.shape[1])
+        kernel, tuned, fixed = _gemv_int8_kernel, _int8_tuned, {"BLOCK_K": 256}
     else:
-        block_n = _rows_per_program(n)
-        _gemv_int8_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=256,
-                                                       PACKED=False)
-    return out
-
-
-def _launch_int4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    n, half = codes.shape
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
-    group = half * 2 // scales.shape[1]
+        shape = (n, codes.shape[1], scales.shape[1])
+        kernel, tuned = _gemv_int4_kernel, _int4_tuned
+        fixed = {"BLOCK_B": 128}
+        fused["GROUP"] = codes.shape[1] * 2 // scales.shape[1]
     if x.is_cuda:
-        _int4_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, codes, scales, out, n, half, scales.shape[1],
-                                                                      GROUP=group, PACKED=True)
-    else:
-        block_n = _rows_per_program(n)
-        _gemv_int4_kernel[(triton.cdiv(n, block_n),)](x, codes, scales, out, n, half, scales.shape[1],
-                                                       BLOCK_N=block_n, BLOCK_B=128, GROUP=group, PACKED=False)
+        tuned[lambda meta: (triton.cdiv(outputs, meta["BLOCK_N"]),)](x, codes, scales, out, *shape, PACKED=True, **fused)
+    else:  # the interpreter: one fixed tiling
+        block_n = _rows_per_program(outputs)
+        kernel[(triton.cdiv(outputs, block_n),)](x, codes, scales, out, *shape, BLOCK_N=block_n, **fixed, PACKED=False,
+                                                 **fused)
     return out
 
 
 @torch.library.custom_op("pudding::gemv_lowbit", mutates_args=())
-def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, activation: str = "",
+         residual: torch.Tensor | None = None) -> torch.Tensor:
     """The quantized matrix times one activation row x of length K: a vector of length N, in x's dtype. The scheme
-    is read from the codes (int8: (N, K) int8 with per-row scales; int4: (N, K/2) uint8 with per-group scales)."""
-    launch = _launch_int8 if codes.dtype == torch.int8 else _launch_int4
-    return launch(x.contiguous(), codes.contiguous(), scales.contiguous())
+    is read from the codes (int8: (N, K) int8 with per-row scales; int4: (N, K/2) uint8 with per-group scales).
+
+    The element-wise work after a decode step's product can run in the same kernel, one launch instead of two:
+    with `activation` ("silu", "gelu_tanh") the matrix stacks [gate; up] and the result is act(gate) * up (length
+    N / 2); with `residual`, that row is added to the result. Both round where the unfused ops round.
+    (The RMS norm before a product stays a kernel of its own: multiplying every program's activations by the norm's
+    weight made the int4 products 15% slower, more than the launch it saved; H100, results/fused-gemv-ab-h100.md.)"""
+    residual = None if residual is None else residual.contiguous()
+    return _launch(x.contiguous(), codes.contiguous(), scales.contiguous(), activation, residual)
 
 
 @gemv.register_fake
-def _(x, codes, scales):
-    return x.new_empty(codes.shape[0])
+def _(x, codes, scales, activation="", residual=None):
+    return x.new_empty(codes.shape[0] // 2 if activation else codes.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
