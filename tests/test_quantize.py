@@ -409,8 +409,10 @@ for scheme, rows, cols in [("int8", 38, 100), ("int4", 38, 96), ("int8", 64, 102
             expected = product
             if activation:  # rounded where the unfused ops round; the bound carries the gate's slope (<= 1.13)
                 gate, up = product.to(dtype).chunk(2)
-                act = torch.nn.functional.silu if activation == "silu" else lambda g: torch.nn.functional.gelu(g, approximate="tanh")
-                expected = (act(gate) * up).float()
+                if activation == "silu":
+                    expected = (torch.nn.functional.silu(gate) * up).float()
+                else:
+                    expected = (torch.nn.functional.gelu(gate, approximate="tanh") * up).float()
                 bound = bound[: rows // 2] * (up.float().abs() + 1.2 * gate.float().abs() + 1)
             skip = torch.randn(expected.shape[0], generator=generator).to(dtype)
             if residual:
@@ -459,8 +461,8 @@ print("ok")
 def test_one_row_kernels_take_in_the_gate_and_residual(tmp_path, device):
     """A decode step's low-bit products with the element-wise work after them fused in (`kernels.gemv`: SiLU / GELU
     of the gate times the up half, the residual add) equal the unfused ops, and a quantized engine's decode runs them
-    (Llama with its head quantized; Gemma 3, whose sandwich norms keep the residual adds apart)
-    and gives transformers' tokens. On the CPU under Triton's interpreter."""
+    and gives transformers' tokens (Llama with its head quantized; Gemma 3, whose sandwich norms keep the residual
+    adds apart). On the CPU under Triton's interpreter."""
     import os
     import subprocess
     import sys
@@ -491,21 +493,18 @@ def test_the_gpu_kernels_compile_for_hopper_without_spilling():
         forms.append((kernels._gemv_int4_kernel, {"x_ptr": x_type, "codes_ptr": "*u8", "scales_ptr": "*bf16",
                                                   "out_ptr": x_type},
                       {"N": 14336, "HALF": 2048, "GROUPS": 128, "GROUP": 32, "PACKED": True}, config))
-    # a decode step's fused forms (`kernels.gemv`): the gate/up product with its gate (a program reads BLOCK_N rows
-    # of each half), the down product with its residual
-    fused = {"res_ptr": "*bf16"}
-    for int4, config in itertools.product((False, True), (*kernels._int8_tuned.configs, *kernels._int4_tuned.configs)):
-        kernel = kernels._gemv_int4_kernel if int4 else kernels._gemv_int8_kernel
-        if (config in kernels._int4_tuned.configs) != int4 or config.kwargs["BLOCK_N"] > 8:  # `_gated_rows`
-            continue
+    # a decode step's fused forms (`kernels.gemv`): the down product with its residual; the gate/up product with its
+    # gate, a program reading BLOCK_N rows of each half (at most 8: `kernels._gated_rows`)
+    for int4, kernel, tuner in ((False, kernels._gemv_int8_kernel, kernels._int8_tuned),
+                                (True, kernels._gemv_int4_kernel, kernels._int4_tuned)):
         signature = {"x_ptr": "*bf16", "codes_ptr": "*u8" if int4 else "*i8", "scales_ptr": "*bf16", "out_ptr": "*bf16",
-                     **fused}
-        shapes = [({"N": 28672, "HALF": 2048, "GROUPS": 128, "GROUP": 32} if int4 else {"N": 28672, "K": 4096},
-                   {"GATE": 1}),
-                  ({"N": 4096, "HALF": 7168, "GROUPS": 448, "GROUP": 32} if int4 else {"N": 4096, "K": 14336},
-                   {"RESIDUAL": True})]
-        for shape, form in shapes:
-            forms.append((kernel, signature, {**shape, **form, "PACKED": True}, config))
+                     "res_ptr": "*bf16"}
+        down = {"N": 4096, "HALF": 7168, "GROUPS": 448, "GROUP": 32} if int4 else {"N": 4096, "K": 14336}
+        gate_up = {"N": 28672, "HALF": 2048, "GROUPS": 128, "GROUP": 32} if int4 else {"N": 28672, "K": 4096}
+        for config in tuner.configs:
+            forms.append((kernel, signature, {**down, "RESIDUAL": True, "PACKED": True}, config))
+            if config.kwargs["BLOCK_N"] <= 8:
+                forms.append((kernel, signature, {**gate_up, "GATE": 1, "PACKED": True}, config))
     for int4, config in itertools.product((False, True), kernels._mm_tuned.configs):
         mm = {"x_ptr": "*bf16", "codes_ptr": "*u8" if int4 else "*i8", "scales_ptr": "*bf16", "out_ptr": "*bf16",
               "M": "i32", "M_BUCKET": "i32"}
