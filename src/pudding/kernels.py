@@ -14,10 +14,10 @@ int4 461 since the one-row kernels hold several rows a thread, results/lowbit-ro
 Each program owns one or several output rows and walks the inputs in chunks, keeping a 2-D accumulator that is reduced
 once at the end (a reduction per chunk would cost more than the loads). In a decode step the gate/up product ends with
 SiLU(gate) x up and the output and down products with the residual add, in the same kernel (`gemv`'s `activation` and
-`residual`: 2 kernels a block fewer, int4 decode +2.5% on an H100, results/fused-gemv-ab-h100.md). They are registered as torch custom ops, so
-that `torch.compile` keeps them as single kernels and CUDA graphs capture them. Triton runs on NVIDIA GPUs, and on the
-CPU under TRITON_INTERPRET=1, which is how the tests check them against the reference arithmetic of `quantize.py`
-(the GPU form, whose codes are widened in PTX, is checked by the same test where a GPU is present).
+`residual`: 2 kernels a block fewer, int4 decode +2.5% on an H100, results/fused-gemv-ab-h100.md). They are registered
+as torch custom ops, so that `torch.compile` keeps them as single kernels and CUDA graphs capture them. Triton runs on
+NVIDIA GPUs, and on the CPU under TRITON_INTERPRET=1, which is how the tests check them against the reference arithmetic
+of `quantize.py` (the GPU form, whose codes are widened in PTX, is checked by the same test where a GPU is present).
 """
 
 from __future__ import annotations
@@ -239,7 +239,8 @@ if triton is not None:
         total = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * unit
         up = total
         if GATE:
-            up = tl.sum(acc_up, axis=1) * tl.load(scales_ptr + OUTPUTS + rows, mask=row_ok, other=0.0).to(tl.float32) * unit
+            up_scale = tl.load(scales_ptr + OUTPUTS + rows, mask=row_ok, other=0.0).to(tl.float32)
+            up = tl.sum(acc_up, axis=1) * up_scale * unit
         _finish(total, up, rows, row_ok, out_ptr, res_ptr, GATE, RESIDUAL)
 
     @triton.jit
