@@ -225,8 +225,9 @@ def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, bias: torch.
 
 def _fuses(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> bool:
     """Whether the product `name` of one activation row runs as the low-bit GEMV kernel that takes the element-wise
-    work after it in (`kernels.gemv`: the gate, the residual add): quantized weights where Triton runs and no
-    unmerged LoRA update beside them. A decode step of quantized blocks so runs two kernels fewer a block."""
+    work after it in (`kernels.gemv`: the gate, the residual add; `kernels.gemv_rotary`: the rotation and the cache
+    writes): quantized weights where Triton runs and no unmerged LoRA update beside them. A decode step of quantized
+    blocks so runs five kernels fewer a block."""
     scales = w.get(name + "_scales")
     return (scales is not None and x.numel() == x.shape[-1] and name + "_lora_a" not in w
             and product_path(x, w[name], scales) == "triton")
@@ -277,6 +278,26 @@ def grouped_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return torch.matmul(probs, v_cache[:, :, :keys]).view(batch, shape.heads, tokens, shape.head_dim)
 
 
+def _rotated_qkv(h: torch.Tensor, w: dict[str, torch.Tensor], k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, shape: Shape,
+                 arch: Architecture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (batch, heads, tokens, head_dim) of h, q and k normalized (where the family does) and rotated; k and v
+    written to the caches at `positions`."""
+    batch, tokens, _ = h.shape
+    qkv = _linear(h, w, "qkv", w.get("qkv_bias"))
+    q_size, kv_size = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    q = qkv[..., :q_size].view(batch, tokens, shape.heads, shape.head_dim).transpose(1, 2)
+    k = qkv[..., q_size : q_size + kv_size].view(batch, tokens, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    v = qkv[..., q_size + kv_size :].view(batch, tokens, shape.kv_heads, shape.head_dim).transpose(1, 2)
+    if "q_norm" in w:
+        q = rms_norm(q, w["q_norm"], shape.eps, arch.norm)
+        k = rms_norm(k, w["k_norm"], shape.eps, arch.norm)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    k_cache.index_copy_(2, positions, k)
+    v_cache.index_copy_(2, positions, v)
+    return q, k, v
+
+
 def block_step(
     x: torch.Tensor,  # (batch, tokens, hidden)
     w: dict[str, torch.Tensor],
@@ -292,24 +313,20 @@ def block_step(
 ) -> torch.Tensor:
     batch, tokens, _ = x.shape
     h = rms_norm(x, w["attn_norm"], shape.eps, arch.norm)
-    qkv = _linear(h, w, "qkv", w.get("qkv_bias"))
-    q_size, kv_size = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    q = qkv[..., :q_size].view(batch, tokens, shape.heads, shape.head_dim).transpose(1, 2)
-    k = qkv[..., q_size : q_size + kv_size].view(batch, tokens, shape.kv_heads, shape.head_dim).transpose(1, 2)
-    v = qkv[..., q_size + kv_size :].view(batch, tokens, shape.kv_heads, shape.head_dim).transpose(1, 2)
-    if "q_norm" in w:
-        q = rms_norm(q, w["q_norm"], shape.eps, arch.norm)
-        k = rms_norm(k, w["k_norm"], shape.eps, arch.norm)
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    k_cache.index_copy_(2, positions, k)
-    v_cache.index_copy_(2, positions, v)
-    groups = shape.heads // shape.kv_heads
-    if mask is None:  # pre-fill from an empty cache: plain causal attention over the new tokens, K/V heads shared
-        # by their query groups inside the kernel (a copy of K and V per group cost ~0.3 ms at 128 tokens, 8B, H200)
-        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=shape.attn_scale,
-                                                                enable_gqa=groups > 1)
-    else:  # attend to the cache
-        attn = cache_attention(q, k_cache, v_cache, mask, keys, shape)
+    q_size = shape.heads * shape.head_dim
+    if mask is not None and batch == 1 and "q_norm" not in w and "qkv_bias" not in w and _fuses(h, w, "qkv"):
+        # a decode step of quantized blocks: the rotation and the cache writes end the QKV product's kernel
+        q = kernels.gemv_rotary(h.reshape(-1), w["qkv"], w["qkv_scales"], cos.reshape(-1), sin.reshape(-1), positions,
+                                k_cache[0], v_cache[0])
+        attn = cache_attention(q.view(1, shape.heads, 1, shape.head_dim), k_cache, v_cache, mask, keys, shape)
+    else:
+        q, k, v = _rotated_qkv(h, w, k_cache, v_cache, positions, cos, sin, shape, arch)
+        if mask is None:  # pre-fill from an empty cache: plain causal attention over the new tokens, K/V heads shared
+            # by their query groups inside the kernel (a copy of K and V per group cost ~0.3 ms at 128 tokens, 8B, H200)
+            attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=shape.attn_scale,
+                                                                    enable_gqa=shape.heads > shape.kv_heads)
+        else:  # attend to the cache
+            attn = cache_attention(q, k_cache, v_cache, mask, keys, shape)
     x = _residual_linear(x, attn.transpose(1, 2).reshape(batch, tokens, q_size), w, "o", "post_attn_norm", shape, arch)
     hidden = _gated_linear(rms_norm(x, w["mlp_norm"], shape.eps, arch.norm), w, "gate_up", arch)
     # In a pre-fill the residual add is a kernel of its own (~2.5 us at 128 tokens); deferring it into the next

@@ -14,7 +14,9 @@ int4 461 since the one-row kernels hold several rows a thread, results/lowbit-ro
 Each program owns one or several output rows and walks the inputs in chunks, keeping a 2-D accumulator that is reduced
 once at the end (a reduction per chunk would cost more than the loads). In a decode step the gate/up product ends with
 SiLU(gate) x up and the output and down products with the residual add, in the same kernel (`gemv`'s `activation` and
-`residual`: 2 kernels a block fewer, int4 decode +2.5% on an H100, results/fused-gemv-ab-h100.md). They are registered
+`residual`: 2 kernels a block fewer, int4 decode +2.5% on an H100, results/fused-gemv-ab-h100.md), and the QKV
+product with q and k rotated and k, v written to the caches (`gemv_rotary`: 3 kernels a block fewer, int8 decode +3%
+on an H100, results/fused-rotary-ab-h100.md). They are registered
 as torch custom ops, so that `torch.compile` keeps them as single kernels and CUDA graphs capture them. Triton runs on
 NVIDIA GPUs, and on the CPU under TRITON_INTERPRET=1, which is how the tests check them against the reference arithmetic
 of `quantize.py` (the GPU form, whose codes are widened in PTX, is checked by the same test where a GPU is present).
@@ -179,6 +181,47 @@ if triton is not None:
         tl.store(out_ptr + rows, total.to(dtype), mask=row_ok)
 
     @triton.jit
+    def _finish_rotary(a, b, rows, row_ok, out_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, cache_stride,
+                       D: tl.constexpr, Q_ROWS: tl.constexpr, KV_ROWS: tl.constexpr):
+        """Store a fused QKV product's row pairs (j, j + D/2 of a head; sums a, b): q and k rotated by the position's
+        cos / sin (rotate-half), q to the output, k and v to the caches at the position. The product is rounded
+        to the output's dtype as the unfused product is; the rotation is computed in fp32 and rounded once, as
+        inductor computes the unfused one."""
+        dtype = out_ptr.dtype.element_ty
+        a, b = a.to(dtype).to(tl.float32), b.to(dtype).to(tl.float32)
+        j = rows % D
+        cos_a = tl.load(cos_ptr + j, mask=row_ok, other=0.0).to(tl.float32)
+        sin_a = tl.load(sin_ptr + j, mask=row_ok, other=0.0).to(tl.float32)
+        cos_b = tl.load(cos_ptr + j + D // 2, mask=row_ok, other=0.0).to(tl.float32)
+        sin_b = tl.load(sin_ptr + j + D // 2, mask=row_ok, other=0.0).to(tl.float32)
+        is_v = rows >= Q_ROWS + KV_ROWS
+        a, b = tl.where(is_v, a, a * cos_a - b * sin_a), tl.where(is_v, b, b * cos_b + a * sin_b)
+        is_q = rows < Q_ROWS
+        tl.store(out_ptr + rows, a.to(dtype), mask=row_ok & is_q)
+        tl.store(out_ptr + rows + D // 2, b.to(dtype), mask=row_ok & is_q)
+        # k rows Q_ROWS .. Q_ROWS + KV_ROWS, then v rows: (KV head, j) -> that head's cache row at the position
+        kv_row = tl.where(is_v, rows - Q_ROWS - KV_ROWS, rows - Q_ROWS)
+        slot = (kv_row // D) * cache_stride + tl.load(pos_ptr) * D + j
+        cached = row_ok & ~is_q
+        tl.store(k_ptr + slot, a.to(dtype), mask=cached & ~is_v)
+        tl.store(k_ptr + slot + D // 2, b.to(dtype), mask=cached & ~is_v)
+        tl.store(v_ptr + slot, a.to(dtype), mask=cached & is_v)
+        tl.store(v_ptr + slot + D // 2, b.to(dtype), mask=cached & is_v)
+
+    @triton.jit
+    def _row_pairs(N: tl.constexpr, BLOCK_N: tl.constexpr, GATE: tl.constexpr, ROTARY: tl.constexpr,
+                   D: tl.constexpr):
+        """The output rows a program owns, (rows, second rows, valid). Plain: BLOCK_N consecutive rows. GATE: rows of
+        the gate half and the matching rows of the up half. ROTARY: BLOCK_N pairs (j, j + D/2) of heads' rows."""
+        index = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROTARY:
+            rows = (index // (D // 2)) * D + index % (D // 2)
+            return rows, rows + D // 2, index < N // 2
+        if GATE:
+            return index, index + N // 2, index < N // 2
+        return index, index, index < N
+
+    @triton.jit
     def _run_sums(x_even, x_odd):
         """The activations' sum over each run of 8 inputs (4 pairs)."""
         e0, e1, e2, e3 = _quarters(x_even)
@@ -215,13 +258,14 @@ if triton is not None:
     @triton.jit
     def _gemv_int8_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr, res_ptr=None,
-                          GATE: tl.constexpr = 0, RESIDUAL: tl.constexpr = False):
+                          GATE: tl.constexpr = 0, RESIDUAL: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
+                          pos_ptr=None, k_ptr=None, v_ptr=None, cache_stride=0, ROTARY: tl.constexpr = False,
+                          D: tl.constexpr = 2, Q_ROWS: tl.constexpr = 0):
         # BLOCK_K inputs (code bytes) per chunk, in runs of 8; one scale per row, applied once to its sum. With GATE
-        # a program owns BLOCK_N rows of each half of the matrix, and its outputs combine them pairwise.
+        # or ROTARY a program owns BLOCK_N pairs of rows (`_row_pairs`), a sum for each, combined at the end.
         BIASED: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # codes widened to 1 + (c + 128)/32768
-        OUTPUTS: tl.constexpr = N // 2 if GATE else N
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < OUTPUTS
+        PAIRED: tl.constexpr = True if GATE else ROTARY
+        rows, rows2, row_ok = _row_pairs(N, BLOCK_N, GATE, ROTARY, D)
         acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
@@ -232,16 +276,20 @@ if triton is not None:
             else:
                 init = tl.zeros((1, BLOCK_K // 8), dtype=tl.float32)
             acc += _int8_chunk(codes_ptr, rows, row_ok, cols, K, x_even, x_odd, init, BLOCK_N, BLOCK_K, BIASED, PACKED)
-            if GATE:
-                acc_up += _int8_chunk(codes_ptr, rows + OUTPUTS, row_ok, cols, K, x_even, x_odd, init, BLOCK_N,
-                                      BLOCK_K, BIASED, PACKED)
+            if PAIRED:
+                acc_up += _int8_chunk(codes_ptr, rows2, row_ok, cols, K, x_even, x_odd, init, BLOCK_N, BLOCK_K, BIASED,
+                                      PACKED)
         unit = 32768.0 if BIASED else 1.0
         total = tl.sum(acc, axis=1) * tl.load(scales_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * unit
         up = total
-        if GATE:
-            up_scale = tl.load(scales_ptr + OUTPUTS + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if PAIRED:
+            up_scale = tl.load(scales_ptr + rows2, mask=row_ok, other=0.0).to(tl.float32)
             up = tl.sum(acc_up, axis=1) * up_scale * unit
-        _finish(total, up, rows, row_ok, out_ptr, res_ptr, GATE, RESIDUAL)
+        if ROTARY:
+            _finish_rotary(total, up, rows, row_ok, out_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, cache_stride, D,
+                           Q_ROWS, (N - Q_ROWS) // 2)
+        else:
+            _finish(total, up, rows, row_ok, out_ptr, res_ptr, GATE, RESIDUAL)
 
     @triton.jit
     def _int4_chunk(codes_ptr, scales_ptr, rows, row_ok, start, HALF: tl.constexpr, GROUPS: tl.constexpr,
@@ -262,13 +310,15 @@ if triton is not None:
     def _gemv_int4_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, HALF: tl.constexpr,
                           GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr,
                           PACKED: tl.constexpr, res_ptr=None, GATE: tl.constexpr = 0,
-                          RESIDUAL: tl.constexpr = False):
+                          RESIDUAL: tl.constexpr = False, cos_ptr=None, sin_ptr=None, pos_ptr=None, k_ptr=None,
+                          v_ptr=None, cache_stride=0, ROTARY: tl.constexpr = False, D: tl.constexpr = 2,
+                          Q_ROWS: tl.constexpr = 0):
         # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high). Runs of
-        # 4 bytes (8 inputs) never straddle a group (GROUP // 2 bytes, a multiple of 4). GATE: as in the int8 kernel.
+        # 4 bytes (8 inputs) never straddle a group (GROUP // 2 bytes, a multiple of 4). GATE, ROTARY: as in the int8
+        # kernel.
         BIASED: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # codes widened to 0.5 + c/256
-        OUTPUTS: tl.constexpr = N // 2 if GATE else N
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < OUTPUTS
+        PAIRED: tl.constexpr = True if GATE else ROTARY
+        rows, rows2, row_ok = _row_pairs(N, BLOCK_N, GATE, ROTARY, D)
         acc = tl.zeros((BLOCK_N, BLOCK_B // 4), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_B // 4), dtype=tl.float32)
         for start in range(0, HALF, BLOCK_B):
@@ -279,15 +329,19 @@ if triton is not None:
                 init = tl.zeros((1, BLOCK_B // 4), dtype=tl.float32)
             acc += _int4_chunk(codes_ptr, scales_ptr, rows, row_ok, start, HALF, GROUPS, GROUP, x_even, x_odd, init,
                                BLOCK_B, BIASED, PACKED)
-            if GATE:
-                acc_up += _int4_chunk(codes_ptr, scales_ptr, rows + OUTPUTS, row_ok, start, HALF, GROUPS, GROUP, x_even,
-                                      x_odd, init, BLOCK_B, BIASED, PACKED)
+            if PAIRED:
+                acc_up += _int4_chunk(codes_ptr, scales_ptr, rows2, row_ok, start, HALF, GROUPS, GROUP, x_even, x_odd,
+                                      init, BLOCK_B, BIASED, PACKED)
         unit = 256.0 if BIASED else 1.0
         total = tl.sum(acc, axis=1) * unit
         up = total
-        if GATE:
+        if PAIRED:
             up = tl.sum(acc_up, axis=1) * unit
-        _finish(total, up, rows, row_ok, out_ptr, res_ptr, GATE, RESIDUAL)
+        if ROTARY:
+            _finish_rotary(total, up, rows, row_ok, out_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, cache_stride, D,
+                           Q_ROWS, (N - Q_ROWS) // 2)
+        else:
+            _finish(total, up, rows, row_ok, out_ptr, res_ptr, GATE, RESIDUAL)
 
     # On the GPU each matrix shape gets the fastest of a few tilings, measured on its first call (the engine's
     # warm-up, before any CUDA graph is captured); the interpreter runs the fixed tiling below. The rows a program owns
@@ -296,8 +350,8 @@ if triton is not None:
         return [triton.Config({"BLOCK_N": n, chunk: c}, num_warps=w, num_stages=1) for n, c, w in sizes]
 
     def _gated_rows(configs, named_args, **kwargs) -> list:
-        """With GATE a program reads BLOCK_N rows of each half: at most 8 (16 spill)."""
-        return [c for c in configs if not kwargs.get("GATE") or c.kwargs["BLOCK_N"] <= 8]
+        """With GATE or ROTARY a program reads BLOCK_N pairs of rows: at most 8 (16 spill)."""
+        return [c for c in configs if not (kwargs.get("GATE") or kwargs.get("ROTARY")) or c.kwargs["BLOCK_N"] <= 8]
 
     # Each thread holds one run of every row its program owns: BLOCK_K = 8 int8 bytes x 32 threads a warp (x 1 or 2);
     # BLOCK_B = 4 int4 bytes x 32 a warp.
@@ -305,26 +359,23 @@ if triton is not None:
                                                        (1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (8, 1024, 4),
                                                        (16, 1024, 4), (8, 2048, 8), (16, 2048, 8), (4, 2048, 4),
                                                        (8, 1024, 2)]),
-                                  key=["N", "K", "GATE"], prune_configs_by={"early_config_prune": _gated_rows})(
+                                  key=["N", "K", "GATE", "ROTARY"], prune_configs_by={"early_config_prune": _gated_rows})(
                                       _gemv_int8_kernel)
     _int4_tuned = triton.autotune(_tilings("BLOCK_B", [(4, 128, 1), (8, 128, 1), (16, 128, 1), (4, 256, 2), (8, 256, 2),
                                                        (16, 256, 2), (1, 512, 4), (2, 512, 4), (4, 512, 4), (8, 512, 4),
                                                        (16, 512, 4), (8, 1024, 8), (16, 1024, 8), (4, 1024, 4),
                                                        (8, 512, 2)]),
-                                  key=["N", "HALF", "GATE"], prune_configs_by={"early_config_prune": _gated_rows})(
+                                  key=["N", "HALF", "GATE", "ROTARY"], prune_configs_by={"early_config_prune": _gated_rows})(
                                       _gemv_int4_kernel)
 
 _GATES = {"": 0, "silu": 1, "gelu_tanh": 2}  # `gemv`'s activation, as the kernels' constant
 
 
-def _launch(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, activation: str,
-            residual: torch.Tensor | None) -> torch.Tensor:
+def _launch(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, programs_of: int,
+            fused: dict) -> torch.Tensor:
+    """Run the one-row kernel of the codes' scheme with the fused work `fused` (the kernels' optional arguments),
+    a program for every BLOCK_N of `programs_of` rows or row pairs."""
     n = codes.shape[0]
-    gated = bool(activation)
-    out = torch.empty(n // 2 if gated else n, dtype=x.dtype, device=x.device)
-    fused = {"res_ptr": out if residual is None else residual, "GATE": _GATES[activation],
-             "RESIDUAL": residual is not None}
-    outputs = out.numel()
     if codes.dtype == torch.int8:
         shape = (n, codes.shape[1])
         kernel, tuned, fixed = _gemv_int8_kernel, _int8_tuned, {"BLOCK_K": 256}
@@ -334,11 +385,12 @@ def _launch(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, activati
         fixed = {"BLOCK_B": 128}
         fused["GROUP"] = codes.shape[1] * 2 // scales.shape[1]
     if x.is_cuda:
-        tuned[lambda meta: (triton.cdiv(outputs, meta["BLOCK_N"]),)](x, codes, scales, out, *shape, PACKED=True, **fused)
+        tuned[lambda meta: (triton.cdiv(programs_of, meta["BLOCK_N"]),)](x, codes, scales, out, *shape, PACKED=True,
+                                                                          **fused)
     else:  # the interpreter: one fixed tiling
-        block_n = _rows_per_program(outputs)
-        kernel[(triton.cdiv(outputs, block_n),)](x, codes, scales, out, *shape, BLOCK_N=block_n, **fixed, PACKED=False,
-                                                 **fused)
+        block_n = _rows_per_program(programs_of)
+        kernel[(triton.cdiv(programs_of, block_n),)](x, codes, scales, out, *shape, BLOCK_N=block_n, **fixed,
+                                                     PACKED=False, **fused)
     return out
 
 
@@ -353,13 +405,42 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, activation:
     N / 2); with `residual`, that row is added to the result. Both round where the unfused ops round.
     (The RMS norm before a product stays a kernel of its own: multiplying every program's activations by the norm's
     weight made the int4 products 15% slower, more than the launch it saved; H100, results/fused-gemv-ab-h100.md.)"""
+    x, codes, scales = x.contiguous(), codes.contiguous(), scales.contiguous()
+    outputs = codes.shape[0] // 2 if activation else codes.shape[0]
+    out = torch.empty(outputs, dtype=x.dtype, device=x.device)
     residual = None if residual is None else residual.contiguous()
-    return _launch(x.contiguous(), codes.contiguous(), scales.contiguous(), activation, residual)
+    fused = {"res_ptr": out if residual is None else residual, "GATE": _GATES[activation],
+             "RESIDUAL": residual is not None}
+    return _launch(x, codes, scales, out, outputs, fused)
 
 
 @gemv.register_fake
 def _(x, codes, scales, activation="", residual=None):
     return x.new_empty(codes.shape[0] // 2 if activation else codes.shape[0])
+
+
+@torch.library.custom_op("pudding::gemv_lowbit_rotary", mutates_args=("k_cache", "v_cache"))
+def gemv_rotary(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """A decode step's fused QKV product (`gemv` of a matrix stacking the q, k and v rows of every head) with the
+    work after it in the same kernel: q and k rotated by the position's `cos` and `sin` (rotate-half, length
+    head_dim), k and v written to the caches (kv_heads, max_len, head_dim) at `position` (one int64). Returns q
+    (heads x head_dim, rotated). What it saves is the three small kernels after the product (q's rotation, k's
+    rotation and cache write, v's cache write)."""
+    kv_heads, _, dim = k_cache.shape
+    if k_cache.stride()[1:] != (dim, 1) or v_cache.stride() != k_cache.stride():
+        raise ValueError("gemv_rotary writes K and V caches laid out (kv_heads, positions, head_dim), alike")
+    x, codes, scales = x.contiguous(), codes.contiguous(), scales.contiguous()
+    q_rows = codes.shape[0] - 2 * kv_heads * dim
+    out = torch.empty(q_rows, dtype=x.dtype, device=x.device)
+    fused = {"cos_ptr": cos.contiguous(), "sin_ptr": sin.contiguous(), "pos_ptr": position, "k_ptr": k_cache,
+             "v_ptr": v_cache, "cache_stride": k_cache.stride(0), "ROTARY": True, "D": dim, "Q_ROWS": q_rows}
+    return _launch(x, codes, scales, out, codes.shape[0] // 2, fused)
+
+
+@gemv_rotary.register_fake
+def _(x, codes, scales, cos, sin, position, k_cache, v_cache):
+    return x.new_empty(codes.shape[0] - 2 * k_cache.shape[0] * k_cache.shape[2])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
