@@ -315,7 +315,7 @@ def test_bench_times_a_bundle_with_the_router_asked_for(smollm2):
 
 
 def test_the_committed_h100_report_compares_the_routed_pre_fill_with_a_dense_one_timed_in_turn():
-    """results/bench-h100.json (a real `pudding bench` run at 6f6d335): the routed speedup divides the dense
+    """results/bench-h100.json (a real `pudding bench` run at 6b3fc21): the routed speedup divides the dense
     pre-fill timed in turn with it, the report shows that row, and the memory-budget peak, counted with the new
     small-tensor segments whole, meets its allowance with nothing left in the rest."""
     import json
