@@ -425,41 +425,45 @@ for scheme, rows, cols in [("int8", 38, 100), ("int4", 38, 96), ("int8", 64, 102
             assert got.dtype == dtype and got.shape == expected.shape
             assert torch.all(error <= tolerance * bound), f"{scheme} {rows}x{cols} {dtype} {activation} {residual}"
 
-# A fused QKV product (q, k, v rows of every head stacked) with q and k rotated and k, v written to the caches at the
-# position: only that position's cache rows change
+# A fused QKV product (q, k, v rows of every head stacked, with or without a bias) with q and k rotated and k, v
+# written to the caches at the position: only that position's cache rows change
 def rotate(t, cos, sin, sign=-1):  # rotate-half, as block._rotate (sign 1 with sizes: a bound of the rotated values)
     half = t.shape[-1] // 2
     return t * cos + torch.cat((sign * t[..., half:], t[..., :half]), -1) * sin
-for scheme, heads, kv_heads, dim, cols in [("int8", 6, 2, 16, 100), ("int4", 6, 2, 16, 96), ("int8", 4, 4, 32, 64),
-                                           ("int4", 3, 1, 64, 608)]:
+for scheme, heads, kv_heads, dim, cols, biased in [("int8", 6, 2, 16, 100, False), ("int4", 6, 2, 16, 96, True),
+                                                   ("int8", 4, 4, 32, 64, True), ("int4", 3, 1, 64, 608, False)]:
     for dtype in (torch.float32, torch.bfloat16):
         rows = (heads + 2 * kv_heads) * dim
         codes, scales = quantize_weight(torch.randn(rows, cols, generator=generator).to(dtype), scheme)
         matrix = dequantize(codes, scales, torch.float32)
         x = (torch.randn(cols, generator=generator) * 3).to(dtype)
         cos, sin = torch.randn(2, dim, generator=generator).to(dtype)
-        qkv = torch.nn.functional.linear(x.float(), matrix).to(dtype).float()  # rounded as the unfused product is
+        bias = (torch.randn(rows, generator=generator) * 5).to(dtype) if biased else None
+        qkv = torch.nn.functional.linear(x.float(), matrix).to(dtype)  # rounded where the unfused ops round
+        qkv = (qkv if bias is None else qkv + bias).float()
         size = torch.nn.functional.linear(x.float().abs(), matrix.abs())  # the terms' sizes, rotated as the values are
         expected = torch.cat([rotate(qkv[: -kv_heads * dim].view(-1, dim), cos.float(), sin.float()).flatten(),
                               qkv[-kv_heads * dim :]])
+        size = size + qkv.abs()
         bound = torch.cat([rotate(size[: -kv_heads * dim].view(-1, dim), cos.float().abs(), sin.float().abs(), 1).flatten(),
                            size[-kv_heads * dim :]]) + expected.abs()
         caches = torch.randn(2, kv_heads, 9, dim, generator=generator).to(dtype)
         k_cache, v_cache = caches.clone().to(device)
         position = torch.tensor([5])
         q = kernels.gemv_rotary(x.to(device), codes.to(device), scales.to(device), cos.to(device), sin.to(device),
-                                position.to(device), k_cache, v_cache)
+                                position.to(device), k_cache, v_cache, None if bias is None else bias.to(device))
         got = torch.cat([q.cpu(), k_cache[:, 5].flatten().cpu(), v_cache[:, 5].flatten().cpu()]).float()
         tolerance = 1e-5 if dtype == torch.float32 else 1e-2
         assert q.dtype == dtype and q.shape == (heads * dim,)
-        assert torch.all((got - expected).abs() <= tolerance * bound), f"rotary {scheme} {heads}/{kv_heads}x{dim} {dtype}"
+        assert torch.all((got - expected).abs() <= tolerance * bound), f"rotary {scheme} {heads}/{kv_heads}x{dim} {dtype} {biased}"
         others = [p for p in range(9) if p != 5]
         assert torch.equal(k_cache[:, others].cpu(), caches[0][:, others]), "another position of the K cache changed"
         assert torch.equal(v_cache[:, others].cpu(), caches[1][:, others]), "another position of the V cache changed"
 
 # The engine's decode of quantized blocks runs the fused forms and gives transformers' tokens (with the same
 # quantized modules): gate and residual fused where the family allows (Gemma 3's sandwich norms keep the residual
-# adds apart), the rotation and cache writes where q and k have no norm of their own (not Gemma 3)
+# adds apart), the rotation and cache writes where q and k have no norm of their own (not Gemma 3; Qwen 2's QKV bias
+# added in the kernel)
 fused = []
 plain, plain_rotary = kernels.gemv, kernels.gemv_rotary
 def counting(x, codes, scales, activation="", residual=None):
@@ -468,8 +472,13 @@ def counting(x, codes, scales, activation="", residual=None):
 def counting_rotary(*args):
     fused.append("rotary")
     return plain_rotary(*args)
-for family, scheme in [("llama", "int4+head"), ("gemma3", "int8")]:
-    model = build_tiny(family, init=0.2)
+def with_biases(model):  # a config-built model's biases start at zero, which would hide a bias left out
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.5, generator=torch.Generator().manual_seed(3))
+    return model
+for family, scheme in [("llama", "int4+head"), ("gemma3", "int8"), ("qwen2", "int8")]:
+    model = with_biases(build_tiny(family, init=0.2))
     quantize_blocks(model, scheme)
     prompt = torch.randint(3, 200, (11,), generator=torch.Generator().manual_seed(2)).tolist()
     interpreter = os.environ.pop("TRITON_INTERPRET", None)  # transformers' modules take PyTorch's path (faster here)
@@ -491,8 +500,8 @@ for family, scheme in [("llama", "int4+head"), ("gemma3", "int8")]:
     assert calls.get("rotary", 0) == steps * blocks * (0 if family == "gemma3" else 1), calls
 
 # Compiled (what a GPU runs: the caches written inside a custom op, functionalized by torch.compile; CUDA graphs on a
-# GPU), the same decode gives the eager engine's tokens
-model = build_tiny("llama", init=0.2)
+# GPU), the same decode gives the eager engine's tokens; Qwen 2's QKV has a bias, which the fused form adds
+model = with_biases(build_tiny("qwen2", init=0.2))
 quantize_blocks(model, "int8")
 engines = [Engine.from_model(model, device=device, max_len=64, compile=compiled, buckets=True) for compiled in (False, True)]
 for omit in [(), (1, 4)]:
@@ -552,11 +561,14 @@ def test_the_gpu_kernels_compile_for_hopper_without_spilling():
         qkv = {"N": 6144, "HALF": 2048, "GROUPS": 128, "GROUP": 32} if int4 else {"N": 6144, "K": 4096}
         rotary = {**signature, "cos_ptr": "*bf16", "sin_ptr": "*bf16", "pos_ptr": "*i64", "k_ptr": "*bf16",
                   "v_ptr": "*bf16", "cache_stride": "i32"}
+        biased = {**rotary, "bias_ptr": "*bf16"}
         for config in tuner.configs:
             forms.append((kernel, signature, {**down, "RESIDUAL": True, "PACKED": True}, config))
             if config.kwargs["BLOCK_N"] <= 8:
                 forms.append((kernel, signature, {**gate_up, "GATE": 1, "PACKED": True}, config))
-                forms.append((kernel, rotary, {**qkv, "ROTARY": True, "D": 128, "Q_ROWS": 4096, "PACKED": True}, config))
+                for qkv_signature in (rotary, biased):
+                    forms.append((kernel, qkv_signature, {**qkv, "ROTARY": True, "D": 128, "Q_ROWS": 4096, "PACKED": True},
+                                  config))
     for int4, config in itertools.product((False, True), kernels._mm_tuned.configs):
         mm = {"x_ptr": "*bf16", "codes_ptr": "*u8" if int4 else "*i8", "scales_ptr": "*bf16", "out_ptr": "*bf16",
               "M": "i32", "M_BUCKET": "i32"}

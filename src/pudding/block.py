@@ -314,10 +314,10 @@ def block_step(
     batch, tokens, _ = x.shape
     h = rms_norm(x, w["attn_norm"], shape.eps, arch.norm)
     q_size = shape.heads * shape.head_dim
-    if mask is not None and batch == 1 and "q_norm" not in w and "qkv_bias" not in w and _fuses(h, w, "qkv"):
+    if mask is not None and batch == 1 and "q_norm" not in w and _fuses(h, w, "qkv"):
         # a decode step of quantized blocks: the rotation and the cache writes end the QKV product's kernel
         q = kernels.gemv_rotary(h.reshape(-1), w["qkv"], w["qkv_scales"], cos.reshape(-1), sin.reshape(-1), positions,
-                                k_cache[0], v_cache[0])
+                                k_cache[0], v_cache[0], w.get("qkv_bias"))
         attn = cache_attention(q.view(1, shape.heads, 1, shape.head_dim), k_cache, v_cache, mask, keys, shape)
     else:
         q, k, v = _rotated_qkv(h, w, k_cache, v_cache, positions, cos, sin, shape, arch)

@@ -181,14 +181,17 @@ if triton is not None:
         tl.store(out_ptr + rows, total.to(dtype), mask=row_ok)
 
     @triton.jit
-    def _finish_rotary(a, b, rows, row_ok, out_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, cache_stride,
+    def _finish_rotary(a, b, rows, row_ok, out_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, cache_stride,
                        D: tl.constexpr, Q_ROWS: tl.constexpr, KV_ROWS: tl.constexpr):
-        """Store a fused QKV product's row pairs (j, j + D/2 of a head; sums a, b): q and k rotated by the position's
-        cos / sin (rotate-half), q to the output, k and v to the caches at the position. The product is rounded
-        to the output's dtype as the unfused product is; the rotation is computed in fp32 and rounded once, as
-        inductor computes the unfused one."""
+        """Store a fused QKV product's row pairs (j, j + D/2 of a head; sums a, b): plus the bias where there is one,
+        q and k rotated by the position's cos / sin (rotate-half), q to the output, k and v to the caches at the
+        position. The product and its bias add are rounded to the output's dtype as the unfused ops round; the
+        rotation is computed in fp32 and rounded once, as inductor computes the unfused one."""
         dtype = out_ptr.dtype.element_ty
         a, b = a.to(dtype).to(tl.float32), b.to(dtype).to(tl.float32)
+        if bias_ptr is not None:
+            a = (a + tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            b = (b + tl.load(bias_ptr + rows + D // 2, mask=row_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
         j = rows % D
         cos_a = tl.load(cos_ptr + j, mask=row_ok, other=0.0).to(tl.float32)
         sin_a = tl.load(sin_ptr + j, mask=row_ok, other=0.0).to(tl.float32)
@@ -259,8 +262,8 @@ if triton is not None:
     def _gemv_int8_kernel(x_ptr, codes_ptr, scales_ptr, out_ptr, N: tl.constexpr, K: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PACKED: tl.constexpr, res_ptr=None,
                           GATE: tl.constexpr = 0, RESIDUAL: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
-                          pos_ptr=None, k_ptr=None, v_ptr=None, cache_stride=0, ROTARY: tl.constexpr = False,
-                          D: tl.constexpr = 2, Q_ROWS: tl.constexpr = 0):
+                          pos_ptr=None, k_ptr=None, v_ptr=None, cache_stride=0, bias_ptr=None,
+                          ROTARY: tl.constexpr = False, D: tl.constexpr = 2, Q_ROWS: tl.constexpr = 0):
         # BLOCK_K inputs (code bytes) per chunk, in runs of 8; one scale per row, applied once to its sum. With GATE
         # or ROTARY a program owns BLOCK_N pairs of rows (`_row_pairs`), a sum for each, combined at the end.
         BIASED: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # codes widened to 1 + (c + 128)/32768
@@ -286,8 +289,8 @@ if triton is not None:
             up_scale = tl.load(scales_ptr + rows2, mask=row_ok, other=0.0).to(tl.float32)
             up = tl.sum(acc_up, axis=1) * up_scale * unit
         if ROTARY:
-            _finish_rotary(total, up, rows, row_ok, out_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, cache_stride, D,
-                           Q_ROWS, (N - Q_ROWS) // 2)
+            _finish_rotary(total, up, rows, row_ok, out_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr,
+                           cache_stride, D, Q_ROWS, (N - Q_ROWS) // 2)
         else:
             _finish(total, up, rows, row_ok, out_ptr, res_ptr, GATE, RESIDUAL)
 
@@ -311,8 +314,8 @@ if triton is not None:
                           GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, GROUP: tl.constexpr,
                           PACKED: tl.constexpr, res_ptr=None, GATE: tl.constexpr = 0,
                           RESIDUAL: tl.constexpr = False, cos_ptr=None, sin_ptr=None, pos_ptr=None, k_ptr=None,
-                          v_ptr=None, cache_stride=0, ROTARY: tl.constexpr = False, D: tl.constexpr = 2,
-                          Q_ROWS: tl.constexpr = 0):
+                          v_ptr=None, cache_stride=0, bias_ptr=None, ROTARY: tl.constexpr = False,
+                          D: tl.constexpr = 2, Q_ROWS: tl.constexpr = 0):
         # BLOCK_B bytes = 2 * BLOCK_B inputs per chunk; byte j holds inputs 2j (low nibble) and 2j + 1 (high). Runs of
         # 4 bytes (8 inputs) never straddle a group (GROUP // 2 bytes, a multiple of 4). GATE, ROTARY: as in the int8
         # kernel.
@@ -338,8 +341,8 @@ if triton is not None:
         if PAIRED:
             up = tl.sum(acc_up, axis=1) * unit
         if ROTARY:
-            _finish_rotary(total, up, rows, row_ok, out_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, cache_stride, D,
-                           Q_ROWS, (N - Q_ROWS) // 2)
+            _finish_rotary(total, up, rows, row_ok, out_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr,
+                           cache_stride, D, Q_ROWS, (N - Q_ROWS) // 2)
         else:
             _finish(total, up, rows, row_ok, out_ptr, res_ptr, GATE, RESIDUAL)
 
@@ -421,12 +424,13 @@ def _(x, codes, scales, activation="", residual=None):
 
 @torch.library.custom_op("pudding::gemv_lowbit_rotary", mutates_args=("k_cache", "v_cache"))
 def gemv_rotary(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    """A decode step's fused QKV product (`gemv` of a matrix stacking the q, k and v rows of every head) with the
-    work after it in the same kernel: q and k rotated by the position's `cos` and `sin` (rotate-half, length
-    head_dim), k and v written to the caches (kv_heads, max_len, head_dim) at `position` (one int64). Returns q
-    (heads x head_dim, rotated). What it saves is the three small kernels after the product (q's rotation, k's
-    rotation and cache write, v's cache write)."""
+                position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A decode step's fused QKV product (`gemv` of a matrix stacking the q, k and v rows of every head, plus `bias`)
+    with the work after it in the same kernel: q and k rotated by the position's `cos` and `sin` (rotate-half,
+    length head_dim), k and v written to the caches (kv_heads, max_len, head_dim) at `position` (one int64).
+    Returns q (heads x head_dim, rotated). What it saves is the three small kernels after the product (q's rotation,
+    k's rotation and cache write, v's cache write)."""
     kv_heads, _, dim = k_cache.shape
     if k_cache.stride()[1:] != (dim, 1) or v_cache.stride() != k_cache.stride():
         raise ValueError("gemv_rotary writes K and V caches laid out (kv_heads, positions, head_dim), alike")
@@ -434,12 +438,13 @@ def gemv_rotary(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cos:
     q_rows = codes.shape[0] - 2 * kv_heads * dim
     out = torch.empty(q_rows, dtype=x.dtype, device=x.device)
     fused = {"cos_ptr": cos.contiguous(), "sin_ptr": sin.contiguous(), "pos_ptr": position, "k_ptr": k_cache,
-             "v_ptr": v_cache, "cache_stride": k_cache.stride(0), "ROTARY": True, "D": dim, "Q_ROWS": q_rows}
+             "v_ptr": v_cache, "cache_stride": k_cache.stride(0), "ROTARY": True, "D": dim, "Q_ROWS": q_rows,
+             "bias_ptr": None if bias is None else bias.contiguous()}
     return _launch(x, codes, scales, out, codes.shape[0] // 2, fused)
 
 
 @gemv_rotary.register_fake
-def _(x, codes, scales, cos, sin, position, k_cache, v_cache):
+def _(x, codes, scales, cos, sin, position, k_cache, v_cache, bias=None):
     return x.new_empty(codes.shape[0] - 2 * k_cache.shape[0] * k_cache.shape[2])
 
 
