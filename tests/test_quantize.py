@@ -306,13 +306,26 @@ def test_bench_compares_block_weights_on_one_shape():
     assert "| int4 |" in table and "int8 pruned decode, of bf16 pruned decode" in table and "One-row product alone" in table
 
 
+# On a GPU the checks below run two tilings of each one-row kernel and one of the tiled product: every tiling
+# compiles for every new autotune key, and with the full lists each check took minutes on an H100. Every tiling is
+# compiled for sm_90 on the CPU by test_the_gpu_kernels_compile_for_hopper_without_spilling; PUDDING_ALL_TILINGS=1
+# runs them all here too.
+GPU_TILINGS = r"""
+if device != "cpu" and os.environ.get("PUDDING_ALL_TILINGS") != "1":
+    kernels._int8_tuned.configs = kernels._int8_tuned.configs[:2]
+    kernels._int4_tuned.configs = kernels._int4_tuned.configs[:2]
+    kernels._mm_tuned.configs = kernels._mm_tuned.configs[:1]
+"""
+
 KERNEL_CHECK = r"""
+import os
 import sys
 import torch
 from pudding import kernels
 from pudding.quantize import dequantize, quantize_weight, quantized_linear
 
 device = sys.argv[1]
+""" + GPU_TILINGS + r"""
 assert kernels.available(torch.zeros(1, device=device)), f"the kernels should run on {device}"
 generator = torch.Generator().manual_seed(0)
 for scheme, rows, cols in [("int8", 37, 100), ("int8", 9, 1030), ("int8", 64, 4096), ("int4", 37, 96), ("int4", 70, 608),
@@ -395,6 +408,7 @@ from conftest import build_tiny
 from test_engine import _hf_greedy
 
 device = sys.argv[1]
+""" + GPU_TILINGS + r"""
 generator = torch.Generator().manual_seed(0)
 # One row with the gate after the product or the residual added, against the unfused ops (odd output counts: a
 # program's last outputs fall outside)
