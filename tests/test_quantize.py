@@ -565,7 +565,7 @@ def test_the_gpu_kernels_compile_for_hopper_without_spilling():
                       {"N": 14336, "HALF": 2048, "GROUPS": 128, "GROUP": 32, "PACKED": True}, config))
     # a decode step's fused forms (`kernels.gemv`, `kernels.gemv_rotary`): the down product with its residual; the
     # gate/up product with its gate and the QKV product with its rotation and cache writes, a program reading BLOCK_N
-    # pairs of rows (at most 8: `kernels._gated_rows`)
+    # pairs of rows (at most 8: `kernels._paired_tilings`)
     for int4, kernel, tuner in ((False, kernels._gemv_int8_kernel, kernels._int8_tuned),
                                 (True, kernels._gemv_int4_kernel, kernels._int4_tuned)):
         signature = {"x_ptr": "*bf16", "codes_ptr": "*u8" if int4 else "*i8", "scales_ptr": "*bf16", "out_ptr": "*bf16",

@@ -314,7 +314,7 @@ def block_step(
     batch, tokens, _ = x.shape
     h = rms_norm(x, w["attn_norm"], shape.eps, arch.norm)
     q_size = shape.heads * shape.head_dim
-    if mask is not None and batch == 1 and "q_norm" not in w and _fuses(h, w, "qkv"):
+    if mask is not None and "q_norm" not in w and _fuses(h, w, "qkv"):  # one row: batch 1, one token
         # a decode step of quantized blocks: the rotation and the cache writes end the QKV product's kernel
         q = kernels.gemv_rotary(h.reshape(-1), w["qkv"], w["qkv_scales"], cos.reshape(-1), sin.reshape(-1), positions,
                                 k_cache[0], v_cache[0], w.get("qkv_bias"))

@@ -352,7 +352,7 @@ if triton is not None:
     def _tilings(chunk: str, sizes) -> list:
         return [triton.Config({"BLOCK_N": n, chunk: c}, num_warps=w, num_stages=1) for n, c, w in sizes]
 
-    def _gated_rows(configs, named_args, **kwargs) -> list:
+    def _paired_tilings(configs, named_args, **kwargs) -> list:
         """With GATE or ROTARY a program reads BLOCK_N pairs of rows: at most 8 (16 spill)."""
         return [c for c in configs if not (kwargs.get("GATE") or kwargs.get("ROTARY")) or c.kwargs["BLOCK_N"] <= 8]
 
@@ -362,13 +362,13 @@ if triton is not None:
                                                        (1, 1024, 4), (2, 1024, 4), (4, 1024, 4), (8, 1024, 4),
                                                        (16, 1024, 4), (8, 2048, 8), (16, 2048, 8), (4, 2048, 4),
                                                        (8, 1024, 2)]),
-                                  key=["N", "K", "GATE", "ROTARY"], prune_configs_by={"early_config_prune": _gated_rows})(
+                                  key=["N", "K", "GATE", "ROTARY"], prune_configs_by={"early_config_prune": _paired_tilings})(
                                       _gemv_int8_kernel)
     _int4_tuned = triton.autotune(_tilings("BLOCK_B", [(4, 128, 1), (8, 128, 1), (16, 128, 1), (4, 256, 2), (8, 256, 2),
                                                        (16, 256, 2), (1, 512, 4), (2, 512, 4), (4, 512, 4), (8, 512, 4),
                                                        (16, 512, 4), (8, 1024, 8), (16, 1024, 8), (4, 1024, 4),
                                                        (8, 512, 2)]),
-                                  key=["N", "HALF", "GATE", "ROTARY"], prune_configs_by={"early_config_prune": _gated_rows})(
+                                  key=["N", "HALF", "GATE", "ROTARY"], prune_configs_by={"early_config_prune": _paired_tilings})(
                                       _gemv_int4_kernel)
 
 _GATES = {"": 0, "silu": 1, "gelu_tanh": 2}  # `gemv`'s activation, as the kernels' constant
@@ -386,7 +386,7 @@ def _launch(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out: tor
         shape = (n, codes.shape[1], scales.shape[1])
         kernel, tuned = _gemv_int4_kernel, _int4_tuned
         fixed = {"BLOCK_B": 128}
-        fused["GROUP"] = codes.shape[1] * 2 // scales.shape[1]
+        fused = {**fused, "GROUP": codes.shape[1] * 2 // scales.shape[1]}
     if x.is_cuda:
         tuned[lambda meta: (triton.cdiv(programs_of, meta["BLOCK_N"]),)](x, codes, scales, out, *shape, PACKED=True,
                                                                           **fused)
