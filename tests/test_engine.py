@@ -368,6 +368,30 @@ def test_the_committed_h200_report_renders_with_its_goals():
 
 
 @pytest.mark.slow
+def test_compiled_prefill_compiles_once_per_model_and_keeps_each_geometry():
+    """Two models of different geometry compiled in one process (as `pudding bench` with two bundles runs them): each
+    pre-fills every prompt length through one compiled graph, equal to its eager engine. With automatic dynamic
+    shapes the second model's sizes became symbolic and its pre-fill failed to compile (GQA: a symbolic
+    `heads > kv_heads`); the first model compiled twice, static then dynamic in the tokens."""
+    import transformers
+    from torch._dynamo.utils import counters
+
+    for hidden, heads, kv_heads in [(48, 6, 2), (80, 5, 1)]:  # sizes no other test compiles
+        config = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                                          num_key_value_heads=kv_heads, intermediate_size=96, vocab_size=256)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+        compiled, eager = (Engine.from_model(model, max_len=64, compile=c, buckets=False) for c in (True, False))
+        for engine in (compiled, eager):
+            engine.use(engine.omission(()))
+        graphs = counters["stats"]["unique_graphs"]
+        for length in (5, 13, 40):
+            ids = list(range(3, 3 + length))
+            torch.testing.assert_close(compiled.prefill(ids).clone(), eager.prefill(ids).clone(), rtol=1e-4, atol=1e-4)
+        assert counters["stats"]["unique_graphs"] - graphs <= 1, f"{heads}/{kv_heads} heads: a compile per length"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 def test_compiled_block_step_equals_the_eager_one(scheme):
     """The compiled block (what GPUs run, fused by inductor, bucketed pre-fill) computes what the eager block computes,

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One GPU lease, called at every step (through call.sh): starts each job as soon as its inputs are on the machine,
-# and says where every job is. The speed benchmark runs first, alone on the GPU (timings need a quiet device); the
-# accuracy sweeps start when it is done (FORCE=1: at once). Everything runs in the background and survives the call.
-#   bash scripts/gpu/call.sh bash scripts/gpu/lease.sh
+# and says where every job is. The speed benchmarks run first, alone on the GPU (timings need a quiet device): the 8B
+# shape in bf16, then its quantized blocks, then the packaged models with their bundles, then the GPU kernel checks.
+# The accuracy sweeps start when they are done, if SWEEPS=1 (FORCE=1: at once). Everything runs in the background and
+# survives the call.
+#   SWEEPS=1 bash scripts/gpu/call.sh bash scripts/gpu/lease.sh
 set -u
 out=/root/results  # not $OUT: the device tool empties that before every call
 mkdir -p "$out" /root/sweep
@@ -13,15 +15,18 @@ if [ -d $models/minilm-l6 ] && [ ! -f $out/bench.started ]; then
     touch $out/bench.started
     setsid nohup bash -c ": pudding-job=bench ;
         python3 -m pudding.cli bench --output $out/bench-h200.json --repeats 3 > $out/bench.log 2>&1;
-        for i in \$(seq 60); do [ -f $models/smollm2-135m.gguf ] && break; sleep 5; done;
+        python3 -m pudding.cli bench --weights int8,int4,int8+head,int4+head --device cuda --repeats 3 \
+            --output $out/quantized-decode-h200.json > $out/quantized.log 2>&1;
+        for i in \$(seq 60); do [ -f $models/smollm2-135m.gguf ] && [ -f $models/qwen2.5-0.5b.gguf ] && break; sleep 5; done;
         bundles='--bundle results/smollm2-h100'; [ -f $models/qwen2.5-0.5b.gguf ] && bundles=\"\$bundles --bundle results/qwen2.5-0.5b-h100\";
         python3 -m pudding.cli bench --shape '' \$bundles --output $out/bench-models-h200.json --repeats 3 > $out/bench-models.log 2>&1;
+        python3 -m pytest -q tests/test_quantize.py -k cuda > $out/gpu-checks.log 2>&1;
         touch $out/bench.done" >/dev/null 2>&1 < /dev/null &
     echo "started bench"
 fi
 
 common="--limit 1000 --baseline-samples 32"
-if [ -f $out/bench.done ] || [ -n "${FORCE:-}" ]; then
+if { [ -f $out/bench.done ] && [ -n "${SWEEPS:-}" ]; } || [ -n "${FORCE:-}" ]; then
     [ -f $models/smollm2-135m.gguf ] && bash scripts/gpu/sweep.sh smollm2-135m /root/sweep/smollm2-135m 5,8,12 \
         $common --label-limit 2000 --variants nocap | grep -v "^== .*(done)"
     [ -f $models/qwen2.5-0.5b.gguf ] && bash scripts/gpu/sweep.sh qwen2.5-0.5b /root/sweep/qwen2.5-0.5b 4,6,9 \

@@ -38,6 +38,21 @@ PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)  # pre-fil
 DECODE_BUCKETS = (256, 1024, 4096, 16384, 65536)
 
 
+def _tokens_dynamic(compiled_step: Callable) -> Callable:
+    """A compiled block step whose token count is symbolic from its first call: one compile serves every pre-fill
+    length. Only the tokens: the model's geometry stays static, where automatic dynamic shapes would make it symbolic
+    as soon as a second model ran in the process (slower kernels for it, and its pre-fill failed to compile: a
+    symbolic `heads > kv_heads` is no bool for `scaled_dot_product_attention`). A one-token call stays static."""
+
+    def step(x, w, k_cache, v_cache, positions, cos, sin, mask, *rest):
+        for tensor in (x, positions, cos, sin, mask):
+            if tensor is not None:
+                torch._dynamo.maybe_mark_dynamic(tensor, 1 if tensor is x else 0)
+        return compiled_step(x, w, k_cache, v_cache, positions, cos, sin, mask, *rest)
+
+    return step
+
+
 @dataclass
 class Timings:
     route_ms: float = 0.0
@@ -131,7 +146,7 @@ class Engine:
                     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
             torch._inductor.config.coordinate_descent_tuning = True  # tunes the fused small kernels of a step
             self._decode_block = torch.compile(block_step, fullgraph=True, dynamic=False, mode=compile_mode)
-            self._prefill_block = torch.compile(block_step, fullgraph=True, dynamic=None)  # a new bucket: dynamic
+            self._prefill_block = _tokens_dynamic(torch.compile(block_step, fullgraph=True, dynamic=False))
         capacity = shape.num_blocks if blocks.mode == "all" else blocks.capacity
         cache_shape = (1, shape.kv_heads, max_len, shape.head_dim)
         # one allocation per K and V (the allocator rounds each up), a view per stack position
