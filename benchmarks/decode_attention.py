@@ -58,8 +58,8 @@ for keys in map(int, args.buckets.split(",")):
     expected = reference(mask[0], keys)
     row = {"position": position}
 
-    def ops(i, mask=mask, keys=keys):
-        return compiled_ops(q, caches[i % blocks][0], caches[i % blocks][1], mask, keys, shape)
+    def ops(i, mask=mask):
+        return compiled_ops(q, caches[i % blocks][0], caches[i % blocks][1], mask, shape)
 
     def kernel(i, mask=mask):
         return attention.decode_attention(q.view(shape.heads, -1), caches[i % blocks][0][0], caches[i % blocks][1][0],

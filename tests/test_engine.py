@@ -369,16 +369,19 @@ def test_the_committed_h200_report_renders_with_its_goals():
 
 @pytest.mark.slow
 def test_compiled_prefill_compiles_once_per_model_and_keeps_each_geometry():
-    """Two models of different geometry compiled in one process (as `pudding bench` with two bundles runs them): each
-    pre-fills every prompt length through one compiled graph, equal to its eager engine. With automatic dynamic
-    shapes the second model's sizes became symbolic and its pre-fill failed to compile (GQA: a symbolic
-    `heads > kv_heads`); the first model compiled twice, static then dynamic in the tokens."""
+    """Models of different geometry compiled in one process (as `pudding bench` with two bundles runs them): each
+    pre-fills every prompt length through one compiled graph, equal to its eager engine, a sliding window's mask
+    included (its key count is the mask's). With automatic dynamic shapes the second model's sizes became symbolic and
+    its pre-fill failed to compile (GQA: a symbolic `heads > kv_heads`); the first model compiled twice, static then
+    dynamic in the tokens."""
     import transformers
     from torch._dynamo.utils import counters
 
-    for hidden, heads, kv_heads in [(48, 6, 2), (80, 5, 1)]:  # sizes no other test compiles
-        config = transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
-                                          num_key_value_heads=kv_heads, intermediate_size=96, vocab_size=256)
+    # sizes no other test compiles; Mistral's 4-token window masks every pre-fill below
+    for family, hidden, heads, kv_heads in [("Llama", 48, 6, 2), ("Llama", 80, 5, 1), ("Mistral", 96, 6, 3)]:
+        config = getattr(transformers, f"{family}Config")(
+            hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+            intermediate_size=96, vocab_size=256, **({"sliding_window": 4} if family == "Mistral" else {}))
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
         compiled, eager = (Engine.from_model(model, max_len=64, compile=c, buckets=False) for c in (True, False))

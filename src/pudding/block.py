@@ -253,7 +253,7 @@ def _residual_linear(residual: torch.Tensor, a: torch.Tensor, w: dict[str, torch
     return residual + out
 
 
-def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, keys: int,
+def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
                     shape: Shape) -> torch.Tensor:
     """q (batch, heads, tokens, head_dim) attending to the first `keys` positions of the cache where mask (tokens,
     keys) allows."""
@@ -261,15 +261,16 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if tokens == 1 and batch == 1 and attention.supported(q, shape.heads, shape.kv_heads, shape.head_dim):
         # a decode step: one kernel instead of three or four (attention.py)
         attn = attention.decode_attention(q.reshape(shape.heads, shape.head_dim), k_cache[0], v_cache[0],
-                                          mask.reshape(keys), shape.attn_scale)
+                                          mask.reshape(-1), shape.attn_scale)
         return attn.view(batch, shape.heads, 1, shape.head_dim)
-    return grouped_attention(q, k_cache, v_cache, mask, keys, shape)
+    return grouped_attention(q, k_cache, v_cache, mask, shape)
 
 
-def grouped_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, keys: int,
+def grouped_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
                       shape: Shape) -> torch.Tensor:
     """`cache_attention` in PyTorch ops: query heads grouped by their KV head, so the cache is read once."""
     batch, _, tokens, _ = q.shape
+    keys = mask.shape[-1]
     groups = shape.heads // shape.kv_heads
     qg = q.reshape(batch, shape.kv_heads, groups * tokens, shape.head_dim)
     scores = torch.matmul(qg, k_cache[:, :, :keys].transpose(2, 3)).float() * shape.attn_scale
@@ -306,8 +307,8 @@ def block_step(
     positions: torch.Tensor,  # (tokens,) absolute positions of the new tokens
     cos: torch.Tensor,  # (tokens, head_dim)
     sin: torch.Tensor,
-    mask: torch.Tensor | None,  # (tokens, keys) bool, or None for causal attention over the new tokens only
-    keys: int,  # how many cache positions attention reads
+    mask: torch.Tensor | None,  # (tokens, keys) bool over the first `keys` cache positions, or None for causal
+    # attention over the new tokens only
     shape: Shape,
     arch: Architecture,
 ) -> torch.Tensor:
@@ -318,7 +319,7 @@ def block_step(
         # a decode step of quantized blocks: the rotation and the cache writes end the QKV product's kernel
         q = kernels.gemv_rotary(h.reshape(-1), w["qkv"], w["qkv_scales"], cos.reshape(-1), sin.reshape(-1), positions,
                                 k_cache[0], v_cache[0], w.get("qkv_bias"))
-        attn = cache_attention(q.view(1, shape.heads, 1, shape.head_dim), k_cache, v_cache, mask, keys, shape)
+        attn = cache_attention(q.view(1, shape.heads, 1, shape.head_dim), k_cache, v_cache, mask, shape)
     else:
         q, k, v = _rotated_qkv(h, w, k_cache, v_cache, positions, cos, sin, shape, arch)
         if mask is None:  # pre-fill from an empty cache: plain causal attention over the new tokens, K/V heads shared
@@ -326,7 +327,7 @@ def block_step(
             attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=shape.attn_scale,
                                                                     enable_gqa=shape.heads > shape.kv_heads)
         else:  # attend to the cache
-            attn = cache_attention(q, k_cache, v_cache, mask, keys, shape)
+            attn = cache_attention(q, k_cache, v_cache, mask, shape)
     x = _residual_linear(x, attn.transpose(1, 2).reshape(batch, tokens, q_size), w, "o", "post_attn_norm", shape, arch)
     hidden = _gated_linear(rms_norm(x, w["mlp_norm"], shape.eps, arch.norm), w, "gate_up", arch)
     # In a pre-fill the residual add is a kernel of its own (~2.5 us at 128 tokens); deferring it into the next

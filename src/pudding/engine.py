@@ -39,15 +39,16 @@ DECODE_BUCKETS = (256, 1024, 4096, 16384, 65536)
 
 
 def _tokens_dynamic(compiled_step: Callable) -> Callable:
-    """A compiled block step whose token count is symbolic from its first call: one compile serves every pre-fill
-    length. Only the tokens: the model's geometry stays static, where automatic dynamic shapes would make it symbolic
-    as soon as a second model ran in the process (slower kernels for it, and its pre-fill failed to compile: a
-    symbolic `heads > kv_heads` is no bool for `scaled_dot_product_attention`). A one-token call stays static."""
+    """A compiled block step whose token count (and a mask's key count) is symbolic from its first call: one compile
+    serves every pre-fill length. Only those: the model's geometry stays static, where automatic dynamic shapes would
+    make it symbolic as soon as a second model ran in the process (slower kernels for it, and its pre-fill failed to
+    compile: a symbolic `heads > kv_heads` is no bool for `scaled_dot_product_attention`). A one-token call stays
+    static."""
 
     def step(x, w, k_cache, v_cache, positions, cos, sin, mask, *rest):
-        for tensor in (x, positions, cos, sin, mask):
+        for tensor, dims in ((x, (1,)), (positions, (0,)), (cos, (0,)), (sin, (0,)), (mask, (0, 1))):
             if tensor is not None:
-                torch._dynamo.maybe_mark_dynamic(tensor, 1 if tensor is x else 0)
+                torch._dynamo.maybe_mark_dynamic(tensor, dims)
         return compiled_step(x, w, k_cache, v_cache, positions, cos, sin, mask, *rest)
 
     return step
@@ -347,7 +348,7 @@ class Engine:
             masks["sliding_attention"] = causal & (key_pos[None, :] > positions[:, None] - self.shape.sliding_window)
         return masks
 
-    def _run_stack(self, x: torch.Tensor, positions: torch.Tensor, masks: dict | None, keys: int, step, wait: bool = False,
+    def _run_stack(self, x: torch.Tensor, positions: torch.Tensor, masks: dict | None, step, wait: bool = False,
                    start: int = 0, layers: list[tuple[dict, str]] | None = None) -> torch.Tensor:
         """x through the stack from position `start` (or through `layers`, from position 0), each stack position
         with its own KV cache."""
@@ -360,7 +361,7 @@ class Engine:
                 torch.cuda.current_stream().wait_event(self._events[j])
             cos, sin = rotary[layer_type]
             mask = None if masks is None else masks[layer_type]
-            x = step(x, w, self.k_cache[j], self.v_cache[j], positions, cos, sin, mask, keys, self.shape, self.arch)
+            x = step(x, w, self.k_cache[j], self.v_cache[j], positions, cos, sin, mask, self.shape, self.arch)
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -481,18 +482,18 @@ class Engine:
     def _prompt_hidden(self, length: int, wait: bool = False) -> torch.Tensor:
         """The last hidden states of the first `length` tokens of the pre-fill buffer, filling the KV cache."""
         positions, masks = self._prompt_context(length)
-        return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, length, self._prefill_block, wait)
+        return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, self._prefill_block, wait)
 
     def _shared_hidden(self, length: int, shared: int) -> torch.Tensor:
         """The prompt through blocks 0 .. shared-1, which are stack positions 0 .. shared-1 of any set keeping them."""
         positions, masks = self._prompt_context(length)
         layers = [(self.blocks.views[b], self.shape.layer_types[b]) for b in range(shared)]
-        return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, length, self._prefill_block,
+        return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, self._prefill_block,
                                layers=layers)
 
     def _rest_logits(self, length: int, shared: int, hidden: torch.Tensor) -> torch.Tensor:
         positions, masks = self._prompt_context(length)
-        return self._last_logits(self._run_stack(hidden, positions, masks, length, self._prefill_block, start=shared))
+        return self._last_logits(self._run_stack(hidden, positions, masks, self._prefill_block, start=shared))
 
     @torch.inference_mode()
     def prompt_logprobs(self, ids: Sequence[int], chosen: Choice | OmissionSet, top: int = 0,
@@ -524,7 +525,7 @@ class Engine:
 
     def _decode_eager(self, keys: int) -> torch.Tensor:
         masks = self._masks(self._position, keys)
-        x = self._run_stack(self._embed(self._token), self._position, masks, keys, self._decode_block)
+        x = self._run_stack(self._embed(self._token), self._position, masks, self._decode_block)
         return self._logits(x[:, -1])
 
     def _graph_key(self) -> tuple:
