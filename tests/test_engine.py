@@ -298,7 +298,9 @@ def test_bench_times_engines_in_turn():
 
 def test_bench_times_a_bundle_with_the_router_asked_for(smollm2):
     """`bench --bundle B --router-encoder E` times an untrained router of E with B's model and sets instead of B's
-    own router (the embeddings router reading with the model's own tokenizer), and the report says which."""
+    own router (the embeddings router reading with the model's own tokenizer), and the report says which. The
+    pre-fill with routing is measured (the bundle's sets keep only block 0 in common: one block ahead), the logits
+    equal to choosing first, and the table's routed row and speedup are the measured ones."""
     from pathlib import Path
 
     from pudding.bench.report import markdown
@@ -312,6 +314,12 @@ def test_bench_times_a_bundle_with_the_router_asked_for(smollm2):
     report = markdown({"device": "cpu", "date": "today", "command": "pudding bench", "settings": settings.__dict__,
                        "bundles": [result]})
     assert "(timed with an untrained router of the encoder asked for (embeddings))" in report
+    routed = result["routed_prefill"]
+    assert routed["pool_shared_blocks"] == 1 and routed["max_abs_logit_diff"] == 0
+    measured = routed["ttft_ms"][1][8]
+    assert result["comparison"]["prefill"][8]["ttft_with_routing_ms"] == measured
+    assert result["comparison"]["prefill"][8]["routing_measured"] and "Pre-fill with routing, measured" in report
+    assert f"| set 0 + router ({result['pruned']['blocks_run']} blocks) | {measured:.1f} ms |" in report
 
 
 def test_the_committed_h100_report_compares_the_routed_pre_fill_with_a_dense_one_timed_in_turn():

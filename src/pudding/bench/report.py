@@ -48,7 +48,10 @@ def markdown(report: dict) -> str:
                   f"Router {bundle['router_ms']:.2f} ms (timed with {bundle.get('routing_timed_with', 'its router')}); "
                   f"decode speedup {bundle['comparison']['decode_speedup']:.3f}x "
                   f"(ideal {bundle['comparison']['decode_ideal_speedup']:.3f}x).", ""]
-        lines += _table(bundle["dense"], bundle["pruned"], bundle["router_ms"], report["settings"])
+        routed = bundle.get("routed_prefill")  # runs before 2026-12-06 added the router's time instead
+        lines += _table(bundle["dense"], bundle["pruned"], bundle["router_ms"], report["settings"],
+                        _key(routed["ttft_ms"], routed["pool_shared_blocks"]) if routed else None)
+        lines += _routed_lines(routed, bundle["pruned"], bundle["router_ms"], report["settings"])
         c = bundle["comparison"]
         if "dense_decode_of_ceiling" in c:
             lines += ["", f"Decode at {100 * c['dense_decode_of_ceiling']:.1f}% (dense) and {100 * c['pruned_decode_of_ceiling']:.1f}% "

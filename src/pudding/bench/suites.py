@@ -274,7 +274,8 @@ def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print
     policy takes to choose (a bundle whose router weights were not kept, like those under results/, is timed with an
     untrained router of the encoder its router.json names: routing time does not depend on the weights). With
     `router_encoder`, an untrained router of that encoder is timed instead (the embeddings router reads with the
-    model's own tokenizer)."""
+    model's own tokenizer). The pre-fill with routing is measured as `pudding generate` runs it: the blocks every set
+    keeps pre-fill while the router chooses (`routed_prefill`), the dense pre-fill timed in turn with it."""
     from ..bundle import Bundle
     from ..engine import open_engine
     from ..policy import PolicySpec, RoutedPolicy
@@ -302,10 +303,14 @@ def benchmark_bundle(bundle_dir, device: str, settings: BenchSettings, log=print
     router_ms = router_timing(policy, ROUTER_PROMPTS)
     dense, pruned = time_sets(engine, [(dense_set, "dense"), (sets[0], "set 0")], settings.prompt_lengths,
                               settings.base_prompt, settings.gen_lengths, settings.repeats)
+    shared = shared_blocks(sets)
+    routed = routed_prefill(engine, policy, settings.prompt_lengths, [shared], settings.repeats, dense=dense_set)
     bandwidth = measure_bandwidth(device) if torch.device(device).type == "cuda" else None
     result = {"model": ref.name, "fingerprint": ref.fingerprint, "bundle": str(bundle_dir), "router_ms": router_ms,
               "routing_timed_with": timed, "warm_up_s": warm, "dense": _row(dense), "pruned": _row(pruned),
-              "comparison": compare(engine, dense, pruned, bandwidth, router_ms, settings)}
+              "routed_prefill": {"pool_shared_blocks": shared, **routed},
+              "comparison": compare(engine, dense, pruned, bandwidth, router_ms, settings, None,
+                                    routed["ttft_ms"][shared], routed["dense_ttft_ms"][shared])}
     if torch.device(device).type == "cuda":
         result["decode_profile"] = {"dense": profile_decode(engine, dense_set)}
     log(f"{ref.name}: dense {dense.decode_tok_s:.1f} tok/s, set 0 {pruned.decode_tok_s:.1f} tok/s, router {router_ms:.2f} ms")
