@@ -68,16 +68,17 @@ def main(names: list[str]) -> None:
         manifest["models"][name] = {"file": name + suffix, "sha256": digest.hexdigest(), "pieces": pieces}
     (SHIP / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
-    # a carry plan: first-fit decreasing, so that few calls carry everything (each call costs device time)
-    items = [".ship/manifest.json", ".ship/wheels", ".ship/data.tgz"] + [
-        f".ship/{p}" for m in manifest["models"].values() for p in m["pieces"]]
+    # a carry plan: first-fit in the order the models were named (a lease's first job needs the first model, so its
+    # pieces come first), so that few calls carry everything (each call costs device time)
+    items = [".ship/manifest.json", ".ship/wheels"] + [
+        f".ship/{p}" for m in manifest["models"].values() for p in m["pieces"]] + [".ship/data.tgz"]
 
     def size(item: str) -> int:
         path = REPO / item
         return sum(f.stat().st_size for f in path.rglob("*")) if path.is_dir() else path.stat().st_size
 
     calls: list[list[str]] = []
-    for item in sorted(items, key=size, reverse=True):
+    for item in items:
         fit = next((c for c in calls if sum(map(size, c)) + size(item) <= BUDGET and len(c) < 8), None)
         if fit is None:
             calls.append(fit := [])
