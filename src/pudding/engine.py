@@ -46,9 +46,9 @@ def _tokens_dynamic(compiled_step: Callable) -> Callable:
     static."""
 
     def step(x, w, k_cache, v_cache, positions, cos, sin, mask, *rest):
-        for tensor, dims in ((x, (1,)), (positions, (0,)), (cos, (0,)), (sin, (0,)), (mask, (0, 1))):
+        for tensor, dim in ((x, 1), (positions, 0), (cos, 0), (sin, 0), (mask, 0), (mask, 1)):
             if tensor is not None:
-                torch._dynamo.maybe_mark_dynamic(tensor, dims)
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
         return compiled_step(x, w, k_cache, v_cache, positions, cos, sin, mask, *rest)
 
     return step
