@@ -378,6 +378,7 @@ def _launch(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out: tor
             fused: dict) -> torch.Tensor:
     """Run the one-row kernel of the codes' scheme with the fused work `fused` (the kernels' optional arguments),
     a program for every BLOCK_N of `programs_of` rows or row pairs."""
+    x, codes, scales = x.contiguous(), codes.contiguous(), scales.contiguous()
     n = codes.shape[0]
     if codes.dtype == torch.int8:
         shape = (n, codes.shape[1])
@@ -408,7 +409,6 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, activation:
     N / 2); with `residual`, that row is added to the result. Both round where the unfused ops round.
     (The RMS norm before a product stays a kernel of its own: multiplying every program's activations by the norm's
     weight made the int4 products 15% slower, more than the launch it saved; H100, results/fused-gemv-ab-h100.md.)"""
-    x, codes, scales = x.contiguous(), codes.contiguous(), scales.contiguous()
     outputs = codes.shape[0] // 2 if activation else codes.shape[0]
     out = torch.empty(outputs, dtype=x.dtype, device=x.device)
     residual = None if residual is None else residual.contiguous()
@@ -434,7 +434,6 @@ def gemv_rotary(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, cos:
     kv_heads, _, dim = k_cache.shape
     if k_cache.stride()[1:] != (dim, 1) or v_cache.stride() != k_cache.stride():
         raise ValueError("gemv_rotary writes K and V caches laid out (kv_heads, positions, head_dim), alike")
-    x, codes, scales = x.contiguous(), codes.contiguous(), scales.contiguous()
     q_rows = codes.shape[0] - 2 * kv_heads * dim
     out = torch.empty(q_rows, dtype=x.dtype, device=x.device)
     fused = {"cos_ptr": cos.contiguous(), "sin_ptr": sin.contiguous(), "pos_ptr": position, "k_ptr": k_cache,
