@@ -155,10 +155,64 @@ def test_blocks_prefilled_ahead_of_the_choice_give_the_plain_prefill(family):
         assert ahead.tokens == plain.tokens and ahead.routed and ahead.timings.route_ms == 0.5
     with pytest.raises(PuddingError, match="nothing was pre-filled ahead"):
         engine.prefill_rest()
-    engine.prefill_ahead(ids, 2)
-    engine.use(engine.omission((1,)))
-    with pytest.raises(PuddingError, match="does not start with the 2 blocks"):
-        engine.prefill_rest()
+    for blocks in [(), (2, 1), (0, 6)]:
+        with pytest.raises(PuddingError, match="must be increasing block numbers of the model's 6"):
+            engine.prefill_ahead(ids, blocks)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="captured graphs of the guessed stack need an NVIDIA GPU"))])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_guessed_stack_prefilled_ahead_resumes_where_the_chosen_stack_parts_from_it(family, device):
+    """Speculation: the stack the last routed prompt got pre-fills ahead of the next choice, as many blocks as the
+    routing time covers (`Engine._pace`). Whatever is chosen, the logits and the tokens generated after them are
+    exactly those of choosing first: a right guess, one that parts after 2 blocks, one that parts at block 0 (resumed
+    from the start), the dense stack; cache positions past the shared blocks are written again. On a GPU the same
+    with compiled blocks, bucketed prompts and a captured graph per part."""
+    from conftest import build_tiny
+    from pudding.policy import Choice, Pending
+
+    engine = Engine.from_model(build_tiny(family, init=0.2), device=device, max_len=64)
+    # on by default only on GPUs, where the router and the blocks run side by side
+    assert engine.speculate == engine.use_graphs == (device == "cuda")
+    engine.speculate = True
+    ids = torch.randint(3, 200, (13,), generator=torch.Generator().manual_seed(7)).tolist()
+    expected = {}
+    for omit in [(3, 5), (2, 4), (0, 4), ()]:
+        engine.use(engine.omission(omit))
+        expected[omit] = (engine.prefill(ids).clone(),
+                          engine.generate(ids, engine.omission(omit), max_new_tokens=6, stop_ids=[]).tokens)
+    def paced(guess, routing_ms):  # as if measured: a block pre-fills in 0.25 ms, so 4 blocks in a 1 ms choice
+        engine._pace._open.clear()
+        engine._pace.block_ms[engine._padded(len(ids))], engine._pace.routing_ms = 0.25, routing_ms
+        engine.expected = tuple(engine.omission(guess).kept())
+
+    for guess, omit, routing_ms, ahead in [((3, 5), (3, 5), 1.0, 4), ((3, 5), (2, 4), 1.0, 4), ((2, 4), (2, 4), 0.5, 2),
+                                           ((0, 4), (2, 4), 1.0, 4), ((2, 4), (), 1.0, 4), ((), (3, 5), 4.0, 6)]:
+        paced(guess, routing_ms)
+        _, _, logits = engine.start(ids, Pending(0, lambda: Choice(engine.omission(omit), routed=True, ms=routing_ms)))
+        assert engine.last_ahead == ahead and engine.expected == tuple(engine.omission(omit).kept())
+        assert torch.equal(logits, expected[omit][0]), (guess, omit)
+        paced(guess, routing_ms)
+        pending = Pending(0, lambda: Choice(engine.omission(omit), routed=True, ms=routing_ms))
+        assert engine.generate(ids, pending, max_new_tokens=6, stop_ids=[]).tokens == expected[omit][1], (guess, omit)
+    # kept outputs: only the last by default, so a stack parting earlier pre-fills from the start, exactly
+    for keep_from, omit in [(None, (3, 5)), (None, (2, 4)), (3, (2, 4)), (2, (2, 4))]:
+        engine.prefill_ahead(ids, (0, 1, 2, 3), keep_from=keep_from)
+        engine.use(engine.omission(omit))
+        assert torch.equal(engine.prefill_rest(), expected[omit][0]), (keep_from, omit)
+    # no guess yet, or a guess that drops a block every candidate keeps: the shared blocks only
+    paced((), 1.0)
+    engine.expected = None
+    engine.start(ids, Pending(2, lambda: Choice(engine.omission((3, 5)), routed=True, ms=1.0)))
+    assert engine.last_ahead == 2
+    paced((0, 4), 1.0)
+    engine.start(ids, Pending(2, lambda: Choice(engine.omission((3, 5)), routed=True, ms=1.0)))
+    assert engine.last_ahead == 2
+    paced((3, 5), 1.0)
+    engine.speculate = False
+    engine.start(ids, Pending(1, lambda: Choice(engine.omission((3, 5)), routed=True, ms=1.0)))
+    assert engine.last_ahead == 1
 
 
 def test_a_pending_choice_waits_for_the_choice_where_blocks_cannot_run_ahead():
@@ -175,7 +229,7 @@ def test_a_pending_choice_waits_for_the_choice_where_blocks_cannot_run_ahead():
     expected = _hf_greedy(model, ids, omit, 6)
     assert budget.generate(ids, Pending(3, lambda: Choice(omit)), max_new_tokens=6, stop_ids=[]).tokens == expected
     with pytest.raises(PuddingError, match="only with every block resident"):
-        budget.prefill_ahead(ids, 3)
+        budget.prefill_ahead(ids, range(3))
 
 
 def test_routed_generation_overlaps_the_router_with_the_shared_blocks(smollm2):
@@ -218,8 +272,15 @@ def test_bench_measures_prefill_with_routing_beside_the_shared_blocks(encoder):
     assert ("table lookup" in _router_words({"router_encoder": encoder})) == (encoder == "embeddings")
     dense = engine.omission(())
     measured = routed_prefill(engine, policy, (8, 16), (0, 2), repeats=1, dense=dense)
-    # per (blocks ahead, length): warm-up, the timed run (each after a dense pre-fill), the host-time run, the check
-    assert measured["max_abs_logit_diff"] == 0.0 and policy.stats.prompts == 2 * 2 * 4
+    # per (blocks ahead, length): warm-up, the timed run (each after a dense pre-fill), the host-time run, the check;
+    # then per length the choice itself, and per guess (right, wrong) warm-up, timed run and check
+    assert measured["max_abs_logit_diff"] == 0.0 and policy.stats.prompts == 2 * 2 * 4 + 2 * (1 + 2 * 3)
+    speculative = measured["speculative"]
+    assert set(speculative) == {"right", "wrong"} and not engine.speculate  # as it was before the measurement
+    for row in speculative.values():
+        assert set(row["ttft_ms"]) == set(row["dense_ttft_ms"]) == {8, 16} and all(v > 0 for v in row["ttft_ms"].values())
+        assert all(2 <= ahead <= 4 for ahead in row["blocks_ahead"].values())  # the shared blocks at least
+    assert speculative["wrong"]["resumed_at"] == {8: 2, 16: 2}  # (3, 5) and (2, 4) share blocks 0 and 1
     assert set(measured["ttft_ms"]) == {0, 2} and all(v > 0 for t in measured["ttft_ms"].values() for v in t.values())
     assert set(measured["dense_ttft_ms"]) == {0, 2} and all(set(t) == {8, 16} for t in measured["dense_ttft_ms"].values())
     assert set(measured["issue_ms"]) == {0, 2} and set(measured["prefill_issue_ms"]) == {8, 16}
@@ -227,6 +288,7 @@ def test_bench_measures_prefill_with_routing_beside_the_shared_blocks(encoder):
     assert "| (pruned pre-fill + router time, added) | 1.50 ms | 2.50 ms |" in lines
     assert any(line.startswith("| 2 | ") for line in lines) and lines[-1].startswith("| `Engine.start`, 2 blocks ahead | ")
     assert any(line.startswith("| dense, timed in turn with row 2 ") for line in lines)
+    assert any(line.startswith("| speculating, the set sharing fewest blocks expected (vs dense in turn; ") for line in lines)
 
 
 def test_bench_reads_the_embeddings_routers_tokenizer_from_a_model_or_a_tokenizer_directory(tmp_path):

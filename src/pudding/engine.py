@@ -9,7 +9,9 @@ not bound by Python or kernel launches. Where the blocks live (all on the device
 
 The engine never chooses blocks: callers ask a policy (`policy.py`) for a `Choice` and pass it in, and the time the
 choice took counts in the time to first token; or they pass the policy's `Pending` choice, which the engine resolves
-only after the blocks every candidate set keeps have started to pre-fill, so a router's time hides behind them.
+only after the blocks every candidate set keeps have started to pre-fill, so a router's time hides behind them. On
+GPUs it goes further and guesses: the stack the last routed prompt got pre-fills ahead, as many blocks as the router's
+time covers, and a different choice resumes from the blocks both stacks share.
 """
 
 from __future__ import annotations
@@ -52,6 +54,59 @@ def _tokens_dynamic(compiled_step: Callable) -> Callable:
         return compiled_step(x, w, k_cache, v_cache, positions, cos, sin, mask, *rest)
 
     return step
+
+
+class _Pace:
+    """How long one pre-fill block takes at each padded length, and how long a choice takes, measured as requests run
+    (CUDA events read once they have completed, so nothing waits for them): how many blocks can pre-fill ahead of a
+    choice in the time the router takes."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.block_ms: dict[int, float] = {}
+        self.routing_ms: float | None = None
+        self._open: list[tuple] = []  # (padded, blocks, start event, end event) not read yet
+
+    @contextlib.contextmanager
+    def timing(self, padded: int, blocks: int):
+        """Time what runs inside (a graph replay, an eager pre-fill) as `blocks` blocks at this padded length."""
+        if not self.cuda:
+            started = time.perf_counter()
+            yield
+            self._note(padded, 1000 * (time.perf_counter() - started) / max(1, blocks))
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._open = [*self._open[-15:], (padded, max(1, blocks), start, end)]
+
+    def routed(self, ms: float) -> None:
+        self.routing_ms = ms if self.routing_ms is None else (self.routing_ms + ms) / 2
+
+    def blocks_within(self, padded: int) -> int:
+        """How many blocks pre-fill in the routing time at this length (an even number, so that fewer distinct
+        graphs get captured); 0 until both have been measured."""
+        still_open = []
+        for length, blocks, start, end in self._open:
+            if end.query():
+                self._note(length, start.elapsed_time(end) / blocks)
+            else:
+                still_open.append((length, blocks, start, end))
+        self._open = still_open
+        per_block = self.block_ms.get(padded)
+        if not per_block or self.routing_ms is None:
+            return 0
+        return 2 * int(self.routing_ms / per_block / 2)
+
+    def _note(self, padded: int, ms: float) -> None:
+        previous = self.block_ms.get(padded)
+        self.block_ms[padded] = ms if previous is None else (previous + ms) / 2
+
+
+def common_start(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading blocks two stacks share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 @dataclass
@@ -165,7 +220,15 @@ class Engine:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None  # the graphs' memory pool (`_memory_pool`), and their stream (`_side_stream`)
         self._capture_stream = None
-        self._ahead: tuple | None = None  # (padded length, blocks, graphed, hidden states) of `prefill_ahead`
+        self._ahead: tuple | None = None  # (padded length, prompt length, blocks) of `prefill_ahead`
+        self._resume: dict[int, torch.Tensor] = {}  # after p blocks pre-filled ahead, their output (graphs write it)
+        # Speculation (`start`): a pending choice is expected to pick the stack the last one did, so that stack's
+        # leading blocks pre-fill while the router runs, as many as its time covers (`_pace`). Only on GPUs: on the
+        # CPU the router and the blocks take turns, so a wrong guess would cost its blocks in full.
+        self.speculate = on_gpu
+        self.expected: tuple[int, ...] | None = None
+        self.last_ahead = 0  # blocks the last `start` pre-filled ahead of its choice
+        self._pace = _Pace(on_gpu)
         self.stack: list[dict] = []
         self.stack_types: list[str] = []
         self.kept: tuple[int, ...] = ()
@@ -349,9 +412,10 @@ class Engine:
         return masks
 
     def _run_stack(self, x: torch.Tensor, positions: torch.Tensor, masks: dict | None, step, wait: bool = False,
-                   start: int = 0, layers: list[tuple[dict, str]] | None = None) -> torch.Tensor:
+                   start: int = 0, layers: list[tuple[dict, str]] | None = None,
+                   saves: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         """x through the stack from position `start` (or through `layers`, from position 0), each stack position
-        with its own KV cache."""
+        with its own KV cache; `saves` (p -> buffer) keeps the output after the first p positions."""
         layers = list(zip(self.stack, self.stack_types))[start:] if layers is None else layers
         # cos / sin of these positions once per attention type, not once per block (a gather kernel each)
         rotary = {kind: (self.rotary[kind][0][positions], self.rotary[kind][1][positions])
@@ -362,6 +426,8 @@ class Engine:
             cos, sin = rotary[layer_type]
             mask = None if masks is None else masks[layer_type]
             x = step(x, w, self.k_cache[j], self.v_cache[j], positions, cos, sin, mask, self.shape, self.arch)
+            if saves and j + 1 in saves:
+                saves[j + 1].copy_(x)
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -393,10 +459,15 @@ class Engine:
         runs it, unless a memory-budget swap is still copying blocks in (then the pre-fill waits for each block's
         copy as it reaches it, eagerly)."""
         padded = self._load_prompt(ids)
+        return self._prefill_loaded(padded, len(ids))
+
+    def _prefill_loaded(self, padded: int, length: int) -> torch.Tensor:
+        """`prefill` of the prompt already in the pre-fill buffer."""
         copying = any(event is not None for event in self._events)
-        if self._graphed(padded, len(ids)) and not copying:
+        if self._graphed(padded, length) and not copying:
             graph, logits = self._prefill_graph(padded)
-            graph.replay()
+            with self._pace.timing(padded, len(self.kept)):
+                graph.replay()
             return logits
         with self._graph_memory():
             logits = self._prefill_padded(padded, wait=True)
@@ -409,39 +480,56 @@ class Engine:
         return self.blocks.mode == "all" and not self.lora_rank
 
     @torch.inference_mode()
-    def prefill_ahead(self, ids: Sequence[int], shared: int) -> None:
-        """Start the pre-fill of the first `shared` blocks before the omission set is known (every candidate set
-        keeps them): on GPUs one graph per (length bucket, shared), owned by no set, queued without waiting, so a
-        router can choose meanwhile. `prefill_rest` finishes the pre-fill under the chosen set."""
+    def prefill_ahead(self, ids: Sequence[int], blocks: Sequence[int], keep_from: int | None = None) -> None:
+        """Start the pre-fill of a stack's first blocks before the omission set is known: those every candidate keeps,
+        or more of the stack the choice is expected to be (`start`). On GPUs one graph per (length bucket, blocks),
+        owned by no set, queued without waiting, so a router can choose meanwhile. The output after each block from
+        the `keep_from`-th on (default: only after the last) is kept: `prefill_rest` finishes under the chosen stack
+        from the last of those it shares with these blocks."""
         if not self.can_prefill_ahead():
             raise PuddingError("blocks can pre-fill ahead of the choice only with every block resident and no LoRA")
-        if not 0 < shared <= self.shape.num_blocks:
-            raise PuddingError(f"cannot pre-fill {shared} of {self.shape.num_blocks} blocks ahead")
+        blocks = tuple(blocks)
+        if not blocks or list(blocks) != sorted(set(blocks)) or not 0 <= blocks[0] <= blocks[-1] < self.shape.num_blocks:
+            raise PuddingError(f"cannot pre-fill blocks {list(blocks)} ahead: they must be increasing block numbers "
+                               f"of the model's {self.shape.num_blocks}")
         padded = self._load_prompt(ids)
-        graphed = self._graphed(padded, len(ids))
-        if graphed:
-            graph, hidden = self._captured(("ahead", padded, shared), lambda: self._shared_hidden(padded, shared))
-            graph.replay()
+        first = len(blocks) if keep_from is None else max(1, min(keep_from, len(blocks)))
+        saves = {p: self._resume_buffer(p)[:, :padded] for p in range(first, len(blocks) + 1)}
+        run = lambda: self._ahead_hidden(padded, blocks, saves)
+        if self._graphed(padded, len(ids)):
+            graph, _ = self._captured(("ahead", padded, blocks, first), run)
+            with self._pace.timing(padded, len(blocks)):
+                graph.replay()
         else:
-            hidden = self._shared_hidden(padded, shared)
-        self._ahead = (padded, shared, graphed, hidden)
+            with self._pace.timing(padded, len(blocks)):
+                run()
+        self._ahead = (padded, len(ids), blocks, first)
 
     @torch.inference_mode()
     def prefill_rest(self) -> torch.Tensor:
-        """Finish the pre-fill `prefill_ahead` started, through the rest of the current stack (whose first blocks
-        must be the shared ones); returns the last position's logits, like `prefill`."""
+        """Finish the pre-fill `prefill_ahead` started, through the rest of the current stack from the last kept
+        output of the blocks it shares with those pre-filled ahead (from the start if none); returns the last
+        position's logits, like `prefill`. Cache positions past that point are written again."""
         if self._ahead is None:
             raise PuddingError("nothing was pre-filled ahead")
-        padded, shared, graphed, hidden = self._ahead
+        padded, length, blocks, first = self._ahead
         self._ahead = None
-        if self.kept[:shared] != tuple(range(shared)):
-            raise PuddingError(f"the stack does not start with the {shared} blocks pre-filled ahead")
-        if graphed:
-            graph, logits = self._captured(("rest", padded, shared, *self._graph_key()),
-                                           lambda: self._rest_logits(padded, shared, hidden))
+        start = min(common_start(blocks, self.kept), len(blocks))
+        if start < first:
+            return self._prefill_loaded(padded, length)
+        hidden = self._resume[start][:, :padded]
+        if self._graphed(padded, length):
+            graph, logits = self._captured(("rest", padded, start, *self._graph_key()),
+                                           lambda: self._rest_logits(padded, start, hidden))
             graph.replay()
             return logits
-        return self._rest_logits(padded, shared, hidden)
+        return self._rest_logits(padded, start, hidden)
+
+    def _resume_buffer(self, position: int) -> torch.Tensor:
+        if position not in self._resume:
+            self._resume[position] = torch.empty(1, self.max_len, self.embed.shape[1], dtype=self.dtype,
+                                                 device=self.device)
+        return self._resume[position]
 
     def _load_prompt(self, ids: Sequence[int], exact: bool = False) -> int:
         """Write the prompt into the pre-fill buffer, padded to its bucket (unless `exact`); returns the padded
@@ -451,7 +539,7 @@ class Engine:
         length = len(ids)
         if not 0 < length <= self.max_len:  # direct callers (benchmarks, the lm-eval model) skip generate's check
             raise PuddingError(f"the prompt ({length} tokens) must have 1 to {self.max_len} tokens (the engine's context)")
-        padded = self.bucket(length) if self.bucketed and not exact else length
+        padded = length if exact else self._padded(length)
         if self._prompt_sent is not None:
             self._prompt_sent.synchronize()  # the last transfer has read the pinned buffer
         host = self._prompt_host.numpy()
@@ -462,6 +550,9 @@ class Engine:
         if self._prompt_sent is not None:
             self._prompt_sent.record()
         return padded
+
+    def _padded(self, length: int) -> int:
+        return self.bucket(length) if self.bucketed else length
 
     def _graphed(self, padded: int, length: int) -> bool:
         return self.use_graphs and padded == self.bucket(length)
@@ -484,12 +575,12 @@ class Engine:
         positions, masks = self._prompt_context(length)
         return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, self._prefill_block, wait)
 
-    def _shared_hidden(self, length: int, shared: int) -> torch.Tensor:
-        """The prompt through blocks 0 .. shared-1, which are stack positions 0 .. shared-1 of any set keeping them."""
+    def _ahead_hidden(self, length: int, blocks: tuple[int, ...], saves: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The prompt through `blocks` as the first stack positions, keeping the output after each in `saves`."""
         positions, masks = self._prompt_context(length)
-        layers = [(self.blocks.views[b], self.shape.layer_types[b]) for b in range(shared)]
+        layers = [(self.blocks.views[b], self.shape.layer_types[b]) for b in blocks]
         return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, self._prefill_block,
-                               layers=layers)
+                               layers=layers, saves=saves)
 
     def _rest_logits(self, length: int, shared: int, hidden: torch.Tensor) -> torch.Tensor:
         positions, masks = self._prompt_context(length)
@@ -636,20 +727,34 @@ class Engine:
     @torch.inference_mode()
     def start(self, ids: Sequence[int], chosen: Choice | Pending) -> tuple[Choice, dict, torch.Tensor]:
         """Make the chosen set the running stack and pre-fill the prompt: returns the choice, what the switch did
-        (`use`) and the last position's logits. A pending choice (`Policy.pending`) is asked for only after the blocks
-        every candidate keeps have started to pre-fill, so routing overlaps them; a set that does not keep them (one
-        the policy could not name) is pre-filled from the start."""
-        shared = 0
+        (`use`) and the last position's logits. A pending choice (`Policy.pending`) is asked for only after some
+        blocks have started to pre-fill, so routing overlaps them: those every candidate keeps, or, when speculating,
+        the leading blocks of the stack expected (`_blocks_ahead`). The chosen stack resumes from the blocks it shares
+        with those (from the start if none: a set the policy could not name)."""
+        ahead: tuple[int, ...] = ()
         if isinstance(chosen, Pending):
-            if chosen.shared and self.can_prefill_ahead():
-                shared = min(chosen.shared, self.shape.num_blocks)
-                self.prefill_ahead(ids, shared)
+            if self.can_prefill_ahead():
+                ahead = self._blocks_ahead(chosen.shared, self._padded(len(ids)))
+            if ahead:  # a candidate keeps the shared blocks: its stack resumes after them, or later
+                self.prefill_ahead(ids, ahead, keep_from=min(chosen.shared, len(ahead)))
             chosen = chosen.result()
             self._check_set(chosen.omit)
-            if shared and tuple(chosen.omit.kept()[:shared]) != tuple(range(shared)):
-                shared, self._ahead = 0, None
+            if chosen.routed:
+                self._pace.routed(chosen.ms)
+                self.expected = tuple(chosen.omit.kept())
+        self.last_ahead = len(ahead)
         swap = self.use(chosen.omit)
-        return chosen, swap, self.prefill_rest() if shared else self.prefill(ids)
+        return chosen, swap, self.prefill_rest() if ahead else self.prefill(ids)
+
+    def _blocks_ahead(self, shared: int, padded: int) -> tuple[int, ...]:
+        """The blocks to pre-fill before a choice: the `shared` every candidate keeps, or, when speculating, the
+        expected stack's first blocks, as many as pre-fill in the routing time (at least the shared ones). A wrong
+        guess costs the blocks past those the stacks share, run while the router ran."""
+        floor = tuple(range(min(shared, self.shape.num_blocks)))
+        guess = self.expected
+        if not self.speculate or guess is None or guess[: len(floor)] != floor:
+            return floor
+        return guess[: max(len(floor), min(len(guess), self._pace.blocks_within(padded)))]
 
     def stream(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet | Pending, max_new_tokens: int = 128,
                stop_ids: Sequence[int] | None = None, logprobs: int | None = None) -> Iterator[tuple[str, Generation]]:
@@ -720,7 +825,7 @@ class Engine:
         """The tensors the engine keeps on the device, by part (views of one allocation may appear more than once)."""
         blocks = self.blocks.flats if self.blocks.mode == "all" else self.blocks.slots
         tables = [t for pair in self.rotary.values() for t in pair]
-        inputs = [self._token, self._position, self._prompt_input, self._positions]
+        inputs = [self._token, self._position, self._prompt_input, self._positions, *self._resume.values()]
         lora = (self._lora_slots if self.lora_rank else []) + [t for per_set in self.adapters.values() for t in per_set.values()]
         tied = self.head.data_ptr() == self.embed.data_ptr()  # one tensor
         head = [] if tied else self._head_tensors()

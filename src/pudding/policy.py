@@ -42,7 +42,8 @@ class Choice:
 class Pending:
     """A choice the engine asks for only once it has started on the prompt: every set the policy can choose keeps
     the first `shared` blocks, so those pre-fill while the policy chooses (a router runs on its own stream), and the
-    router's time hides behind them instead of adding to the time to first token."""
+    router's time hides behind them instead of adding to the time to first token (on GPUs the engine may pre-fill
+    more: the leading blocks of the stack it expects, `Engine.start`)."""
 
     shared: int
     decide: Callable[[], Choice]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine import Engine
+from ..engine import Engine, common_start
 from ..errors import PuddingError
 from ..omission import OmissionSet
 from ..policy import Pending
@@ -185,11 +185,15 @@ def routed_prefill(engine: Engine, policy, lengths: Sequence[int], shared_values
     (the router reads a prompt about as long as the engine's, on its own stream; a router on the decoder's tokens
     reads the engine's prompt ids themselves, as `generate` and `serve` hand them over). With `dense`, that set's
     pre-fill takes turns with every routed one (`dense_ttft_ms`), so that the speedup compares times of the same
-    minutes: timed minutes apart, the ratio at 128 tokens moved by 3% between runs on one H100 (2026-12-06)."""
+    minutes: timed minutes apart, the ratio at 128 tokens moved by 3% between runs on one H100 (2026-12-06).
+    Then the same with speculation (`speculative`): the engine expects the set the router picks ("right", as when
+    consecutive prompts get the same set) or the candidate sharing the fewest leading blocks with it ("wrong")."""
     clock = Clock(engine.device)
     out: dict = {"ttft_ms": {}, "issue_ms": {}, "prefill_issue_ms": {}, "max_abs_logit_diff": 0.0}
     if dense is not None:
         out["dense_ttft_ms"] = {}
+    speculate, engine.speculate = engine.speculate, False
+    prompts = {}
     for shared in shared_values:
         out["ttft_ms"][shared], out["issue_ms"][shared] = {}, {}
         for length in lengths:
@@ -198,24 +202,59 @@ def routed_prefill(engine: Engine, policy, lengths: Sequence[int], shared_values
             if tokens is not None:  # a router on the decoder's tokens reads the engine's own ids (`Policy.pending`)
                 ids = [t % engine.shape.vocab for t in tokens]  # (a test model's small vocabulary wraps them)
             decide = policy.pending(text, tokens).decide
+            prompts[length] = (ids, decide)
 
-            def run():
+            def run(ids=ids, decide=decide, shared=shared):
                 return engine.start(ids, Pending(shared, decide))
 
-            if dense is None:
-                out["ttft_ms"][shared][length] = clock.median(lambda: run()[2].argmax(-1), repeats)
-            else:
-                dense_ms, routed_ms = _in_turn(engine, dense, ids, lambda: run()[2].argmax(-1), repeats)
-                out["ttft_ms"][shared][length] = routed_ms
+            ms, dense_ms = _timed_start(engine, run, dense, ids, repeats)
+            out["ttft_ms"][shared][length] = ms
+            if dense is not None:
                 out["dense_ttft_ms"].setdefault(shared, {})[length] = dense_ms
             out["issue_ms"][shared][length] = _issue_ms(engine, run, repeats)
-            choice, _, logits = run()  # the same logits as choosing first, then one pre-fill graph
-            ahead = logits.clone()
-            engine.use(choice.omit)
-            diff = (engine.prefill(ids) - ahead).abs().max().item()
-            out["max_abs_logit_diff"] = max(out["max_abs_logit_diff"], diff)
+            _check_logits(engine, ids, run, out)
             out["prefill_issue_ms"][length] = _issue_ms(engine, lambda ids=ids: engine.prefill(ids), repeats)
+    engine.speculate = True
+    out["speculative"] = {}
+    shared = max(shared_values)
+    for length, (ids, decide) in prompts.items():
+        chosen = tuple(decide().omit.kept())
+        others = [tuple(s.kept()) for s in policy.sets if tuple(s.kept()) != chosen]
+        guesses = {"right": chosen}
+        if others:
+            guesses["wrong"] = min(others, key=lambda kept: common_start(kept, chosen))
+        for name, guess in guesses.items():
+            def run(guess=guess, ids=ids, decide=decide):
+                engine.expected = guess
+                return engine.start(ids, Pending(shared, decide))
+
+            ms, dense_ms = _timed_start(engine, run, dense, ids, repeats)
+            row = out["speculative"].setdefault(name, {"ttft_ms": {}, "dense_ttft_ms": {}, "blocks_ahead": {},
+                                                       "resumed_at": {}})
+            row["ttft_ms"][length], row["dense_ttft_ms"][length] = ms, dense_ms
+            _check_logits(engine, ids, run, out)
+            row["blocks_ahead"][length] = engine.last_ahead
+            row["resumed_at"][length] = min(engine.last_ahead, common_start(guess, chosen))
+    engine.speculate = speculate
     return out
+
+
+def _timed_start(engine: Engine, run: Callable, dense: OmissionSet | None, ids: list[int],
+                 repeats: int) -> tuple[float, float | None]:
+    """Median TTFT of `run` (an `Engine.start`), and of the dense pre-fill timed in turn with it where given."""
+    if dense is None:
+        return Clock(engine.device).median(lambda: run()[2].argmax(-1), repeats), None
+    dense_ms, routed_ms = _in_turn(engine, dense, ids, lambda: run()[2].argmax(-1), repeats)
+    return routed_ms, dense_ms
+
+
+def _check_logits(engine: Engine, ids: list[int], run: Callable, out: dict) -> None:
+    """Record how far `run`'s logits are from choosing first, then one pre-fill graph."""
+    choice, _, logits = run()
+    ahead = logits.clone()
+    engine.use(choice.omit)
+    diff = (engine.prefill(ids) - ahead).abs().max().item()
+    out["max_abs_logit_diff"] = max(out["max_abs_logit_diff"], diff)
 
 
 def _in_turn(engine: Engine, dense: OmissionSet, ids: list[int], routed: Callable[[], object],
