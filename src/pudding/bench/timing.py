@@ -188,7 +188,6 @@ def routed_prefill(engine: Engine, policy, lengths: Sequence[int], shared_values
     minutes: timed minutes apart, the ratio at 128 tokens moved by 3% between runs on one H100 (2026-12-06).
     Then the same with speculation (`speculative`): the engine expects the set the router picks ("right", as when
     consecutive prompts get the same set) or the candidate sharing the fewest leading blocks with it ("wrong")."""
-    clock = Clock(engine.device)
     out: dict = {"ttft_ms": {}, "issue_ms": {}, "prefill_issue_ms": {}, "max_abs_logit_diff": 0.0}
     if dense is not None:
         out["dense_ttft_ms"] = {}
