@@ -20,7 +20,7 @@ if [ -d $models/minilm-l6 ] && [ ! -f $out/bench.started ]; then
         for i in \$(seq 60); do [ -f $models/smollm2-135m.gguf ] && [ -f $models/qwen2.5-0.5b.gguf ] && break; sleep 5; done;
         bundles='--bundle results/smollm2-h100'; [ -f $models/qwen2.5-0.5b.gguf ] && bundles=\"\$bundles --bundle results/qwen2.5-0.5b-h100\";
         python3 -m pudding.cli bench --shape '' \$bundles --output $out/bench-models-h200.json --repeats 3 > $out/bench-models.log 2>&1;
-        python3 -m pytest -q tests/test_quantize.py -k cuda > $out/gpu-checks.log 2>&1;
+        python3 -m pytest -q tests/test_quantize.py tests/test_engine.py -k cuda > $out/gpu-checks.log 2>&1;
         touch $out/bench.done" >/dev/null 2>&1 < /dev/null &
     echo "started bench"
 fi
