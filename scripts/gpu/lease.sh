@@ -2,8 +2,8 @@
 # One GPU lease, called at every step (through call.sh): starts each job as soon as its inputs are on the machine,
 # and says where every job is. The speed benchmarks run first, alone on the GPU (timings need a quiet device): the 8B
 # shape in bf16, then its quantized blocks, then the packaged models with their bundles, then the GPU kernel checks.
-# The accuracy sweeps start when they are done, if SWEEPS=1 (FORCE=1: at once). Everything runs in the background and
-# survives the call.
+# The accuracy sweeps start when they are done, if SWEEPS=1 (FORCE=1: at once); NO_QUANT=1 skips the quantized
+# bench. Everything runs in the background and survives the call.
 #   SWEEPS=1 bash scripts/gpu/call.sh bash scripts/gpu/lease.sh
 set -u
 out=/root/results  # not $OUT: the device tool empties that before every call
@@ -15,8 +15,8 @@ if [ -d $models/minilm-l6 ] && [ ! -f $out/bench.started ]; then
     touch $out/bench.started
     setsid nohup bash -c ": pudding-job=bench ;
         python3 -m pudding.cli bench --output $out/bench-h200.json --repeats 3 > $out/bench.log 2>&1;
-        python3 -m pudding.cli bench --weights int8,int4,int8+head,int4+head --device cuda --repeats 3 \
-            --output $out/quantized-decode-h200.json > $out/quantized.log 2>&1;
+        [ -n \"${NO_QUANT:-}\" ] || python3 -m pudding.cli bench --weights int8,int4,int8+head,int4+head --device cuda \
+            --repeats 3 --output $out/quantized-decode-h200.json > $out/quantized.log 2>&1;
         for i in \$(seq 60); do [ -f $models/smollm2-135m.gguf ] && [ -f $models/qwen2.5-0.5b.gguf ] && break; sleep 5; done;
         bundles='--bundle results/smollm2-h100'; [ -f $models/qwen2.5-0.5b.gguf ] && bundles=\"\$bundles --bundle results/qwen2.5-0.5b-h100\";
         python3 -m pudding.cli bench --shape '' \$bundles --output $out/bench-models-h200.json --repeats 3 > $out/bench-models.log 2>&1;
