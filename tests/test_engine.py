@@ -183,8 +183,9 @@ def test_a_guessed_stack_prefilled_ahead_resumes_where_the_chosen_stack_parts_fr
         expected[omit] = (engine.prefill(ids).clone(),
                           engine.generate(ids, engine.omission(omit), max_new_tokens=6, stop_ids=[]).tokens)
     def paced(guess, routing_ms):  # as if measured: a block pre-fills in 0.25 ms, so 4 blocks in a 1 ms choice
+        padded = engine._padded(len(ids))
         engine._pace._open.clear()
-        engine._pace.block_ms[engine._padded(len(ids))], engine._pace.routing_ms = 0.25, routing_ms
+        engine._pace.block_ms[padded], engine._pace.routing_ms[padded] = 0.25, routing_ms
         engine.expected = tuple(engine.omission(guess).kept())
 
     for guess, omit, routing_ms, ahead in [((3, 5), (3, 5), 1.0, 4), ((3, 5), (2, 4), 1.0, 4), ((2, 4), (2, 4), 0.5, 2),
@@ -213,6 +214,30 @@ def test_a_guessed_stack_prefilled_ahead_resumes_where_the_chosen_stack_parts_fr
     engine.speculate = False
     engine.start(ids, Pending(1, lambda: Choice(engine.omission((3, 5)), routed=True, ms=1.0)))
     assert engine.last_ahead == 1
+
+
+def test_the_pace_of_speculation_keeps_the_fastest_times_and_guesses_an_even_number_of_blocks():
+    """How many blocks pre-fill ahead of a choice: routing time over one block's time, at each padded length, from
+    the fastest of each seen (a router slowed by the blocks beside it must not lengthen the next guess), rounded down
+    to an even number; nothing until both were measured."""
+    import time as clock
+
+    from pudding.engine import _Pace
+
+    pace = _Pace(cuda=False)
+    assert pace.blocks_within(128) == 0
+    with pace.timing(128, blocks=4):
+        clock.sleep(0.004)
+    assert pace.block_ms[128] >= 1.0 and pace.blocks_within(128) == 0  # no routing time yet
+    with pace.timing(128, blocks=1):
+        pass
+    assert pace.block_ms[128] < 1.0  # the fastest seen
+    pace.block_ms[128] = 1.2
+    pace.routed(128, 5.9)
+    pace.routed(128, 9.0)  # slower, beside more blocks: ignored
+    assert pace.routing_ms == {128: 5.9} and pace.blocks_within(128) == 4 and pace.blocks_within(256) == 0
+    pace.block_ms[128] = 0.5
+    assert pace.blocks_within(128) == 10  # 11.8 blocks, rounded down to an even number
 
 
 def test_a_pending_choice_waits_for_the_choice_where_blocks_cannot_run_ahead():

@@ -57,14 +57,15 @@ def _tokens_dynamic(compiled_step: Callable) -> Callable:
 
 
 class _Pace:
-    """How long one pre-fill block takes at each padded length, and how long a choice takes, measured as requests run
-    (CUDA events read once they have completed, so nothing waits for them): how many blocks can pre-fill ahead of a
-    choice in the time the router takes."""
+    """How long one pre-fill block and a choice take at each padded length, measured as requests run (CUDA events
+    read once they have completed, so nothing waits for them): how many blocks can pre-fill ahead of a choice in the
+    time the router takes. Both keep the fastest time seen: routing slowed down by the blocks beside it must not make
+    the next guess longer (and so slow it down more)."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.block_ms: dict[int, float] = {}
-        self.routing_ms: float | None = None
+        self.routing_ms: dict[int, float] = {}
         self._open: list[tuple] = []  # (padded, blocks, start event, end event) not read yet
 
     @contextlib.contextmanager
@@ -73,7 +74,7 @@ class _Pace:
         if not self.cuda:
             started = time.perf_counter()
             yield
-            self._note(padded, 1000 * (time.perf_counter() - started) / max(1, blocks))
+            _keep_fastest(self.block_ms, padded, 1000 * (time.perf_counter() - started) / max(1, blocks))
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -81,8 +82,8 @@ class _Pace:
         end.record()
         self._open = [*self._open[-15:], (padded, max(1, blocks), start, end)]
 
-    def routed(self, ms: float) -> None:
-        self.routing_ms = ms if self.routing_ms is None else (self.routing_ms + ms) / 2
+    def routed(self, padded: int, ms: float) -> None:
+        _keep_fastest(self.routing_ms, padded, ms)
 
     def blocks_within(self, padded: int) -> int:
         """How many blocks pre-fill in the routing time at this length (an even number, so that fewer distinct
@@ -90,18 +91,18 @@ class _Pace:
         still_open = []
         for length, blocks, start, end in self._open:
             if end.query():
-                self._note(length, start.elapsed_time(end) / blocks)
+                _keep_fastest(self.block_ms, length, start.elapsed_time(end) / blocks)
             else:
                 still_open.append((length, blocks, start, end))
         self._open = still_open
-        per_block = self.block_ms.get(padded)
-        if not per_block or self.routing_ms is None:
+        per_block, routing = self.block_ms.get(padded), self.routing_ms.get(padded)
+        if not per_block or routing is None:
             return 0
-        return 2 * int(self.routing_ms / per_block / 2)
+        return 2 * int(routing / per_block / 2)
 
-    def _note(self, padded: int, ms: float) -> None:
-        previous = self.block_ms.get(padded)
-        self.block_ms[padded] = ms if previous is None else (previous + ms) / 2
+
+def _keep_fastest(times: dict[int, float], key: int, ms: float) -> None:
+    times[key] = min(ms, times.get(key, ms))
 
 
 def common_start(a: Sequence[int], b: Sequence[int]) -> int:
@@ -740,7 +741,7 @@ class Engine:
             chosen = chosen.result()
             self._check_set(chosen.omit)
             if chosen.routed:
-                self._pace.routed(chosen.ms)
+                self._pace.routed(self._padded(len(ids)), chosen.ms)
                 self.expected = tuple(chosen.omit.kept())
         self.last_ahead = len(ahead)
         swap = self.use(chosen.omit)
