@@ -128,6 +128,8 @@ def benchmark_shape(config, device: str, settings: BenchSettings, policy=None, l
         routed = measured["ttft_ms"]
         log(f"pre-fill with routing (blocks ahead -> ms): {routed}; largest logit difference from choosing first "
             f"{measured['max_abs_logit_diff']:.3g}")
+        for guess, row in measured["speculative"].items():
+            log(f"speculating, guess {guess}: {row['ttft_ms']} ms, blocks ahead {row['blocks_ahead']}")
     references = {"dense_gemm_ms": gemm_bound(engine, dense_set, settings.prompt_lengths, settings.repeats),
                   "pruned_gemm_ms": gemm_bound(engine, pruned_set, settings.prompt_lengths, settings.repeats)}
     log(f"GEMM-only bound: dense {references['dense_gemm_ms']}, pruned {references['pruned_gemm_ms']}")

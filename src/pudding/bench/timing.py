@@ -17,7 +17,7 @@ import torch
 from ..engine import Engine, common_start
 from ..errors import PuddingError
 from ..omission import OmissionSet
-from ..policy import Pending
+from ..policy import Pending, shared_blocks
 
 
 class Clock:
@@ -215,7 +215,7 @@ def routed_prefill(engine: Engine, policy, lengths: Sequence[int], shared_values
             out["prefill_issue_ms"][length] = _issue_ms(engine, lambda ids=ids: engine.prefill(ids), repeats)
     engine.speculate = True
     out["speculative"] = {}
-    shared = max(shared_values)
+    shared = shared_blocks(policy.sets)  # what `Policy.pending` says
     for length, (ids, decide) in prompts.items():
         chosen = tuple(decide().omit.kept())
         others = [tuple(s.kept()) for s in policy.sets if tuple(s.kept()) != chosen]
