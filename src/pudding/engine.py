@@ -495,7 +495,7 @@ class Engine:
                                f"of the model's {self.shape.num_blocks}")
         padded = self._load_prompt(ids)
         first = len(blocks) if keep_from is None else max(1, min(keep_from, len(blocks)))
-        saves = {p: self._resume_buffer(p)[:, :padded] for p in range(first, len(blocks) + 1)}
+        saves = {p: self._resumed(p, padded) for p in range(first, len(blocks) + 1)}
         run = lambda: self._ahead_hidden(padded, blocks, saves)
         if self._graphed(padded, len(ids)):
             graph, _ = self._captured(("ahead", padded, blocks, first), run)
@@ -518,7 +518,7 @@ class Engine:
         start = min(common_start(blocks, self.kept), len(blocks))
         if start < first:
             return self._prefill_loaded(padded, length)
-        hidden = self._resume[start][:, :padded]
+        hidden = self._resumed(start, padded)
         if self._graphed(padded, length):
             graph, logits = self._captured(("rest", padded, start, *self._graph_key()),
                                            lambda: self._rest_logits(padded, start, hidden))
@@ -526,11 +526,14 @@ class Engine:
             return logits
         return self._rest_logits(padded, start, hidden)
 
-    def _resume_buffer(self, position: int) -> torch.Tensor:
+    def _resumed(self, position: int, padded: int) -> torch.Tensor:
+        """The kept output after `position` blocks pre-filled ahead, for a prompt padded to `padded`: the front of
+        one flat buffer per position, so that it has the strides of any pre-fill's hidden states (a strided slice
+        would compile the blocks again, to kernels that round differently)."""
+        width = self.embed.shape[1]
         if position not in self._resume:
-            self._resume[position] = torch.empty(1, self.max_len, self.embed.shape[1], dtype=self.dtype,
-                                                 device=self.device)
-        return self._resume[position]
+            self._resume[position] = torch.empty(self.max_len * width, dtype=self.dtype, device=self.device)
+        return self._resume[position][: padded * width].view(1, padded, width)
 
     def _load_prompt(self, ids: Sequence[int], exact: bool = False) -> int:
         """Write the prompt into the pre-fill buffer, padded to its bucket (unless `exact`); returns the padded
