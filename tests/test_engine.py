@@ -170,6 +170,7 @@ def test_a_guessed_stack_prefilled_ahead_resumes_where_the_chosen_stack_parts_fr
     from the start), the dense stack; cache positions past the shared blocks are written again. On a GPU the same
     with compiled blocks, bucketed prompts and a captured graph per part."""
     from conftest import build_tiny
+    from pudding.engine import common_start
     from pudding.policy import Choice, Pending
 
     engine = Engine.from_model(build_tiny(family, init=0.2), device=device, max_len=64)
@@ -192,7 +193,9 @@ def test_a_guessed_stack_prefilled_ahead_resumes_where_the_chosen_stack_parts_fr
                                            ((0, 4), (2, 4), 1.0, 4), ((2, 4), (), 1.0, 4), ((), (3, 5), 4.0, 6)]:
         paced(guess, routing_ms)
         _, _, logits = engine.start(ids, Pending(0, lambda: Choice(engine.omission(omit), routed=True, ms=routing_ms)))
-        assert engine.last_ahead == ahead and engine.expected == tuple(engine.omission(omit).kept())
+        resumed = min(ahead, common_start(engine.omission(guess).kept(), engine.omission(omit).kept()))
+        assert engine.last_ahead == ahead and engine.last_resumed == resumed
+        assert engine.expected == tuple(engine.omission(omit).kept())
         assert torch.equal(logits, expected[omit][0]), (guess, omit, (logits - expected[omit][0]).abs().max().item())
         paced(guess, routing_ms)
         pending = Pending(0, lambda: Choice(engine.omission(omit), routed=True, ms=routing_ms))
@@ -202,6 +205,7 @@ def test_a_guessed_stack_prefilled_ahead_resumes_where_the_chosen_stack_parts_fr
         engine.prefill_ahead(ids, (0, 1, 2, 3), keep_from=keep_from)
         engine.use(engine.omission(omit))
         assert torch.equal(engine.prefill_rest(), expected[omit][0]), (keep_from, omit)
+        assert engine.last_resumed == (2 if keep_from == 2 else 0)
     # no guess yet, or a guess that drops a block every candidate keeps: the shared blocks only
     paced((), 1.0)
     engine.expected = None

@@ -229,6 +229,7 @@ class Engine:
         self.speculate = on_gpu
         self.expected: tuple[int, ...] | None = None
         self.last_ahead = 0  # blocks the last `start` pre-filled ahead of its choice
+        self.last_resumed = 0  # and the stack position its chosen stack went on from (0: from the start)
         self._pace = _Pace(on_gpu)
         self.stack: list[dict] = []
         self.stack_types: list[str] = []
@@ -516,6 +517,7 @@ class Engine:
         padded, length, blocks, first = self._ahead
         self._ahead = None
         start = min(common_start(blocks, self.kept), len(blocks))
+        self.last_resumed = start if start >= first else 0
         if start < first:
             return self._prefill_loaded(padded, length)
         hidden = self._resumed(start, padded)
@@ -746,7 +748,7 @@ class Engine:
             if chosen.routed:
                 self._pace.routed(self._padded(len(ids)), chosen.ms)
                 self.expected = tuple(chosen.omit.kept())
-        self.last_ahead = len(ahead)
+        self.last_ahead, self.last_resumed = len(ahead), 0
         swap = self.use(chosen.omit)
         return chosen, swap, self.prefill_rest() if ahead else self.prefill(ids)
 

@@ -104,10 +104,14 @@ def _routed_lines(routed: dict | None, pruned: dict, router_ms: float, settings:
                      + " | ".join(f"{_key(_key(routed['dense_ttft_ms'], shared), p):.2f} ms" for p in prompts) + " |")
     speculative = routed.get("speculative", {})  # runs before 2026-12-06 (evening) did not speculate
     words = {"right": "speculating, the set chosen expected", "wrong": "speculating, the set sharing fewest blocks expected"}
+    def cell(row, p):
+        dense = _key(row["dense_ttft_ms"], p)
+        ratio = f"{dense / _key(row['ttft_ms'], p):.2f}x; " if dense else ""
+        return f"{_key(row['ttft_ms'], p):.2f} ms ({ratio}{_key(row['blocks_ahead'], p)}, {_key(row['resumed_at'], p)})"
+
     for name, row in speculative.items():
-        lines.append(f"| {words[name]} (vs dense in turn; blocks ahead, resumed at) | " + " | ".join(
-            f"{_key(row['ttft_ms'], p):.2f} ms ({_key(row['dense_ttft_ms'], p) / _key(row['ttft_ms'], p):.2f}x; "
-            f"{_key(row['blocks_ahead'], p)}, {_key(row['resumed_at'], p)})" for p in prompts) + " |")
+        lines.append(f"| {words[name]} (vs dense in turn; blocks ahead, resumed at) | "
+                     + " | ".join(cell(row, p) for p in prompts) + " |")
     if routed.get("issue_ms"):  # runs before this measurement have no host times
         lines += ["", ("Host time until the call returns, from an idle device (choosing, switching, loading the "
                        "prompt, launching; the device waits for what comes before its first kernel):"), "",

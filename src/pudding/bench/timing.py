@@ -233,7 +233,7 @@ def routed_prefill(engine: Engine, policy, lengths: Sequence[int], shared_values
             row["ttft_ms"][length], row["dense_ttft_ms"][length] = ms, dense_ms
             _check_logits(engine, ids, run, out)
             row["blocks_ahead"][length] = engine.last_ahead
-            row["resumed_at"][length] = min(engine.last_ahead, common_start(guess, chosen))
+            row["resumed_at"][length] = engine.last_resumed
     engine.speculate = speculate
     return out
 
