@@ -18,7 +18,10 @@ from pudding.storage import atomic_write_json
 def provenance(args: argparse.Namespace) -> dict:
     """The command that reproduces the run (every option, the output path left out), the machine, versions, date."""
     device = getattr(args, "device", "cpu")
-    options = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "output")
+    def spelled(v):
+        return " ".join(map(str, v)) if isinstance(v, list) else v
+
+    options = " ".join(f"--{k.replace('_', '-')} {spelled(v)}" for k, v in vars(args).items() if v is not None and k != "output")
     return {
         "command": f"python benchmarks/{Path(sys.argv[0]).name} {options}",
         "machine": {"device": device, "cpu_threads": torch.get_num_threads(),

@@ -1,12 +1,14 @@
 """How often would speculation guess right? Ahead of each routed choice the engine pre-fills the stack the previous
 routed prompt got (`Engine.start`); a right guess hides the router's time behind those blocks, a wrong one resumes
-from the leading blocks the two stacks share. A bundle's held-out prompts are routed by its deployed policy (or
-`--router`), then read in two orders: as an evaluation sends them (task by task, the stored order) and as a mixed
-stream (shuffled, `--shuffles` seeds). Reported per order: the share of prompts that get the previous prompt's set,
-what that share would be if choices were independent (the sum of squared set shares), and, on a wrong guess, how many
-leading stack positions the two stacks share, next to the blocks every candidate set keeps (the least it can be).
+from the leading blocks the two stacks share. From a routed evaluation's record of the sets it used per task
+(`sets_used` of `pudding eval --output`), taking consecutive choices as independent draws: the chance that a prompt
+gets the previous prompt's set, for an evaluation sent task by task (per task, then weighted by documents) and for a
+mixed stream (all tasks' documents shuffled together), and the leading stack positions two different sets share
+(where a wrong guess resumes), against the blocks every set used keeps; and, for comparison, how often guessing the
+set used most would be right.
 
-Usage: PYTHONPATH=src python benchmarks/speculation_hits.py --bundle runs/demo --output results/speculation-hits-smollm2-cpu.json
+Usage: PYTHONPATH=src python benchmarks/speculation_hits.py --eval results/smollm2-h100/evals/pudding.json \
+           --output results/speculation-hits.json
 """
 
 from __future__ import annotations
@@ -15,51 +17,45 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from provenance import provenance, save
-from pudding.bundle import Bundle
 from pudding.engine import common_start
-from pudding.policy import PolicySpec, shared_blocks
-from pudding.selection import HeldOut
+from pudding.omission import OmissionSet
 from pudding.storage import read_json
 
 
-def guesses(stacks: list[tuple[int, ...]], order: np.ndarray) -> dict:
-    """Right guesses (the previous prompt's stack) and where a wrong one resumes, over prompts in this order."""
-    sequence = [stacks[i] for i in order]
-    pairs = list(zip(sequence, sequence[1:]))
-    wrong = [common_start(previous, current) for previous, current in pairs if previous != current]
-    return {"right": sum(a == b for a, b in pairs) / len(pairs),
-            "resumed_at_when_wrong": {"mean": float(np.mean(wrong)) if wrong else None,
-                                      "min": min(wrong) if wrong else None}}
+def guesses(counts: Counter, num_blocks: int) -> dict:
+    """For choices drawn independently from these counts (omitted blocks -> documents): the chance two in a row are
+    the same set, and the mean leading stack positions two different ones share."""
+    total = sum(counts.values())
+    shares = {blocks: n / total for blocks, n in counts.items()}
+    stacks = {blocks: OmissionSet([int(b) for b in blocks.split(",") if b], num_blocks).kept() for blocks in shares}
+    pairs = [(shares[a] * shares[b], common_start(stacks[a], stacks[b])) for a in shares for b in shares if a != b]
+    weight = sum(p for p, _ in pairs)
+    return {"documents": total, "sets": len(shares), "right": sum(p * p for p in shares.values()),
+            "right_guessing_the_most_used": max(shares.values()),
+            "resumed_at_when_wrong": sum(p * s for p, s in pairs) / weight if weight else None}
+
+
+def report_of(path: Path) -> dict:
+    record = read_json(path, "evaluation")
+    num_blocks = record["model"]["num_blocks"]
+    per_task = {name: guesses(Counter(task["sets_used"]), num_blocks) for name, task in record["tasks"].items()}
+    documents = sum(t["documents"] for t in per_task.values())
+    everything = sum((Counter(task["sets_used"]) for task in record["tasks"].values()), Counter())
+    kept = [OmissionSet([int(b) for b in blocks.split(",") if b], num_blocks) for blocks in everything]
+    return {"evaluation": str(path), "model": record["model"]["name"], "policy": record["omission"].get("label"),
+            "blocks_every_set_keeps": min(min(s) if len(s) else num_blocks for s in kept),
+            "task_by_task": {key: sum(t[key] * t["documents"] for t in per_task.values()) / documents
+                             for key in ("right", "right_guessing_the_most_used")},
+            "mixed": guesses(everything, num_blocks), "per_task": per_task}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--router", default=None, help="a router of the bundle by name (default: its deployed policy)")
-    parser.add_argument("--shuffles", type=int, default=20)
+    parser.add_argument("--eval", type=Path, nargs="+", required=True, help="routed evaluations (JSON)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    bundle = Bundle.open(args.bundle)
-    heldout = HeldOut.from_json(read_json(bundle.path / "heldout.json", "held-out scores")["tasks"])
-    policy = PolicySpec(router=args.router).build(bundle.model_ref().num_blocks, bundle, "cpu")
-    stacks = [tuple(choice.omit.kept()) for choice in policy.choose(heldout.prompts)]
-    usage = Counter(stacks)
-    shares = np.array(list(usage.values())) / len(stacks)
-    mixed = [guesses(stacks, np.random.default_rng(seed).permutation(len(stacks))) for seed in range(args.shuffles)]
-    tasks = np.array(heldout.tasks)
-    report = {**provenance(args), "model": bundle.model["name"], "policy": policy.describe(), "prompts": len(stacks),
-              "sets_chosen": len(usage), "largest_set_share": float(shares.max()),
-              "right_if_independent": float((shares ** 2).sum()),
-              "blocks_every_set_keeps": shared_blocks(policy.sets) if policy.sets else None,
-              "task_by_task": guesses(stacks, np.arange(len(stacks))),
-              "per_task": {t: guesses(stacks, np.flatnonzero(tasks == t)) for t in dict.fromkeys(heldout.tasks)},
-              "mixed": {"right": float(np.mean([m["right"] for m in mixed])),
-                        "resumed_at_when_wrong": float(np.mean([m["resumed_at_when_wrong"]["mean"] for m in mixed
-                                                                if m["resumed_at_when_wrong"]["mean"] is not None]))}}
-    save(report, args.output)
+    save({**provenance(args), "evaluations": [report_of(path) for path in args.eval]}, args.output)
 
 
 if __name__ == "__main__":

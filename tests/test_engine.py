@@ -164,8 +164,8 @@ def test_blocks_prefilled_ahead_of_the_choice_give_the_plain_prefill(family):
     not torch.cuda.is_available(), reason="captured graphs of the guessed stack need an NVIDIA GPU"))])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_a_guessed_stack_prefilled_ahead_resumes_where_the_chosen_stack_parts_from_it(family, device):
-    """Speculation: the stack the last routed prompt got pre-fills ahead of the next choice, as many blocks as the
-    routing time covers (`Engine._pace`). Whatever is chosen, the logits and the tokens generated after them are
+    """Speculation: the stack most recent routed prompts got pre-fills ahead of the next choice, as many blocks as
+    the routing time covers (`Engine._pace`). Whatever is chosen, the logits and the tokens generated after them are
     exactly those of choosing first: a right guess, one that parts after 2 blocks, one that parts at block 0 (resumed
     from the start), the dense stack; cache positions past the shared blocks are written again. On a GPU the same
     with compiled blocks, bucketed prompts and a captured graph per part."""
@@ -195,7 +195,7 @@ def test_a_guessed_stack_prefilled_ahead_resumes_where_the_chosen_stack_parts_fr
         _, _, logits = engine.start(ids, Pending(0, lambda: Choice(engine.omission(omit), routed=True, ms=routing_ms)))
         resumed = min(ahead, common_start(engine.omission(guess).kept(), engine.omission(omit).kept()))
         assert engine.last_ahead == ahead and engine.last_resumed == resumed
-        assert engine.expected == tuple(engine.omission(omit).kept())
+        assert engine._recent[-1] == tuple(engine.omission(omit).kept())
         assert torch.equal(logits, expected[omit][0]), (guess, omit, (logits - expected[omit][0]).abs().max().item())
         paced(guess, routing_ms)
         pending = Pending(0, lambda: Choice(engine.omission(omit), routed=True, ms=routing_ms))
@@ -206,6 +206,14 @@ def test_a_guessed_stack_prefilled_ahead_resumes_where_the_chosen_stack_parts_fr
         engine.use(engine.omission(omit))
         assert torch.equal(engine.prefill_rest(), expected[omit][0]), (keep_from, omit)
         assert engine.last_resumed == (2 if keep_from == 2 else 0)
+    # the guess: the stack most of the recent routed prompts got (ties: the latest)
+    engine._recent.clear()
+    stacks = {omit: tuple(engine.omission(omit).kept()) for omit in [(3, 5), (2, 4)]}
+    for omit, guess in [((3, 5), (3, 5)), ((3, 5), (3, 5)), ((2, 4), (3, 5)), ((2, 4), (2, 4)), ((2, 4), (2, 4))]:
+        engine.start(ids, Pending(0, lambda: Choice(engine.omission(omit), routed=True, ms=1.0)))
+        assert engine.expected == stacks[guess], omit
+    engine.start(ids, Pending(0, lambda: Choice(engine.omission((3, 5)))))  # not routed (fixed, forced): not counted
+    assert engine.expected == stacks[(2, 4)] and len(engine._recent) == 5
     # no guess yet, or a guess that drops a block every candidate keeps: the shared blocks only
     paced((), 1.0)
     engine.expected = None
