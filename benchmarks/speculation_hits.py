@@ -20,15 +20,21 @@ from pathlib import Path
 from provenance import provenance, save
 from pudding.engine import common_start
 from pudding.omission import OmissionSet
+from pudding.policy import shared_blocks
 from pudding.storage import read_json
 
 
+def omission_of(label: str, num_blocks: int) -> OmissionSet:
+    """An evaluation's set label ('3,14,16' or 'dense', `OmissionSet.label`) as the set."""
+    return OmissionSet.parse("" if label == "dense" else label, num_blocks)
+
+
 def guesses(counts: Counter, num_blocks: int) -> dict:
-    """For choices drawn independently from these counts (omitted blocks -> documents): the chance two in a row are
-    the same set, and the mean leading stack positions two different ones share."""
+    """For choices drawn independently from these counts (set label -> documents): the chance two in a row are the
+    same set, and the mean leading stack positions two different ones share."""
     total = sum(counts.values())
-    shares = {blocks: n / total for blocks, n in counts.items()}
-    stacks = {blocks: OmissionSet([int(b) for b in blocks.split(",") if b], num_blocks).kept() for blocks in shares}
+    shares = {label: n / total for label, n in counts.items()}
+    stacks = {label: omission_of(label, num_blocks).kept() for label in shares}
     pairs = [(shares[a] * shares[b], common_start(stacks[a], stacks[b])) for a in shares for b in shares if a != b]
     weight = sum(p for p, _ in pairs)
     return {"documents": total, "sets": len(shares), "right": sum(p * p for p in shares.values()),
@@ -42,9 +48,8 @@ def report_of(path: Path) -> dict:
     per_task = {name: guesses(Counter(task["sets_used"]), num_blocks) for name, task in record["tasks"].items()}
     documents = sum(t["documents"] for t in per_task.values())
     everything = sum((Counter(task["sets_used"]) for task in record["tasks"].values()), Counter())
-    kept = [OmissionSet([int(b) for b in blocks.split(",") if b], num_blocks) for blocks in everything]
     return {"evaluation": str(path), "model": record["model"]["name"], "policy": record["omission"].get("label"),
-            "blocks_every_set_keeps": min(min(s) if len(s) else num_blocks for s in kept),
+            "blocks_every_set_keeps": shared_blocks([omission_of(label, num_blocks) for label in everything]),
             "task_by_task": {key: sum(t[key] * t["documents"] for t in per_task.values()) / documents
                              for key in ("right", "right_guessing_the_most_used")},
             "mixed": guesses(everything, num_blocks), "per_task": per_task}

@@ -473,7 +473,7 @@ class Engine:
         copying = any(event is not None for event in self._events)
         if self._graphed(padded, length) and not copying:
             graph, logits = self._prefill_graph(padded)
-            with self._pace.timing(padded, len(self.kept)):
+            with self._timed(padded, len(self.kept)):
                 graph.replay()
             return logits
         with self._graph_memory():
@@ -505,10 +505,10 @@ class Engine:
         run = lambda: self._ahead_hidden(padded, blocks, saves)
         if self._graphed(padded, len(ids)):
             graph, _ = self._captured(("ahead", padded, blocks, first), run)
-            with self._pace.timing(padded, len(blocks)):
+            with self._timed(padded, len(blocks)):
                 graph.replay()
         else:
-            with self._pace.timing(padded, len(blocks)):
+            with self._timed(padded, len(blocks)):
                 run()
         self._ahead = (padded, len(ids), blocks, first)
 
@@ -532,6 +532,11 @@ class Engine:
             graph.replay()
             return logits
         return self._rest_logits(padded, start, hidden)
+
+    def _timed(self, padded: int, blocks: int):
+        """Time a pre-fill for the speculation's pace (`_Pace`), only while speculating: nothing else reads it, and
+        each timing adds two CUDA events to the pre-fill's launches."""
+        return self._pace.timing(padded, blocks) if self.speculate else contextlib.nullcontext()
 
     def _resumed(self, position: int, padded: int) -> torch.Tensor:
         """The kept output after `position` blocks pre-filled ahead, for a prompt padded to `padded`: the front of
@@ -593,9 +598,10 @@ class Engine:
         return self._run_stack(self._embed(self._prompt[:, :length]), positions, masks, self._prefill_block,
                                layers=layers, saves=saves)
 
-    def _rest_logits(self, length: int, shared: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _rest_logits(self, length: int, start: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The stack from position `start` on, given the hidden states there; the last position's logits."""
         positions, masks = self._prompt_context(length)
-        return self._last_logits(self._run_stack(hidden, positions, masks, self._prefill_block, start=shared))
+        return self._last_logits(self._run_stack(hidden, positions, masks, self._prefill_block, start=start))
 
     @torch.inference_mode()
     def prompt_logprobs(self, ids: Sequence[int], chosen: Choice | OmissionSet, top: int = 0,
