@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 import transformers
-
 from provenance import provenance, save
+
 from pudding.bench.suites import LLAMA_31_8B, PAPER_SET, ROUTER_POOL
 from pudding.bench.timing import Clock, _router_tokens, prompt_ids, router_text
 from pudding.engine import Engine
