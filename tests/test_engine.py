@@ -309,14 +309,19 @@ def test_bench_measures_prefill_with_routing_beside_the_shared_blocks(encoder):
     assert ("table lookup" in _router_words({"router_encoder": encoder})) == (encoder == "embeddings")
     dense = engine.omission(())
     measured = routed_prefill(engine, policy, (8, 16), (0, 2), repeats=1, dense=dense)
-    # per (blocks ahead, length): warm-up, the timed run (each after a dense pre-fill), the host-time run, the check;
-    # then per length the choice itself, and per guess (right, wrong) warm-up, timed run and check
-    assert measured["max_abs_logit_diff"] == 0.0 and policy.stats.prompts == 2 * 2 * 4 + 2 * (1 + 2 * 3)
     speculative = measured["speculative"]
     assert set(speculative) == {"right", "wrong"} and not engine.speculate  # as it was before the measurement
+    timed = 0
     for row in speculative.values():
-        assert set(row["ttft_ms"]) == set(row["dense_ttft_ms"]) == {8, 16} and all(v > 0 for v in row["ttft_ms"].values())
+        assert set(row["ttft_ms"]) == set(row["dense_ttft_ms"]) == {8, 16}
         assert all(2 <= ahead <= 4 for ahead in row["blocks_ahead"].values())  # the shared blocks at least
+        for length, ms in row["ttft_ms"].items():  # timed only where speculation goes past the shared blocks
+            assert (ms is not None and ms > 0) == (row["blocks_ahead"][length] > 2)
+            timed += ms is not None
+    # per (blocks ahead, length): warm-up, the timed run (each after a dense pre-fill), the host-time run, the check;
+    # then per length the choice itself, and per guess (right, wrong) the check and a run, then warm-up and timed run
+    assert measured["max_abs_logit_diff"] == 0.0
+    assert policy.stats.prompts == 2 * 2 * 4 + 2 * (1 + 2 * 2) + 2 * timed
     assert speculative["wrong"]["resumed_at"] == {8: 2, 16: 2}  # (3, 5) and (2, 4) share blocks 0 and 1
     assert set(measured["ttft_ms"]) == {0, 2} and all(v > 0 for t in measured["ttft_ms"].values() for v in t.values())
     assert set(measured["dense_ttft_ms"]) == {0, 2} and all(set(t) == {8, 16} for t in measured["dense_ttft_ms"].values())
@@ -326,6 +331,11 @@ def test_bench_measures_prefill_with_routing_beside_the_shared_blocks(encoder):
     assert any(line.startswith("| 2 | ") for line in lines) and lines[-1].startswith("| `Engine.start`, 2 blocks ahead | ")
     assert any(line.startswith("| dense, timed in turn with row 2 ") for line in lines)
     assert any(line.startswith("| speculating, the set sharing fewest blocks expected (vs dense in turn; ") for line in lines)
+    untimed = {**measured, "speculative": {"right": {"ttft_ms": {8: None, 16: 3.0}, "dense_ttft_ms": {8: None, 16: 4.0},
+                                                     "blocks_ahead": {8: 2, 16: 4}, "resumed_at": {8: None, 16: 4}}}}
+    lines = _routed_lines({"pool_shared_blocks": 2, **untimed}, {"ttft_ms": {8: 1.0, 16: 2.0}}, 0.5, {"prompt_lengths": (8, 16)})
+    assert "| speculating, the set chosen expected (vs dense in turn; blocks ahead, resumed at) | as row 2 (2 ahead) " \
+           "| 3.00 ms (1.33x; 4, 4) |" in lines
 
 
 def test_bench_reads_the_embeddings_routers_tokenizer_from_a_model_or_a_tokenizer_directory(tmp_path):

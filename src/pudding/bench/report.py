@@ -105,6 +105,8 @@ def _routed_lines(routed: dict | None, pruned: dict, router_ms: float, settings:
     speculative = routed.get("speculative", {})  # runs before 2026-12-06 (evening) did not speculate
     words = {"right": "speculating, the set chosen expected", "wrong": "speculating, the set sharing fewest blocks expected"}
     def cell(row, p):
+        if _key(row["ttft_ms"], p) is None:  # the routing time covers no block past the shared ones
+            return f"as row {routed['pool_shared_blocks']} ({_key(row['blocks_ahead'], p)} ahead)"
         dense = _key(row["dense_ttft_ms"], p)
         ratio = f"{dense / _key(row['ttft_ms'], p):.2f}x; " if dense else ""
         return f"{_key(row['ttft_ms'], p):.2f} ms ({ratio}{_key(row['blocks_ahead'], p)}, {_key(row['resumed_at'], p)})"
