@@ -228,6 +228,39 @@ def test_a_guessed_stack_prefilled_ahead_resumes_where_the_chosen_stack_parts_fr
     assert engine.last_ahead == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pre-fill graphs are captured only on an NVIDIA GPU")
+@pytest.mark.parametrize("mode", ["routed", "fixed", "budget"])
+def test_cuda_server_warm_up_captures_every_prefill_graph_a_prompt_runs(mode):
+    """`warm_up(sets, prefill_up_to=...)` (what `pudding serve` does) captures, per length bucket, the graphs a prompt
+    runs: the shared blocks' and each set's rest (a routed policy's pending choice), the whole stack's per set (a
+    fixed policy), the stack of the resident blocks (memory budget). Prompts of any length up to the context then
+    capture nothing, and give the logits of an engine that captured them on first use."""
+    from conftest import build_tiny
+    from pudding.policy import Choice, Pending
+
+    model = build_tiny("llama", init=0.2)
+    budget = 5 if mode == "budget" else None
+    engine = Engine.from_model(model, device="cuda", max_len=64, budget=budget)
+    lazy = Engine.from_model(model, device="cuda", max_len=64, budget=budget)
+    engine.speculate = lazy.speculate = False  # a guess of its own would capture graphs of its own
+    sets = [engine.omission(s) for s in ((3, 5), (2, 4))] if mode != "fixed" else [engine.omission((1,))]
+    ahead = 2 if mode == "routed" else 0
+    for e in (engine, lazy):
+        e.warm_up(sets)
+    engine.warm_up(sets, prefill_up_to=64, ahead=ahead)
+    captured = set(engine._graphs)
+    assert {key[1] for key in captured if key[0] in ("prefill", "rest")} == {16, 32, 64}
+    for length in (5, 16, 20, 40, 64):
+        ids = torch.randint(3, 200, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+        for omit in sets:
+            logits = [e.start(ids, Pending(ahead, lambda omit=omit: Choice(omit, routed=True)))[2].clone()
+                      for e in (engine, lazy)]
+            if mode == "budget":  # the first pre-fill after a swap waits for its copies eagerly; the next one replays
+                logits = [e.start(ids, Choice(omit))[2].clone() for e in (engine, lazy)]
+            assert torch.equal(*logits), (length, omit)
+    assert set(engine._graphs) == captured and set(lazy._graphs) <= captured
+
+
 def test_the_pace_of_speculation_keeps_the_fastest_times_and_guesses_an_even_number_of_blocks():
     """How many blocks pre-fill ahead of a choice: routing time over one block's time, at each padded length, from
     the fastest of each seen (a router slowed by the blocks beside it must not lengthen the next guess), rounded down

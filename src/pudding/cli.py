@@ -525,9 +525,11 @@ def route_command(
 
 def _engine_and_policy(bundle: Optional[Path], model: Optional[str], omit: Optional[str], device: Optional[str],
                        dtype: str, budget: Optional[int], max_len: int, raw_router: bool = False,
-                       quantize: Optional[str] = None, lora: bool = False, merge_lora: bool = False):
+                       quantize: Optional[str] = None, lora: bool = False, merge_lora: bool = False,
+                       warm_prefill: bool = False):
     """An engine and the policy that chooses its blocks: a bundle's (routed), or --omit's (fixed; dense without it).
-    Every set the policy can choose is compiled and captured ahead, so no prompt pays for it."""
+    Every set the policy can choose is compiled and captured ahead, so no prompt pays for it (with `warm_prefill`, a
+    server's, its pre-fill graphs for every prompt length bucket of the context too)."""
     from .engine import open_engine
     from .models import check_device, default_device, resolve_model
     from .policy import PolicySpec
@@ -548,7 +550,8 @@ def _engine_and_policy(bundle: Optional[Path], model: Optional[str], omit: Optio
     if quantize and engine.device.type == "cpu" and engine.dtype.itemsize == 4:
         print("note: on a CPU, quantized blocks decode fast in bf16 (--dtype bfloat16); in fp32 every product "
               "dequantizes its matrix", file=sys.stderr)
-    engine.warm_up(policy.sets_to_prepare())  # also checks that the sets fit the memory budget
+    # also checks that the sets fit the memory budget
+    engine.warm_up(policy.sets_to_prepare(), prefill_up_to=max_len if warm_prefill else 0, ahead=policy.shared)
     policy.warm_up()
     return engine, policy, ref
 
@@ -621,7 +624,8 @@ def serve_command(
         raise PuddingError("--omit is for a model served without a router; with --bundle every request is routed "
                            "(a request can force a set with the `pudding` body field)")
     check_port(host, port)
-    engine, policy, ref = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router, quantize, lora)
+    engine, policy, ref = _engine_and_policy(bundle, model, omit, device, dtype, budget, max_len, raw_router, quantize, lora,
+                                             warm_prefill=True)
     serve(engine, policy, ref.name, host, port, queue_size, max_body_mb)
 
 

@@ -702,8 +702,13 @@ class Engine:
         return self._decode_eager(keys)
 
     @torch.inference_mode()
-    def warm_up(self, sets: Sequence[OmissionSet]) -> float:
-        """Compile and capture the decode step of every set and context bucket ahead, so no request pays for it."""
+    def warm_up(self, sets: Sequence[OmissionSet], prefill_up_to: int = 0, ahead: int = 0) -> float:
+        """Compile and capture the decode step of every set and context bucket ahead, so no request pays for it. With
+        `prefill_up_to` (a server's context), also the pre-fill graph of every length bucket up to it, where the first
+        prompt of each length would pay for a capture: the whole stack's per set or, with `ahead` (the blocks every
+        set a routed policy can choose keeps, `Policy.shared`), the graph of those blocks and each set's rest from
+        them, as `start` runs a pending choice. The graphs' memory pool then holds the longest pre-fill's activations
+        from the start."""
         started = time.perf_counter()
         contexts = sorted({self.decode_keys(p) for p in (2, *DECODE_BUCKETS) if p < self.max_len})
         for omit in sets:
@@ -711,9 +716,28 @@ class Engine:
             self.prefill([0, 1])
             for keys in contexts:  # the last position of each bucket (what it writes to the cache is never read)
                 self.decode_step(torch.zeros(1, dtype=torch.long, device=self.device), keys - 1)
+        if self.use_graphs:
+            for length in (b for b in PREFILL_BUCKETS if b <= min(prefill_up_to, self.max_len)):
+                for omit in sets:
+                    self._warm_prefill([0] * length, omit, ahead)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started
+
+    def _warm_prefill(self, ids: list[int], omit: OmissionSet, ahead: int) -> None:
+        """Capture the pre-fill graphs a prompt of this length runs under this set (see `warm_up`)."""
+        if ahead and self.can_prefill_ahead():
+            shared = tuple(range(min(ahead, self.shape.num_blocks)))
+            self.prefill_ahead(ids, shared, keep_from=len(shared))  # one graph per bucket: replayed for later sets
+            self.use(omit)
+            self.prefill_rest()
+            return
+        self.use(omit)
+        for event in self._events:  # a memory-budget swap: the graph runs once the copies are in
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+        self._events = [None] * len(self._events)
+        self.prefill(ids)
 
     # -- generation -------------------------------------------------------------------------------------------
 

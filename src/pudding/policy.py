@@ -99,7 +99,13 @@ class Policy:
         depends on the prompt lets the blocks all its sets keep pre-fill meanwhile. `tokens`: the decoder
         tokenizer's ids of exactly `prompt` (no special tokens), when the caller has them (a router that reads the
         decoder's tokens then skips tokenizing again)."""
-        return Pending(0 if self.fixed is not None else shared_blocks(self.sets), lambda: self.choose_one(prompt))
+        return Pending(self.shared, lambda: self.choose_one(prompt))
+
+    @property
+    def shared(self) -> int:
+        """How many leading blocks pre-fill while this policy chooses: those every set it can choose keeps (none
+        for a fixed policy, which has nothing to choose)."""
+        return 0 if self.fixed is not None else shared_blocks(self.sets)
 
     @property
     def fixed(self) -> OmissionSet | None:
