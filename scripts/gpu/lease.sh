@@ -3,9 +3,9 @@
 # and says where every job is. The speed benchmarks run first, alone on the GPU (timings need a quiet device): the 8B
 # shape in bf16, then its quantized blocks, then the packaged models with their bundles, then the GPU kernel checks.
 # The accuracy sweeps start when they are done, if SWEEPS=1 (FORCE=1: at once); NO_QUANT=1 skips the quantized
-# bench, NO_HANDOVER=1 the profile of a routed pre-fill's hand-over and the first prompts' cost (benchmarks/handover_profile.py,
-# first_prompt.py), NO_CHECKS=1 the
-# GPU checks. Everything runs in the background and survives the call.
+# bench, NO_HANDOVER=1 the profile of a routed pre-fill's hand-over and the first prompts' cost
+# (benchmarks/handover_profile.py, first_prompt.py), NO_CHECKS=1 the GPU checks. Everything runs in the background and
+# survives the call.
 #   SWEEPS=1 bash scripts/gpu/call.sh bash scripts/gpu/lease.sh
 set -u
 out=/root/results  # not $OUT: the device tool empties that before every call
