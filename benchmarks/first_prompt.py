@@ -1,8 +1,10 @@
 """What the first prompt of each length costs a server: a bundle's engine and routed policy (an untrained router
 of the encoder its router.json names: results/ keep no router weights, and routing time does not depend on them),
-warmed up as `pudding serve` warmed them before (decode graphs of every set; a pre-fill graph is captured when a
-prompt of a new length bucket first comes) and as it does now (`Engine.warm_up` with `prefill_up_to`: every pre-fill
-graph of the context captured at start-up). Per prompt length: the time to first token of the first prompt of that length and of the next one (same
+warmed up as `pudding serve` warmed them before (decode graphs of every set and the router's up to 128 tokens; a
+pre-fill graph is captured when a prompt of a new length bucket, guess or resume point first comes) and as it does now
+(`Engine.warm_up` with `prefill_up_to`: every pre-fill graph of the context and the router's graphs of every length it
+reads captured at start-up; speculation runs only captured graphs, and those it went without are captured between
+prompts, `defer_captures`). Per prompt length: the time to first token of the first prompt of that length and of the next one (same
 length, new text), and the start-up time of each.
 
     PYTHONPATH=src python benchmarks/first_prompt.py --bundle results/smollm2-h100 --output first-prompt.json
@@ -27,11 +29,14 @@ from pudding.storage import read_json
 
 
 def first_and_next(engine, policy, length: int) -> dict:
-    """TTFT (ms) of the first prompt of about `length` tokens, then the median of the next three of that length."""
+    """TTFT (ms) of the first prompt of about `length` tokens, then the median of the next three of that length;
+    between prompts, an engine that defers captures captures what they went without (a server's idle moments)."""
     def ttft(words: int, seed: int) -> float:
         text = router_text(words + seed).split(" ", seed)[-1]  # a new text for each seed
         ids = engine.with_bos(engine.text_tokens(text)[: length - 1])
-        return engine.generate(ids, policy.pending(text), max_new_tokens=1).timings.ttft_ms
+        ms = engine.generate(ids, policy.pending(text), max_new_tokens=1).timings.ttft_ms
+        engine.capture_wanted(limit=1000)
+        return ms
 
     return {"first_ms": ttft(length, 0), "next_ms": statistics.median(ttft(length, s) for s in (1, 2, 3))}
 
@@ -53,7 +58,11 @@ def main() -> None:
         policy = RoutedPolicy(untrained_router(encoder, bundle.omission_sets(), args.device,
                                                decoder_tokenizer=engine.tokenizer))
         engine.warm_up(policy.sets_to_prepare(), prefill_up_to=args.max_len if warm else 0, ahead=policy.shared)
-        policy.warm_up()
+        engine.defer_captures = warm
+        if warm:
+            policy.warm_up()  # the router's graphs of every length it reads
+        else:  # as before: its graphs of up to 128 tokens
+            policy.router.warm_up(range(1, 129))
         arm = {"start_up_s": time.perf_counter() - started, "graphs": 0, "lengths": {}}
         for length in (int(n) for n in args.lengths.split(",")):
             arm["lengths"][length] = first_and_next(engine, policy, length)

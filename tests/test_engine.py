@@ -261,6 +261,42 @@ def test_cuda_server_warm_up_captures_every_prefill_graph_a_prompt_runs(mode):
     assert set(engine._graphs) == captured and set(lazy._graphs) <= captured
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="graph captures happen only on an NVIDIA GPU")
+def test_cuda_a_server_speculates_only_with_graphs_it_has_captured():
+    """With `defer_captures` (a server's), a guess whose graph is missing pre-fills only the shared blocks, and a
+    resume point whose graph is missing resumes from the latest captured one: no request captures a graph. The
+    graphs it went without are captured by `capture_wanted` (between requests), and later requests use them. Logits
+    are those of choosing first throughout."""
+    from conftest import build_tiny
+    from pudding.policy import Choice, Pending
+
+    engine = Engine.from_model(build_tiny("llama", init=0.2), device="cuda", max_len=64)
+    sets = {omit: engine.omission(omit) for omit in [(3, 5), (2, 4)]}  # both keep blocks 0 and 1
+    ids = torch.randint(3, 200, (13,), generator=torch.Generator().manual_seed(3)).tolist()
+    expected = {}
+    for omit, blocks in sets.items():
+        engine.use(blocks)
+        expected[omit] = engine.prefill(ids).clone()
+    engine.warm_up(list(sets.values()), prefill_up_to=64, ahead=2)
+    engine.defer_captures = True
+    padded = engine._padded(len(ids))
+
+    def routed(guess, omit):
+        engine._pace.block_ms[padded], engine._pace.routing_ms[padded] = 0.01, 1.0  # time for the whole guess
+        engine.expected = tuple(sets[guess].kept())
+        before = set(engine._graphs)
+        _, _, logits = engine.start(ids, Pending(2, lambda: Choice(sets[omit], routed=True, ms=1.0)))
+        assert set(engine._graphs) == before and torch.equal(logits, expected[omit]), (guess, omit)
+        return engine.last_ahead, engine.last_resumed
+
+    assert routed((3, 5), (3, 5)) == (2, 2)  # the guess's graph is missing: the shared blocks only
+    assert engine.capture_wanted(limit=5) == 1  # the guess's four blocks ahead
+    assert routed((3, 5), (3, 5)) == (4, 2)  # the guess runs; its rest from 4 is missing: resumed after block 1
+    assert routed((3, 5), (2, 4)) == (4, 2)  # a wrong guess parts after the shared blocks anyway
+    assert engine.capture_wanted(limit=5) == 1 and not engine._wanted
+    assert routed((3, 5), (3, 5)) == (4, 4)  # now all of it is captured: the chosen stack resumes after the guess
+
+
 def test_the_pace_of_speculation_keeps_the_fastest_times_and_guesses_an_even_number_of_blocks():
     """How many blocks pre-fill ahead of a choice: routing time over one block's time, at each padded length, from
     the fastest of each seen (a router slowed by the blocks beside it must not lengthen the next guess), rounded down

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -236,6 +237,11 @@ class Engine:
         self.last_ahead = 0  # blocks the last `start` pre-filled ahead of its choice
         self.last_resumed = 0  # and the stack position its chosen stack went on from (0: from the start)
         self._pace = _Pace(on_gpu)
+        # A server (`defer_captures`) speculates only with graphs already captured: a guess or a resume point whose
+        # graph is missing is left for `capture_wanted`, run when no request waits, instead of a request paying a
+        # capture (tens of ms; each length bucket, guess, blocks ahead and resume point has a graph of its own).
+        self.defer_captures = False
+        self._wanted: dict[tuple, None] = {}  # graph keys, oldest first
         self.stack: list[dict] = []
         self.stack_types: list[str] = []
         self.kept: tuple[int, ...] = ()
@@ -510,7 +516,7 @@ class Engine:
         else:
             with self._timed(padded, len(blocks)):
                 run()
-        self._ahead = (padded, len(ids), blocks, first)
+        self._ahead = (padded, len(ids), blocks, first, keep_from or 0)
 
     @torch.inference_mode()
     def prefill_rest(self) -> torch.Tensor:
@@ -519,9 +525,9 @@ class Engine:
         position's logits, like `prefill`. Cache positions past that point are written again."""
         if self._ahead is None:
             raise PuddingError("nothing was pre-filled ahead")
-        padded, length, blocks, first = self._ahead
+        padded, length, blocks, first, shared = self._ahead
         self._ahead = None
-        start = min(common_start(blocks, self.kept), len(blocks))
+        start = self._resume_point(padded, length, min(common_start(blocks, self.kept), len(blocks)), first, shared)
         self.last_resumed = start if start >= first else 0
         if start < first:
             return self._prefill_loaded(padded, length)
@@ -532,6 +538,18 @@ class Engine:
             graph.replay()
             return logits
         return self._rest_logits(padded, start, hidden)
+
+    def _resume_point(self, padded: int, length: int, start: int, first: int, shared: int) -> int:
+        """Where the chosen stack goes on after blocks pre-filled ahead: `start`, the last kept output the stacks
+        share (before `first`, the first one kept: from the start). With `defer_captures` and the graph from
+        `start` not captured, the latest kept output before it whose graph is, or the one after the blocks every set
+        keeps (`shared`: not speculation's, its graph is captured when needed), else 0."""
+        def key(s: int) -> tuple:
+            return ("rest", padded, s, *self._graph_key())
+
+        if start < first or start == shared or self._ready(key(start), padded, length):
+            return start
+        return next((s for s in range(start - 1, first - 1, -1) if s == shared or key(s) in self._graphs), 0)
 
     def _timed(self, padded: int, blocks: int):
         """Time a pre-fill for the speculation's pace (`_Pace`), only while speculating: nothing else reads it, and
@@ -775,7 +793,7 @@ class Engine:
         ahead: tuple[int, ...] = ()
         if isinstance(chosen, Pending):
             if self.can_prefill_ahead():
-                ahead = self._blocks_ahead(chosen.shared, self._padded(len(ids)))
+                ahead = self._blocks_ahead(chosen.shared, self._padded(len(ids)), len(ids))
             if ahead:  # a candidate keeps the shared blocks: its stack resumes after them, or later
                 self.prefill_ahead(ids, ahead, keep_from=min(chosen.shared, len(ahead)))
             chosen = chosen.result()
@@ -789,15 +807,50 @@ class Engine:
         swap = self.use(chosen.omit)
         return chosen, swap, self.prefill_rest() if ahead else self.prefill(ids)
 
-    def _blocks_ahead(self, shared: int, padded: int) -> tuple[int, ...]:
+    def _blocks_ahead(self, shared: int, padded: int, length: int) -> tuple[int, ...]:
         """The blocks to pre-fill before a choice: the `shared` every candidate keeps, or, when speculating, the
         expected stack's first blocks, as many as pre-fill in the routing time (at least the shared ones). A wrong
-        guess costs the blocks past those the stacks share, run while the router ran."""
+        guess costs the blocks past those the stacks share, run while the router ran. With `defer_captures`, a guess
+        whose graph is not captured yet pre-fills only the shared blocks (and its graph is wanted)."""
         floor = tuple(range(min(shared, self.shape.num_blocks)))
         guess = self.expected
         if not self.speculate or guess is None or guess[: len(floor)] != floor:
             return floor
-        return guess[: max(len(floor), min(len(guess), self._pace.blocks_within(padded)))]
+        ahead = guess[: max(len(floor), min(len(guess), self._pace.blocks_within(padded)))]
+        if len(ahead) > len(floor) and not self._ready(("ahead", padded, ahead, max(1, shared)), padded, length):
+            return floor
+        return ahead
+
+    def _ready(self, key: tuple, padded: int, length: int) -> bool:
+        """Whether a speculative graph can run now: always unless captures are deferred; then only if captured
+        (else it is wanted, for `capture_wanted`)."""
+        if not self.defer_captures or not self._graphed(padded, length) or key in self._graphs:
+            return True
+        self._wanted[key] = None
+        return False
+
+    @torch.inference_mode()
+    def capture_wanted(self, limit: int = 1) -> int:
+        """Capture up to `limit` of the graphs speculation wanted and went without (`defer_captures`), oldest first;
+        returns how many. For a server's idle moments: it runs each graph's steps (writing the KV cache) and may
+        change the running stack, which the next request sets again."""
+        done = 0
+        while self._wanted and done < limit:
+            key = next(iter(self._wanted))
+            del self._wanted[key]
+            if key in self._graphs:
+                continue
+            if key[0] == "ahead":
+                _, padded, blocks, first = key
+                saves = {p: self._resumed(p, padded) for p in range(first, len(blocks) + 1)}
+                step = functools.partial(self._ahead_hidden, padded, blocks, saves)
+            else:  # ("rest", padded, start, "all", kept): the stack from `start` of the set keeping `kept`
+                _, padded, start, _, kept = key
+                self.use(self.omission(sorted(set(range(self.shape.num_blocks)) - set(kept))))
+                step = functools.partial(self._rest_logits, padded, start, self._resumed(start, padded))
+            self._captured(key, step)
+            done += 1
+        return done
 
     def stream(self, prompt: str | Sequence[int], chosen: Choice | OmissionSet | Pending, max_new_tokens: int = 128,
                stop_ids: Sequence[int] | None = None, logprobs: int | None = None) -> Iterator[tuple[str, Generation]]:

@@ -221,10 +221,11 @@ class LoadedRouter:
     def _tokenize(self, prompts: list[str]) -> tuple[list[list[int]], list[bool]]:
         return read_tokens(self.tokenizer, prompts, self.settings.max_length, special_tokens=True)
 
-    def warm_up(self, lengths=range(1, 129)) -> None:
-        """Capture the batch-1 graphs ahead for prompts of these token lengths, so no request pays for it."""
+    def warm_up(self, lengths=None) -> None:
+        """Capture the batch-1 graphs ahead for prompts of these token lengths (default: every length it reads), so
+        no request pays for it."""
         if self._graphs is not None:
-            for length in lengths:
+            for length in lengths or range(1, self.settings.max_length + 1):
                 if length <= self.settings.max_length:
                     self._graphs.scores([self.tokenizer.cls_token_id or 0] * length)
 

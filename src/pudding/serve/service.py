@@ -9,6 +9,7 @@ once, on the engine thread) unless it forces one with the extra body field `pudd
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -97,6 +98,9 @@ class Service:
         self._lock = threading.Lock()
         self._live: set[Job] = set()  # admitted and not finished: the running job and those waiting
         self.counts = {"completed": 0, "cancelled": 0, "refused": 0, "failed": 0}
+        # Requests run only captured graphs when the engine speculates; the graphs they went without are captured
+        # on the engine thread while no request waits (`_capture_while_idle`).
+        engine.defer_captures = True
 
     # -- validation -------------------------------------------------------------------------------------------
 
@@ -265,10 +269,36 @@ class Service:
             self._live.discard(job)
             if future.cancelled():  # never started: the server is stopping
                 self.counts["cancelled"] += 1
-            elif future.exception() is not None:
+                return
+            if future.exception() is not None:
                 self.counts["failed"] += 1
             else:
                 self.counts["completed" if future.result().finish_reason else "cancelled"] += 1
+        self._when_idle(self._capture_while_idle)
+
+    def _when_idle(self, work: Callable[[], None]) -> None:
+        """Queue `work` on the engine thread if no request is waiting (a request that comes meanwhile waits for it)."""
+        with self._lock:
+            if self._live:
+                return
+        try:
+            self._worker.submit(work)
+        except RuntimeError:  # the server is shutting down
+            pass
+
+    def _capture_while_idle(self) -> None:
+        """Capture one graph a request went without (`Engine.capture_wanted`), then the next while still idle: one
+        at a time, so a request arriving meanwhile waits for one capture at most."""
+        with self._lock:
+            if self._live:
+                return
+        try:
+            captured = self.engine.capture_wanted(limit=1)
+        except Exception as err:  # noqa: BLE001 - a failed capture must not stop the server; speculation goes on without it
+            print(f"pudding serve: capturing a speculation graph failed ({type(err).__name__}: {err})", file=sys.stderr)
+            return
+        if captured:
+            self._when_idle(self._capture_while_idle)
 
     def close(self) -> None:
         with self._lock:
