@@ -108,6 +108,12 @@ def _keep_fastest(times: dict[int, float], key: int, ms: float) -> None:
     times[key] = min(ms, times.get(key, ms))
 
 
+def _first_kept(keep_from: int, blocks: int) -> int:
+    """The first position whose output blocks pre-filled ahead keep (`prefill_ahead`): after the `keep_from`-th
+    block, at least the first, at most the last."""
+    return max(1, min(keep_from, blocks))
+
+
 def common_start(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading blocks two stacks share."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -506,11 +512,10 @@ class Engine:
             raise PuddingError(f"cannot pre-fill blocks {list(blocks)} ahead: they must be increasing block numbers "
                                f"of the model's {self.shape.num_blocks}")
         padded = self._load_prompt(ids)
-        first = len(blocks) if keep_from is None else max(1, min(keep_from, len(blocks)))
-        saves = {p: self._resumed(p, padded) for p in range(first, len(blocks) + 1)}
-        run = lambda: self._ahead_hidden(padded, blocks, saves)
+        first = len(blocks) if keep_from is None else _first_kept(keep_from, len(blocks))
+        key, run = self._ahead_graph(padded, blocks, first)
         if self._graphed(padded, len(ids)):
-            graph, _ = self._captured(("ahead", padded, blocks, first), run)
+            graph, _ = self._captured(key, run)
             with self._timed(padded, len(blocks)):
                 graph.replay()
         else:
@@ -531,13 +536,22 @@ class Engine:
         self.last_resumed = start if start >= first else 0
         if start < first:
             return self._prefill_loaded(padded, length)
-        hidden = self._resumed(start, padded)
+        key, run = self._rest_graph(padded, start)
         if self._graphed(padded, length):
-            graph, logits = self._captured(("rest", padded, start, *self._graph_key()),
-                                           lambda: self._rest_logits(padded, start, hidden))
+            graph, logits = self._captured(key, run)
             graph.replay()
             return logits
-        return self._rest_logits(padded, start, hidden)
+        return run()
+
+    def _ahead_graph(self, padded: int, blocks: tuple[int, ...], first: int) -> tuple[tuple, Callable]:
+        """The graph key and step of `blocks` pre-filled ahead, keeping the output after each from the `first`-th."""
+        saves = {p: self._resumed(p, padded) for p in range(first, len(blocks) + 1)}
+        return ("ahead", padded, blocks, first), functools.partial(self._ahead_hidden, padded, blocks, saves)
+
+    def _rest_graph(self, padded: int, start: int) -> tuple[tuple, Callable]:
+        """The graph key and step of the current stack from position `start`, on the output kept there."""
+        return (("rest", padded, start, *self._graph_key()),
+                functools.partial(self._rest_logits, padded, start, self._resumed(start, padded)))
 
     def _resume_point(self, padded: int, length: int, start: int, first: int, shared: int) -> int:
         """Where the chosen stack goes on after blocks pre-filled ahead: `start`, the last kept output the stacks
@@ -791,15 +805,16 @@ class Engine:
         the leading blocks of the stack expected (`_blocks_ahead`). The chosen stack resumes from the blocks it shares
         with those (from the start if none: a set the policy could not name)."""
         ahead: tuple[int, ...] = ()
+        padded = self._padded(len(ids))
         if isinstance(chosen, Pending):
             if self.can_prefill_ahead():
-                ahead = self._blocks_ahead(chosen.shared, self._padded(len(ids)), len(ids))
+                ahead = self._blocks_ahead(chosen.shared, padded, len(ids))
             if ahead:  # a candidate keeps the shared blocks: its stack resumes after them, or later
                 self.prefill_ahead(ids, ahead, keep_from=min(chosen.shared, len(ahead)))
             chosen = chosen.result()
             self._check_set(chosen.omit)
             if chosen.routed:
-                self._pace.routed(self._padded(len(ids)), chosen.ms)
+                self._pace.routed(padded, chosen.ms)
                 self._recent.append(tuple(chosen.omit.kept()))
                 counts = collections.Counter(self._recent)
                 self.expected = max(reversed(self._recent), key=counts.__getitem__)  # ties: the latest
@@ -817,7 +832,8 @@ class Engine:
         if not self.speculate or guess is None or guess[: len(floor)] != floor:
             return floor
         ahead = guess[: max(len(floor), min(len(guess), self._pace.blocks_within(padded)))]
-        if len(ahead) > len(floor) and not self._ready(("ahead", padded, ahead, max(1, shared)), padded, length):
+        if len(ahead) > len(floor) and not self._ready(("ahead", padded, ahead, _first_kept(shared, len(ahead))),
+                                                       padded, length):
             return floor
         return ahead
 
@@ -841,13 +857,11 @@ class Engine:
             if key in self._graphs:
                 continue
             if key[0] == "ahead":
-                _, padded, blocks, first = key
-                saves = {p: self._resumed(p, padded) for p in range(first, len(blocks) + 1)}
-                step = functools.partial(self._ahead_hidden, padded, blocks, saves)
+                _, step = self._ahead_graph(*key[1:])
             else:  # ("rest", padded, start, "all", kept): the stack from `start` of the set keeping `kept`
                 _, padded, start, _, kept = key
                 self.use(self.omission(sorted(set(range(self.shape.num_blocks)) - set(kept))))
-                step = functools.partial(self._rest_logits, padded, start, self._resumed(start, padded))
+                _, step = self._rest_graph(padded, start)
             self._captured(key, step)
             done += 1
         return done
