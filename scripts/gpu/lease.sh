@@ -5,7 +5,7 @@
 # (benchmarks/handover_profile.py, first_prompt.py), the packaged models with their bundles, the 8B shape's quantized
 # blocks, then the GPU checks. The accuracy sweeps start when they are done, if SWEEPS=1 (FORCE=1: at once). To leave
 # out: NO_HANDOVER=1 the two benchmarks, NO_QUANT=1 the quantized bench, NO_CHECKS=1 the GPU checks; NO_QWEN=1 waits
-# for no Qwen2.5-0.5B (not carried). Everything runs in the background and survives the call.
+# for no Qwen2.5-0.5B (not carried). EMBEDDINGS=1 adds, last, the 8B bench with the encoder-free router. Everything runs in the background and survives the call.
 #   SWEEPS=1 bash scripts/gpu/call.sh bash scripts/gpu/lease.sh
 set -u
 out=/root/results  # not $OUT: the device tool empties that before every call
@@ -25,6 +25,8 @@ if [ -d $models/minilm-l6 ] && [ ! -f $out/bench.started ]; then
         [ -n \"${NO_QUANT:-}\" ] || python3 -m pudding.cli bench --weights int8,int4,int8+head,int4+head --device cuda \
             --repeats 3 --output $out/quantized-decode-h200.json > $out/quantized.log 2>&1;
         [ -n \"${NO_CHECKS:-}\" ] || python3 -m pytest -q tests/test_quantize.py tests/test_engine.py -k cuda > $out/gpu-checks.log 2>&1;
+        [ -z \"${EMBEDDINGS:-}\" ] || python3 -m pudding.cli bench --router-encoder embeddings --output $out/bench-h200-embeddings.json \
+            --repeats 3 > $out/bench-embeddings.log 2>&1;
         touch $out/bench.done" >/dev/null 2>&1 < /dev/null &
     echo "started bench"
 fi
