@@ -5,7 +5,8 @@
 # (benchmarks/handover_profile.py, first_prompt.py), the packaged models with their bundles, the 8B shape's quantized
 # blocks, then the GPU checks. The accuracy sweeps start when they are done, if SWEEPS=1 (FORCE=1: at once). To leave
 # out: NO_HANDOVER=1 the two benchmarks, NO_QUANT=1 the quantized bench, NO_CHECKS=1 the GPU checks; NO_QWEN=1 waits
-# for no Qwen2.5-0.5B (not carried). EMBEDDINGS=1 adds, last, the 8B bench with the encoder-free router. Everything runs in the background and survives the call.
+# for no Qwen2.5-0.5B (not carried). EMBEDDINGS=1 adds, last, the 8B bench with the encoder-free router. Everything
+# runs in the background and survives the call.
 #   SWEEPS=1 bash scripts/gpu/call.sh bash scripts/gpu/lease.sh
 set -u
 out=/root/results  # not $OUT: the device tool empties that before every call
