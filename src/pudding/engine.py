@@ -550,20 +550,21 @@ class Engine:
 
     def _rest_graph(self, padded: int, start: int) -> tuple[tuple, Callable]:
         """The graph key and step of the current stack from position `start`, on the output kept there."""
-        return (("rest", padded, start, *self._graph_key()),
-                functools.partial(self._rest_logits, padded, start, self._resumed(start, padded)))
+        return self._rest_key(padded, start), functools.partial(self._rest_logits, padded, start,
+                                                                self._resumed(start, padded))
+
+    def _rest_key(self, padded: int, start: int) -> tuple:
+        return ("rest", padded, start, *self._graph_key())
 
     def _resume_point(self, padded: int, length: int, start: int, first: int, shared: int) -> int:
         """Where the chosen stack goes on after blocks pre-filled ahead: `start`, the last kept output the stacks
         share (before `first`, the first one kept: from the start). With `defer_captures` and the graph from
         `start` not captured, the latest kept output before it whose graph is, or the one after the blocks every set
         keeps (`shared`: not speculation's, its graph is captured when needed), else 0."""
-        def key(s: int) -> tuple:
-            return ("rest", padded, s, *self._graph_key())
-
-        if start < first or start == shared or self._ready(key(start), padded, length):
+        if start < first or start == shared or self._ready(self._rest_key(padded, start), padded, length):
             return start
-        return next((s for s in range(start - 1, first - 1, -1) if s == shared or key(s) in self._graphs), 0)
+        return next((s for s in range(start - 1, first - 1, -1)
+                     if s == shared or self._rest_key(padded, s) in self._graphs), 0)
 
     def _timed(self, padded: int, blocks: int):
         """Time a pre-fill for the speculation's pace (`_Pace`), only while speculating: nothing else reads it, and
